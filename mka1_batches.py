@@ -349,44 +349,6 @@ _BATCH_FIELDS = {  # in the API reference's order, which to_dict keeps
     "request_counts": _K_COUNTS,
     "metadata": _K_META,
 }
-_REQUIRED_COUNT:
-            missing = [k for k, kind in _BATCH_FIELDS.items() if kind < _OPTIONAL and k not in data]
-            raise InvalidResponseError(f"batch: missing required field {missing[0]!r}", field=missing[0])
-        return cls(extra=extra, request_id=request_id, **kwargs)
-
-    def to_dict(self) -> Dict[str, Any]:
-        """The JSON object: every field (absent optional ones as None), unknown keys included."""
-        out = {key: getattr(self, key) for key in _BATCH_FIELDS}
-        out["request_counts"] = self.request_counts.to_dict()
-        if self.errors is not None:
-            out["errors"] = self.errors.to_dict()
-        if self.metadata is not None:
-            out["metadata"] = dict(self.metadata)
-        out.update(self.extra)
-        return out
-
-
-# Field kinds for Batch.from_dict: the required ones sort below _OPTIONAL.
-_K_STR, _K_INT, _K_COUNTS, _K_OBJECT, _OPTIONAL, _K_OPT_STR, _K_OPT_INT, _K_ERRORS, _K_META = range(9)
-_BATCH_FIELDS = {
-    "id": _K_STR,
-    "object": _K_OBJECT,
-    "endpoint": _K_STR,
-    "input_file_id": _K_STR,
-    "completion_window": _K_STR,
-    "status": _K_STR,
-    "created_at": _K_INT,
-    "request_counts": _K_COUNTS,
-    "errors": _K_ERRORS,
-    "output_file_id": _K_OPT_STR,
-    "error_file_id": _K_OPT_STR,
-    **dict.fromkeys(
-        ("in_progress_at", "expires_at", "finalizing_at", "completed_at")
-        + ("failed_at", "expired_at", "cancelling_at", "cancelled_at"),
-        _K_OPT_INT,
-    ),
-    "metadata": _K_META,
-}
 _REQUIRED_COUNT = sum(kind < _OPTIONAL for kind in _BATCH_FIELDS.values())
 _COUNT_KEYS = ("total", "completed", "failed")
 _BATCH_ERROR_KEYS = ("code", "message", "param", "line")
