@@ -484,15 +484,11 @@ class _Call:
     def _attempt(self, session: requests.Session, attempt: int) -> Batch:
         deadline = time.monotonic() + self.timeout[0] + self.timeout[1]
         try:
-            resp = session.request(
-                "GET",
-                self.url,
-                headers=self.headers,
-                auth=self.auth,
-                timeout=self.timeout,
-                allow_redirects=False,
-                stream=True,
-            )
+            prepared = session.prepare_request(requests.Request("GET", self.url, self.headers, auth=self.auth))
+            settings = session.merge_environment_settings(self.url, {}, True, None, None)
+            # Session.send is passed over on purpose: even with allow_redirects=False it reads
+            # a redirect's whole body (resolve_redirects), past the size cap and the deadline.
+            resp = session.get_adapter(self.url).send(prepared, timeout=self.timeout, **settings)
         except requests.RequestException as exc:
             raise self._connection_error(exc) from exc
         with resp:
@@ -553,8 +549,9 @@ class _Call:
             data: Any = json.loads(body)
         except (ValueError, RecursionError):
             data = body.decode("utf-8", "replace")
-        if 300 <= status < 400:
-            text = f"redirect to {resp.headers.get('Location')!r} not followed"
+        location = resp.headers.get("Location")
+        if 300 <= status < 400 and location:
+            text = f"redirect to {location!r} not followed"
         else:
             text = _api_message(data) or _excerpt(body) or resp.reason or "no message"
         message = f"{status} {_excerpt(text)}" + (f" (request {request_id})" if request_id else "")
@@ -604,9 +601,8 @@ def _until(deadline: Optional[float], delay: float, last: Optional[Batch]) -> fl
 def _check_token(token: Any) -> str:
     if not isinstance(token, str):
         raise TypeError(f"token must be a string, not {type(token).__name__}")
-    token = token.strip()
-    if token[:7].lower() == "bearer ":
-        token = token[7:].lstrip()
+    scheme, _, rest = token.strip().partition(" ")
+    token = rest.strip() if scheme.lower() == "bearer" else token.strip()
     # The message never echoes the token, not even a part of it.
     if not token or not token.isascii() or not token.isprintable():
         raise ValueError("token must be non-empty printable ASCII, with or without a leading 'Bearer '")

@@ -1,0 +1,1064 @@
+"""Tests for mka1_batches: the model, input checks, the HTTP surface, real sockets, waiting and the CLI."""
+
+from __future__ import annotations
+
+import copy
+import email.utils
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Dict, List
+
+import pytest
+import requests
+import responses
+
+import mka1_batches as m  # the one alias line: point it at another copy to test that copy
+from standin_gateway import DEMO_TOKEN, PROGRESS, Gateway
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOKEN = "sk-mka1-S3CRET-t0ken-4242"
+BASE = "https://gw.example.test"
+URL = BASE + "/api/v1/llm/batches/"
+BID = "batch_aa87e2b1112a455b8deabed784372198"
+RID = "0736e48b-3d39-48d8-806c-952c907a1b2c#12"
+EXAMPLE: Dict[str, Any] = {
+    "id": BID,
+    "object": "batch",
+    "endpoint": "/v1/chat/completions",
+    "errors": None,
+    "input_file_id": "file_abc123",
+    "completion_window": "24h",
+    "status": "completed",
+    "output_file_id": "file_def456",
+    "error_file_id": None,
+    "created_at": 1704067200,
+    "in_progress_at": 1704067260,
+    "expires_at": 1704153600,
+    "finalizing_at": 1704070800,
+    "completed_at": 1704070860,
+    "failed_at": None,
+    "expired_at": None,
+    "cancelling_at": None,
+    "cancelled_at": None,
+    "request_counts": {"total": 3, "completed": 3, "failed": 0},
+    "metadata": {"description": "evaluation job"},
+}
+REQUIRED = ["id", "object", "endpoint", "input_file_id", "completion_window", "status", "created_at", "request_counts"]
+MINIMAL = {k: EXAMPLE[k] for k in REQUIRED}
+OPTIONAL = [k for k in EXAMPLE if k not in REQUIRED]
+
+
+@pytest.fixture(autouse=True)
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> List[float]:
+    """Backoff sleeps are recorded, not slept."""
+    slept: List[float] = []
+    monkeypatch.setattr(m, "_sleep", slept.append)
+    return slept
+
+
+@pytest.fixture
+def api():
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
+
+
+@pytest.fixture
+def gateway():
+    with Gateway() as gw:
+        yield gw
+
+
+def ok(api: responses.RequestsMock, body: Any = None, batch_id: str = BID, **kw: Any) -> None:
+    headers = kw.pop("headers", {"X-Request-ID": RID})
+    api.add(responses.GET, URL + batch_id, json=EXAMPLE if body is None else body, headers=headers, **kw)
+
+
+def fail(api: responses.RequestsMock, status: int, body: Any = None, headers: Any = None, **kw: Any) -> None:
+    body = {"error": {"message": "Batch not found", "details": None}} if body is None else body
+    key = "body" if isinstance(body, (str, bytes)) else "json"
+    api.add(responses.GET, URL + BID, status=status, headers={"X-Request-ID": RID, **(headers or {})}, **{key: body}, **kw)
+
+
+def get(**kw: Any) -> m.Batch:
+    return m.get_batch(TOKEN, kw.pop("batch_id", BID), kw.pop("on_behalf_of", None), base_url=BASE, **kw)
+
+
+# --- The Batch model -------------------------------------------------------------------
+
+
+def test_documented_example_parses_with_every_field():
+    b = m.Batch.from_dict(EXAMPLE)
+    assert (b.id, b.object, b.status, b.created_at, b.completed_at) == (BID, "batch", "completed", 1704067200, 1704070860)
+    assert b.request_counts == m.RequestCounts(total=3, completed=3, failed=0)
+    assert (b.errors, b.error_file_id, b.failed_at, b.output_file_id) == (None, None, None, "file_def456")
+    assert b.metadata == {"description": "evaluation job"}
+    assert b.extra == {} and b.request_id is None and b.is_terminal
+
+
+def test_required_fields_alone_parse_and_optional_default_to_none():
+    b = m.Batch.from_dict(MINIMAL)
+    assert all(getattr(b, k) is None for k in OPTIONAL)
+    assert b.to_dict() == {**MINIMAL, **dict.fromkeys(OPTIONAL)}
+
+
+def test_to_dict_round_trips_and_keeps_api_order():
+    b = m.Batch.from_dict(EXAMPLE)
+    assert b.to_dict() == EXAMPLE and list(b.to_dict()) == list(EXAMPLE)
+    assert m.Batch.from_dict(b.to_dict()) == b
+
+
+def test_unknown_keys_are_kept_at_every_level():
+    data = copy.deepcopy(EXAMPLE)
+    data.update(max_concurrency=8, model="gpt-x", usage={"input_tokens": 10, "nested": [1, {"a": None}]})
+    data["request_counts"]["cancelled"] = 1
+    data["errors"] = {"object": "list", "data": [{"code": "c", "message": "m", "hint": "h"}], "has_more": False}
+    b = m.Batch.from_dict(data)
+    assert b.extra == {"max_concurrency": 8, "model": "gpt-x", "usage": data["usage"]}
+    assert b.request_counts.extra == {"cancelled": 1}
+    assert b.errors is not None and b.errors.extra == {"has_more": False} and b.errors.data[0].extra == {"hint": "h"}
+    out = b.to_dict()
+    data["errors"]["data"][0].update(param=None, line=None)  # absent optional fields come back as null
+    assert out == data
+    assert m.Batch.from_dict(out) == b
+
+
+def test_errors_are_objects_with_data_tuple():
+    data = dict(EXAMPLE, status="failed", errors={"object": "list", "data": [
+        {"code": "invalid_json_line", "message": "Line 2 is bad", "param": "body", "line": 2},
+        {"code": "too_large", "message": "big", "param": None},
+    ]})
+    b = m.Batch.from_dict(data)
+    assert b.errors == m.BatchErrors(data=(
+        m.BatchError("invalid_json_line", "Line 2 is bad", "body", 2), m.BatchError("too_large", "big", None, None)
+    ), object="list")
+    assert b.errors.data[0].code == "invalid_json_line" and b.errors.data[1].line is None
+
+
+def test_unknown_status_and_endpoint_pass_through():
+    b = m.Batch.from_dict(dict(MINIMAL, status="paused_for_review", endpoint="/v1/responses"))
+    assert (b.status, b.endpoint, b.is_terminal) == ("paused_for_review", "/v1/responses", False)
+
+
+@pytest.mark.parametrize("status", ["validating", "in_progress", "finalizing", "cancelling", "completed", "failed", "expired", "cancelled"])
+def test_is_terminal_follows_the_lifecycle(status):
+    assert m.Batch.from_dict(dict(MINIMAL, status=status)).is_terminal is (status in m.TERMINAL_STATUSES)
+    assert m.TERMINAL_STATUSES == {"completed", "failed", "expired", "cancelled"}
+
+
+def test_request_id_is_kept_but_not_in_equality_or_to_dict():
+    a, b = m.Batch.from_dict(EXAMPLE, "r1"), m.Batch.from_dict(EXAMPLE, "r2")
+    assert a == b and a.request_id == "r1" and "request_id" not in a.to_dict()
+
+
+def test_batch_is_frozen_and_copies_metadata():
+    data = copy.deepcopy(EXAMPLE)
+    b = m.Batch.from_dict(data)
+    data["metadata"]["description"] = "changed"
+    assert b.metadata == {"description": "evaluation job"}
+    with pytest.raises(Exception, match="can't set attribute|cannot assign|FrozenInstanceError|object has no setter"):
+        b.status = "failed"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("field", REQUIRED)
+def test_missing_required_field_is_named(field):
+    data = {k: v for k, v in EXAMPLE.items() if k != field}
+    with pytest.raises(m.InvalidResponseError) as info:
+        m.Batch.from_dict(data)
+    assert str(info.value) == f"batch: missing required field {field!r}"
+    assert info.value.field == field and isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        (["id"], 5, "id: expected a string, got 5"),
+        (["id"], None, "id: expected a string, got null"),
+        (["status"], ["completed"], "status: expected a string, got list"),
+        (["object"], "list", "object: expected \"batch\", got 'list'"),
+        (["created_at"], True, "created_at: expected an integer, got True"),
+        (["created_at"], 1.5, "created_at: expected an integer, got float"),
+        (["created_at"], "1704067200", "created_at: expected an integer, got '1704067200'"),
+        (["created_at"], 2**53, "created_at: expected an integer, got 9007199254740992"),
+        (["completed_at"], -(2**53), "completed_at: expected an integer, got -9007199254740992"),
+        (["output_file_id"], 7, "output_file_id: expected a string, got 7"),
+        (["request_counts"], [3, 3, 0], "request_counts: expected an object, got list"),
+        (["request_counts"], None, "request_counts: expected an object, got null"),
+        (["request_counts", "failed"], False, "request_counts.failed: expected an integer, got False"),
+        (["request_counts", "total"], None, "request_counts.total: expected a value, got null"),
+        (["metadata"], "x", "metadata: expected an object, got 'x'"),
+        (["metadata", "description"], 3, "metadata.description: expected a string, got 3"),
+        (["errors"], [], "errors: expected an object, got list"),
+        (["errors"], {"object": "list"}, "errors.data: expected a list, got null"),
+        (["errors"], {"data": [{"code": "c"}]}, "errors.data[0]: missing required field 'message'"),
+        (["errors"], {"data": [{"code": "c", "message": "m", "line": "2"}]}, "errors.data[0].line: expected an integer, got '2'"),
+        (["errors"], {"data": ["oops"]}, "errors.data[0]: expected an object, got 'oops'"),
+    ],
+)
+def test_wrong_types_name_the_field(path, value, message):
+    data = copy.deepcopy(EXAMPLE)
+    target = data
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(m.InvalidResponseError) as info:
+        m.Batch.from_dict(data)
+    assert str(info.value) == message
+    where, _, rest = message.partition(": ")
+    missing = rest.startswith("missing required field")
+    assert info.value.field == (f"{where}.{rest.split(chr(39))[1]}" if missing else where)
+
+
+def test_missing_nested_count_is_named():
+    data = copy.deepcopy(EXAMPLE)
+    del data["request_counts"]["completed"]
+    with pytest.raises(m.InvalidResponseError, match=r"^request_counts: missing required field 'completed'$") as info:
+        m.Batch.from_dict(data)
+    assert info.value.field == "request_counts.completed"
+
+
+@pytest.mark.parametrize("data", [None, [], "batch", 3, [EXAMPLE]])
+def test_non_object_is_refused(data):
+    with pytest.raises(m.InvalidResponseError, match=r"^batch: expected an object, got "):
+        m.Batch.from_dict(data)
+
+
+def test_integer_bounds_are_inclusive():
+    edge = 2**53 - 1
+    b = m.Batch.from_dict(dict(MINIMAL, created_at=edge, expires_at=-edge))
+    assert (b.created_at, b.expires_at) == (edge, -edge)
+
+
+def test_long_values_are_cut_in_messages():
+    with pytest.raises(m.InvalidResponseError) as info:
+        m.Batch.from_dict(dict(MINIMAL, status="x" * 10_000, id="y" * 5000, object="z" * 5000))
+    assert len(str(info.value)) < 260 and str(info.value).endswith("…")
+
+
+# --- Input checks, all before any I/O ---------------------------------------------------
+
+
+@pytest.mark.parametrize("token", [TOKEN, f"Bearer {TOKEN}", f"  bearer   {TOKEN}\n", f"BEARER {TOKEN}"])
+def test_token_with_or_without_bearer_is_sent_once(api, token):
+    ok(api)
+    m.get_batch(token, BID, base_url=BASE)
+    assert api.calls[0].request.headers["Authorization"] == f"Bearer {TOKEN}"
+
+
+@pytest.mark.parametrize("token", ["", "   ", "Bearer", "Bearer ", " bearer    ", "sk-\n-x", "sk-é", "sk\x00"])
+def test_bad_token_is_refused_without_echo(api, token):
+    with pytest.raises(ValueError) as info:
+        m.get_batch(token, BID, base_url=BASE)
+    assert str(info.value) == "token must be non-empty printable ASCII, with or without a leading 'Bearer '"
+    assert not api.calls
+
+
+@pytest.mark.parametrize("bad", [None, b"key", 42])
+def test_token_must_be_a_string(api, bad):
+    with pytest.raises(TypeError, match=f"^token must be a string, not {type(bad).__name__}$"):
+        m.get_batch(bad, BID, base_url=BASE)
+    assert not api.calls
+
+
+@pytest.mark.parametrize(
+    "batch_id, path",
+    [
+        ("a/b", "a%2Fb"),
+        ("../batches", "..%2Fbatches"),
+        ("a?b=c#d", "a%3Fb%3Dc%23d"),
+        ("100%", "100%25"),
+        ("id with space", "id%20with%20space"),
+        ("bätch", "b%C3%A4tch"),
+        ("...", "..."),
+        ("~x-y_z.", "~x-y_z."),
+    ],
+)
+def test_batch_id_is_one_encoded_path_segment(api, batch_id, path):
+    api.add(responses.GET, URL + path, json=dict(EXAMPLE, id=batch_id))
+    assert get(batch_id=batch_id).id == batch_id
+    assert api.calls[0].request.url == URL + path
+
+
+@pytest.mark.parametrize("batch_id", ["", ".", "..", "a\nb", "a\rb", "\x00", "tab\t", "\x7f", "\u2028", "\ud800"])
+def test_bad_batch_id_is_refused(api, batch_id):
+    with pytest.raises(ValueError, match=r"^batch_id must be a non-empty printable string other than \. and \.\., not "):
+        get(batch_id=batch_id)
+    assert not api.calls
+
+
+def test_batch_id_must_be_a_string(api):
+    with pytest.raises(TypeError, match="^batch_id must be a string, not int$"):
+        get(batch_id=123)
+    assert not api.calls
+
+
+@pytest.mark.parametrize("who", ["user_123", "a", "x" * 150, "user 1", "!~"])
+def test_on_behalf_of_is_sent(api, who):
+    ok(api)
+    get(on_behalf_of=who)
+    assert api.calls[0].request.headers["X-On-Behalf-Of"] == who
+
+
+@pytest.mark.parametrize("who", ["", "x" * 151, "user\r\nX-Evil: 1", "usér", " user", "user ", "\t"])
+def test_bad_on_behalf_of_is_refused(api, who):
+    with pytest.raises(ValueError, match="^on_behalf_of must be 1-150 printable ASCII characters, not "):
+        get(on_behalf_of=who)
+    assert not api.calls
+
+
+def test_on_behalf_of_must_be_a_string(api):
+    with pytest.raises(TypeError, match="^on_behalf_of must be a string or None, not int$"):
+        get(on_behalf_of=7)
+
+
+@pytest.mark.parametrize("base_url", ["", "apigw.mka1.com", "ftp://h", "https://", "https://h/?q=1", "https://h/#f", "https://h/\n", None])
+def test_bad_base_url_is_refused(api, base_url):
+    with pytest.raises(ValueError, match=r"^base_url must be an http\(s\) URL with no query"):
+        m.get_batch(TOKEN, BID, base_url=base_url)
+    assert not api.calls
+
+
+@pytest.mark.parametrize("timeout", [0, -1, None, "5", True, float("inf"), float("nan"), (1,), (1, 2, 3), (1, 0), (None, 5)])
+def test_bad_timeout_is_refused(api, timeout):
+    with pytest.raises(ValueError, match=r"^timeout must be seconds > 0, or a \(connect, read\) pair of them, not "):
+        get(timeout=timeout)
+    assert not api.calls
+
+
+@pytest.mark.parametrize("retries", [-1, 1.0, None, True])
+def test_bad_max_retries_is_refused(api, retries):
+    with pytest.raises(ValueError, match="^max_retries must be a non-negative integer, not "):
+        get(max_retries=retries)
+    assert not api.calls
+
+
+# --- The HTTP surface ----------------------------------------------------------------------
+
+
+def test_exact_request_sent(api):
+    ok(api)
+    b = get(on_behalf_of="user_123")
+    assert b == m.Batch.from_dict(EXAMPLE) and b.request_id == RID
+    (call,) = api.calls
+    assert call.request.method == "GET" and call.request.url == URL + BID
+    h = call.request.headers
+    assert h["Authorization"] == f"Bearer {TOKEN}"
+    assert h["Accept"] == "application/json" and h["Accept-Encoding"] == "identity"
+    assert h["User-Agent"] == f"mka1-batches/{m.__version__} python-requests/{requests.__version__}"
+    assert h["X-On-Behalf-Of"] == "user_123"
+    assert call.request.req_kwargs["timeout"] == (10.0, 30.0)
+    assert call.request.req_kwargs["stream"] is True
+
+
+def test_base_url_path_prefix_and_trailing_slash(api):
+    api.add(responses.GET, "http://127.0.0.1:8000/mka1/api/v1/llm/batches/" + BID, json=EXAMPLE)
+    m.get_batch(TOKEN, BID, base_url="http://127.0.0.1:8000/mka1/")
+    assert len(api.calls) == 1
+
+
+@pytest.mark.parametrize("timeout, sent", [(5, (5.0, 5.0)), (2.5, (2.5, 2.5)), ((1, 7), (1.0, 7.0)), ([3, 4.5], (3.0, 4.5))])
+def test_timeout_forms(api, timeout, sent):
+    ok(api)
+    get(timeout=timeout)
+    assert api.calls[0].request.req_kwargs["timeout"] == sent
+
+
+def test_caller_session_is_used_not_changed_and_left_open(api):
+    ok(api)
+    s = requests.Session()
+    s.headers["X-On-Behalf-Of"] = "someone_else"
+    s.headers["X-Trace"] = "kept"
+    before = (dict(s.headers), s.auth, dict(s.adapters))
+    closed: List[bool] = []
+    s.close = lambda: closed.append(True)  # type: ignore[method-assign]
+    get(session=s)
+    h = api.calls[0].request.headers
+    assert "X-On-Behalf-Of" not in h and h["X-Trace"] == "kept"
+    assert (dict(s.headers), s.auth, dict(s.adapters)) == before and not closed
+
+
+def test_caller_session_auth_does_not_replace_the_token(api):
+    ok(api)
+    s = requests.Session()
+    s.auth = ("user", "pass")
+    get(session=s)
+    assert api.calls[0].request.headers["Authorization"] == f"Bearer {TOKEN}"
+
+
+def test_own_session_is_closed(api, monkeypatch):
+    ok(api)
+    closed: List[bool] = []
+    real = requests.Session.close
+    monkeypatch.setattr(requests.Session, "close", lambda self: (closed.append(True), real(self)))
+    get()
+    assert closed == [True]
+
+
+def test_netrc_cannot_replace_the_bearer(api, tmp_path, monkeypatch):
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine gw.example.test login intruder password hunter2\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(netrc))
+    ok(api)
+    ok(api)
+    # The hazard is real: requests lets .netrc replace a plain Authorization header.
+    requests.get(URL + BID, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert api.calls[0].request.headers["Authorization"].startswith("Basic ")
+    get()
+    assert api.calls[1].request.headers["Authorization"] == f"Bearer {TOKEN}"
+
+
+STATUS_CLASSES = [
+    (400, m.BadRequestError),
+    (401, m.AuthenticationError),
+    (403, m.PermissionDeniedError),
+    (404, m.NotFoundError),
+    (409, m.APIStatusError),
+    (418, m.APIStatusError),
+    (422, m.UnprocessableEntityError),
+    (429, m.RateLimitError),
+    (500, m.InternalServerError),
+    (501, m.InternalServerError),
+    (502, m.InternalServerError),
+    (503, m.InternalServerError),
+    (504, m.InternalServerError),
+    (599, m.InternalServerError),
+    (304, m.APIStatusError),
+    (199, m.APIStatusError),
+]
+
+
+@pytest.mark.parametrize("status, cls", STATUS_CLASSES)
+def test_status_maps_to_exactly_its_class(api, status, cls):
+    fail(api, status, {"error": {"message": "Something happened", "details": {"x": 1}}})
+    with pytest.raises(m.APIStatusError) as info:
+        get(max_retries=0)
+    e = info.value
+    assert type(e) is cls and isinstance(e, m.MKA1Error)
+    assert (e.status_code, e.request_id, e.retry_after) == (status, RID, None)
+    assert e.body == {"error": {"message": "Something happened", "details": {"x": 1}}}
+    assert str(e) == f"{status} Something happened (request {RID})"
+
+
+def test_plain_string_envelope_and_retry_after(api):
+    fail(api, 429, {"error": "Rate limit exceeded"}, {"Retry-After": "120"})
+    with pytest.raises(m.RateLimitError) as info:
+        get()
+    assert str(info.value) == f"429 Rate limit exceeded (request {RID})"
+    assert info.value.retry_after == 120.0 and info.value.body == {"error": "Rate limit exceeded"}
+    assert len(api.calls) == 1  # over MAX_RETRY_AFTER: raised at once, never slept
+
+
+def test_kong_message_envelope(api):
+    fail(api, 401, {"message": "No API key found in request"})
+    with pytest.raises(m.AuthenticationError, match=r"^401 No API key found in request \(request "):
+        get()
+
+
+def test_html_502_gives_a_short_excerpt(api):
+    html = "<html><head><title>502 Bad Gateway</title></head>\n<body><center><h1>502 Bad Gateway</h1></center>" + "<p>x</p>" * 5000 + "</body></html>"
+    api.add(responses.GET, URL + BID, status=502, body=html, content_type="text/html")
+    with pytest.raises(m.InternalServerError) as info:
+        get(max_retries=0)
+    assert str(info.value).startswith("502 502 Bad Gateway 502 Bad Gateway x x x")
+    assert len(str(info.value)) <= 204 and str(info.value).endswith("…")
+    assert info.value.request_id is None and info.value.body == html
+
+
+@pytest.mark.parametrize("body, text", [
+    (b"", "Bad Request"),
+    (b"   ", "Bad Request"),
+    (b"\xff\xfe garbage", "\ufffd\ufffd garbage"),
+    (b'{"error": {"message": ""}}', '{"error": {"message": ""}}'),
+    (b'{"error": 5, "message": null}', '{"error": 5, "message": null}'),
+    (b"[1, 2]", "[1, 2]"),
+    (b'{"error": {"message": "line one\\n   line two"}}', "line one line two"),
+])
+def test_odd_error_bodies_still_read_one_line(api, body, text):
+    api.add(responses.GET, URL + BID, status=400, body=body)
+    with pytest.raises(m.BadRequestError) as info:
+        get()
+    assert str(info.value) == f"400 {text}"
+
+
+def test_redirect_is_not_followed_and_names_location(api):
+    api.add(responses.GET, URL + BID, status=302, headers={"Location": "https://evil.example/steal", "X-Request-ID": RID})
+    api.add(responses.GET, "https://evil.example/steal", json=EXAMPLE)
+    with pytest.raises(m.APIStatusError) as info:
+        get()
+    assert type(info.value) is m.APIStatusError and info.value.status_code == 302
+    assert str(info.value) == f"302 redirect to 'https://evil.example/steal' not followed (request {RID})"
+    assert [c.request.url for c in api.calls] == [URL + BID]
+
+
+@pytest.mark.parametrize("status", sorted(m._RETRY_STATUSES))
+def test_retryable_statuses_are_retried_then_succeed(api, sleeps, status):
+    fail(api, status, {"error": "busy"})
+    fail(api, status, {"error": "busy"})
+    ok(api)
+    assert get().id == BID
+    assert len(api.calls) == 3 and len(sleeps) == 2
+
+
+@pytest.mark.parametrize("retries", [0, 1, 2, 5])
+def test_retries_are_bounded_and_the_last_error_raised(api, sleeps, retries):
+    fail(api, 503, "<html>down</html>")
+    with pytest.raises(m.InternalServerError, match="^503 down"):
+        get(max_retries=retries)
+    assert len(api.calls) == retries + 1 and len(sleeps) == retries
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 422, 501, 505])
+def test_other_errors_are_not_retried(api, sleeps, status):
+    fail(api, status)
+    with pytest.raises(m.APIStatusError):
+        get()
+    assert len(api.calls) == 1 and sleeps == []
+
+
+def test_backoff_is_exponential_with_full_jitter(api, sleeps, monkeypatch):
+    bounds: List[Any] = []
+    monkeypatch.setattr(m.random, "uniform", lambda a, b: bounds.append((a, b)) or b)
+    fail(api, 500)
+    with pytest.raises(m.InternalServerError):
+        get(max_retries=6)
+    assert bounds == [(0, 1.0), (0, 2.0), (0, 4.0), (0, 8.0), (0, 8.0), (0, 8.0)]
+    assert sleeps == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+
+
+def test_jittered_delays_stay_in_bounds(api, sleeps):
+    fail(api, 500)
+    with pytest.raises(m.InternalServerError):
+        get(max_retries=3)
+    assert len(sleeps) == 3 and all(0 <= s <= cap for s, cap in zip(sleeps, (1.0, 2.0, 4.0)))
+
+
+@pytest.mark.parametrize("value, expected", [("0", 0.0), ("3", 3.0), ("1.5", 1.5), ("60", 60.0), ("-5", 0.0)])
+def test_retry_after_seconds_is_honoured(api, sleeps, value, expected):
+    fail(api, 429, {"error": "Rate limit exceeded"}, {"Retry-After": value})
+    ok(api)
+    assert get().id == BID
+    assert sleeps == [expected]
+
+
+def test_retry_after_http_date_is_honoured(api, sleeps):
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    fail(api, 503, "<html>busy</html>", {"Retry-After": when})
+    ok(api)
+    get()
+    assert len(sleeps) == 1 and 27 <= sleeps[0] <= 31
+
+
+def test_retry_after_http_date_far_ahead_is_refused(api, sleeps):
+    fail(api, 503, "busy", {"Retry-After": email.utils.formatdate(time.time() + 3600, usegmt=True)})
+    with pytest.raises(m.InternalServerError) as info:
+        get()
+    assert 3590 <= info.value.retry_after <= 3601 and sleeps == [] and len(api.calls) == 1
+
+
+@pytest.mark.parametrize("value", ["soon", "", "nan", "Wed, 99 Foo 2024 99:99:99 GMT", "inf"])
+def test_unreadable_or_infinite_retry_after(api, sleeps, value):
+    fail(api, 429, {"error": "Rate limit exceeded"}, {"Retry-After": value})
+    ok(api)
+    if value == "inf":
+        with pytest.raises(m.RateLimitError) as info:
+            get()
+        assert info.value.retry_after == float("inf")
+        return
+    assert get().id == BID  # falls back to the jittered backoff
+    assert len(sleeps) == 1 and 0 <= sleeps[0] <= 1.0
+
+
+def test_retry_after_on_a_non_retryable_status_is_not_slept(api, sleeps):
+    fail(api, 403, None, {"Retry-After": "1"})
+    with pytest.raises(m.PermissionDeniedError) as info:
+        get()
+    assert info.value.retry_after == 1.0 and sleeps == []
+
+
+@pytest.mark.parametrize("exc, cls", [
+    (requests.ConnectionError("refused"), m.APIConnectionError),
+    (requests.ConnectTimeout("connect timed out"), m.APITimeoutError),
+    (requests.ReadTimeout("read timed out"), m.APITimeoutError),
+    (requests.exceptions.ChunkedEncodingError("broken"), m.APIConnectionError),
+    (requests.exceptions.SSLError("bad cert"), m.APIConnectionError),
+])
+def test_network_failures_are_wrapped_and_retried(api, sleeps, exc, cls):
+    api.add(responses.GET, URL + BID, body=exc)
+    with pytest.raises(m.APIConnectionError) as info:
+        get()
+    assert type(info.value) is cls and info.value.__cause__ is exc
+    assert str(info.value) == f"GET /api/v1/llm/batches/{BID} {'timed out' if cls is m.APITimeoutError else 'failed'}: {exc}"
+    assert len(api.calls) == 3 and len(sleeps) == 2
+    assert isinstance(info.value, TimeoutError) is (cls is m.APITimeoutError)
+
+
+def test_network_failure_then_success(api, sleeps):
+    api.add(responses.GET, URL + BID, body=requests.ConnectionError("reset"))
+    ok(api)
+    assert get().id == BID and len(sleeps) == 1
+
+
+def test_oversized_body_by_content_length_is_refused_unread(api):
+    api.add(responses.GET, URL + BID, body=b"{}", headers={"Content-Length": str(m.MAX_BODY_BYTES + 1), "X-Request-ID": RID})
+    with pytest.raises(m.InvalidResponseError) as info:
+        get()
+    assert str(info.value) == f"response body of {m.MAX_BODY_BYTES + 1} bytes is over the {m.MAX_BODY_BYTES}-byte limit"
+    assert info.value.request_id == RID and len(api.calls) == 1
+
+
+class Endless(io.RawIOBase):
+    """A body that never ends, counting what was read of it."""
+
+    served = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        n = min(len(buf), 50 * 1024 * 1024 - self.served)  # bounded, so that a bug cannot hang the suite
+        buf[:n] = b" " * n
+        self.served += n
+        return n
+
+
+def test_oversized_body_without_length_stops_at_the_cap(api, monkeypatch):
+    monkeypatch.setattr(m, "MAX_BODY_BYTES", 100_000)
+    raw = Endless()
+    api.add(responses.GET, URL + BID, body=io.BufferedReader(raw), headers={"X-Request-ID": RID})
+    with pytest.raises(m.InvalidResponseError, match="^response body of more than 100000 bytes is over the 100000-byte limit$") as info:
+        get()
+    assert info.value.request_id == RID and raw.served <= 100_000 + 2 * 65536
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308, 404, 503])
+def test_hostile_error_body_is_not_read_whole(api, status):
+    # requests reads a redirect's whole body itself, even with allow_redirects=False.
+    raw = Endless()
+    headers = {"Location": "https://evil.example/", "X-Request-ID": RID}
+    api.add(responses.GET, URL + BID, status=status, body=io.BufferedReader(raw), headers=headers)
+    with pytest.raises(m.APIStatusError) as info:
+        get(max_retries=0)
+    assert info.value.status_code == status and raw.served <= 128 * 1024
+
+
+def test_body_at_the_cap_is_accepted(api, monkeypatch):
+    body = json.dumps(EXAMPLE).encode()
+    monkeypatch.setattr(m, "MAX_BODY_BYTES", len(body))
+    ok(api)
+    assert get().id == BID
+
+
+@pytest.mark.parametrize("body", [b"", b"<html>ok</html>", b"{", b"\xff\xfe\x00", b"[" * 100_000 + b"]" * 100_000, b"1" * 5000])
+def test_2xx_body_that_is_not_json(api, body):
+    api.add(responses.GET, URL + BID, body=body, headers={"X-Request-ID": RID})
+    with pytest.raises(m.InvalidResponseError, match="^response is not JSON: ") as info:
+        get()
+    assert info.value.request_id == RID and len(str(info.value)) < 250
+
+
+def test_2xx_body_that_breaks_the_schema_carries_request_id(api, sleeps):
+    ok(api, dict(EXAMPLE, created_at="yesterday"))
+    with pytest.raises(m.InvalidResponseError) as info:
+        get()
+    assert str(info.value) == "created_at: expected an integer, got 'yesterday'"
+    assert (info.value.request_id, info.value.field) == (RID, "created_at")
+    assert len(api.calls) == 1 and sleeps == []  # a bad body is not retried
+
+
+# --- Logging and secrets -------------------------------------------------------------------
+
+
+def test_debug_log_has_one_line_per_attempt_and_retry(api, caplog, monkeypatch):
+    monkeypatch.setattr(m.random, "uniform", lambda a, b: 0.25)
+    fail(api, 503, "busy")
+    ok(api)
+    with caplog.at_level(logging.DEBUG, logger="mka1_batches"):
+        get()
+    path = f"/api/v1/llm/batches/{BID}"
+    assert [r.getMessage() for r in caplog.records if r.name == "mka1_batches"] == [
+        f"GET {path} -> 503 (attempt 1, request {RID})",
+        f"GET {path}: retry 1 of 2 in 0.25s after: 503 busy (request {RID})",
+        f"GET {path} -> 200 (attempt 2, request {RID})",
+    ]
+
+
+def test_the_token_never_leaks(api, caplog, capsys):
+    """Errors that echo the key, in every path: messages, reprs, log records, output."""
+    echo = f"invalid key {TOKEN} for you"
+    fail(api, 401, {"error": {"message": echo}})
+    fail(api, 503, {"error": echo})
+    fail(api, 503, f"<html>{echo}</html>")
+    api.add(responses.GET, URL + BID, body=requests.ConnectionError(f"proxy said {TOKEN}"))
+    seen: List[BaseException] = []
+    with caplog.at_level(logging.DEBUG):
+        for retries in (0, 2, 2):
+            with pytest.raises(m.MKA1Error) as info:
+                get(max_retries=retries)
+            seen.append(info.value)
+        for bad in (f"{TOKEN}\x00", TOKEN + "é"):
+            with pytest.raises(ValueError) as info2:
+                m.get_batch(bad, BID, base_url=BASE)
+            seen.append(info2.value)
+    texts = [str(e) for e in seen] + [repr(e) for e in seen] + [r.getMessage() for r in caplog.records]
+    texts += [repr(m._BearerAuth(TOKEN)), repr(m.Batch.from_dict(EXAMPLE)), capsys.readouterr().err]
+    assert "[token]" in str(seen[0])
+    assert all(TOKEN not in t and TOKEN[3:-3] not in t for t in texts)
+
+
+# --- Import time ---------------------------------------------------------------------------
+
+
+def test_import_does_nothing_it_need_not():
+    code = (
+        "import os, sys, logging\n"
+        "seen = []\n"
+        "real = os.environ.__class__.__getitem__\n"
+        "os.environ.__class__.__getitem__ = lambda self, k: seen.append(k) or real(self, k)\n"
+        "import mka1_batches\n"
+        "assert not [k for k in seen if 'MKA1' in k], seen\n"
+        "assert logging.getLogger('mka1_batches').handlers == []\n"
+        "assert logging.getLogger('mka1_batches').level == logging.NOTSET\n"
+        "assert 'argparse' not in sys.modules\n"
+        "print('clean')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert out.stdout == "clean\n", out.stderr
+
+
+def test_public_names():
+    assert set(m.__all__) == {n for n in vars(m) if not n.startswith("_") and n not in ("annotations", "main", "Timeout")} - {
+        "attr", "contextlib", "email", "http", "json", "logging", "random", "re", "requests", "socket", "time",
+        "quote", "urlsplit", "Any", "Callable", "Dict", "Iterator", "List", "Optional", "Tuple", "Union"}
+    assert issubclass(m.APITimeoutError, m.APIConnectionError) and issubclass(m.APITimeoutError, TimeoutError)
+    assert issubclass(m.InvalidResponseError, ValueError) and issubclass(m.WaitTimeoutError, TimeoutError)
+    assert all(issubclass(c, m.APIStatusError) for _, c in STATUS_CLASSES)
+
+
+# --- Real sockets: the stand-in gateway on 127.0.0.1 -------------------------------------------
+
+
+def live(gw: Gateway, batch_id: str, **kw: Any) -> m.Batch:
+    return m.get_batch(DEMO_TOKEN, batch_id, kw.pop("on_behalf_of", None), base_url=gw.base_url, **kw)
+
+
+def test_live_get_and_scoping(gateway):
+    b = live(gateway, "batch_x1")
+    assert (b.id, b.status, b.extra) == ("batch_x1", "completed", {"max_concurrency": 8})
+    assert b.request_id and b.request_id.endswith("#1")
+    assert live(gateway, "batch_private", on_behalf_of="user_123").id == "batch_private"
+    with pytest.raises(m.NotFoundError) as info:
+        live(gateway, "batch_private", on_behalf_of="user_456")
+    assert str(info.value) == f"404 Batch not found (request {info.value.request_id})"
+    assert gateway.requests[-1]["X-On-Behalf-Of"] == "user_456"
+
+
+def test_live_wrong_token(gateway):
+    with pytest.raises(m.AuthenticationError, match=r"^401 Invalid API key \(request "):
+        m.get_batch("wrong", "batch_x", base_url=gateway.base_url)
+
+
+def test_live_keep_alive_reuses_one_connection(gateway):
+    with requests.Session() as s:
+        for i in range(5):
+            assert live(gateway, f"batch_k{i}", session=s).id == f"batch_k{i}"
+    assert gateway.connections == 1 and len(gateway.requests) == 5
+
+
+def test_live_error_bodies_also_keep_the_connection(gateway):
+    with requests.Session() as s:
+        for _ in range(3):
+            with pytest.raises(m.NotFoundError):
+                live(gateway, "nope", session=s)
+        live(gateway, "batch_ok", session=s)
+    assert gateway.connections == 1
+
+
+@pytest.mark.parametrize("kind, cls, text", [
+    ("hang", m.APITimeoutError, "timed out"),
+    ("drop", m.APIConnectionError, "failed"),
+    ("reset", m.APIConnectionError, "failed"),
+    ("reset_mid", m.APIConnectionError, "failed"),
+    ("short", m.APIConnectionError, "failed"),
+])
+def test_live_faults_end_in_a_documented_error(gateway, kind, cls, text):
+    start = time.monotonic()
+    with pytest.raises(m.APIConnectionError) as info:
+        live(gateway, f"fault_{kind}", timeout=(1, 0.5), max_retries=1)
+    assert time.monotonic() - start < 5
+    assert type(info.value) is cls and str(info.value).startswith(f"GET /api/v1/llm/batches/fault_{kind} {text}: ")
+    assert len(gateway.requests) == 2  # retried once
+
+
+def test_live_short_body_names_the_lengths(gateway):
+    with pytest.raises(m.APIConnectionError, match=r"connection closed after \d+ of \d+ bytes$"):
+        live(gateway, "fault_short", max_retries=0)
+
+
+def test_live_slow_drip_is_cut_at_the_attempt_deadline():
+    # Each byte arrives well inside the 0.5 s read timeout, so only a total deadline can stop it.
+    with Gateway(drip=0.1) as gw:
+        start = time.monotonic()
+        with pytest.raises(m.APITimeoutError, match=r"timed out: body not read within 1\.0s$"):
+            live(gw, "fault_drip", timeout=(0.5, 0.5), max_retries=0)
+        elapsed = time.monotonic() - start
+    assert 1.0 <= elapsed < 2.0  # the deadline, plus at most one read timeout
+
+
+def test_live_threads_share_one_session(gateway):
+    errors: List[BaseException] = []
+    got: Dict[str, str] = {}
+
+    def work(n: int) -> None:
+        try:
+            for i in range(10):
+                bid = f"batch_t{n}_{i}"
+                got[bid] = live(gateway, bid, session=s).id
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    with requests.Session() as s:
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert not errors and len(got) == 80 and all(k == v for k, v in got.items())
+    assert gateway.connections <= 10  # the pool holds 10 connections; they are reused
+
+
+# --- wait_for_batch --------------------------------------------------------------------------
+
+
+def test_wait_returns_completed_and_reports_changes(gateway):
+    updates: List[m.Batch] = []
+    b = m.wait_for_batch(DEMO_TOKEN, "batch_progress", base_url=gateway.base_url, poll_interval=0.01, on_update=updates.append)
+    assert b.status == "completed" and b.request_counts.completed == 3
+    assert [(u.status, u.request_counts.completed, u.request_counts.total) for u in updates] == [
+        (s, c, t) for s, c, _, t in PROGRESS
+    ]
+    assert len(gateway.requests) == len(PROGRESS) and gateway.connections == 1
+
+
+def test_wait_calls_on_update_only_on_change(api):
+    for status, done in [("validating", 0), ("validating", 0), ("in_progress", 1), ("in_progress", 1), ("in_progress", 2), ("completed", 3)]:
+        ok(api, dict(EXAMPLE, status=status, request_counts={"total": 3, "completed": done, "failed": 0}))
+    updates: List[Any] = []
+    b = m.wait_for_batch(TOKEN, BID, base_url=BASE, on_update=lambda x: updates.append((x.status, x.request_counts.completed)))
+    assert b.status == "completed" and len(api.calls) == 6
+    assert updates == [("validating", 0), ("in_progress", 1), ("in_progress", 2), ("completed", 3)]
+
+
+@pytest.mark.parametrize("status", ["failed", "expired", "cancelled"])
+def test_wait_returns_other_terminal_outcomes(gateway, status):
+    bid = "batch_failed" if status == "failed" else f"batch_status_{status}"
+    b = m.wait_for_batch(DEMO_TOKEN, bid, base_url=gateway.base_url)
+    assert b.status == status and len(gateway.requests) == 1
+    if status == "failed":
+        assert b.errors is not None and b.errors.data[0].code == "invalid_json_line"
+
+
+def test_wait_sleeps_poll_interval(api, sleeps):
+    ok(api, dict(EXAMPLE, status="in_progress"))
+    ok(api, dict(EXAMPLE, status="in_progress"))
+    ok(api)
+    m.wait_for_batch(TOKEN, BID, base_url=BASE, poll_interval=7.5)
+    assert sleeps == [7.5, 7.5]
+
+
+def test_wait_404_propagates_at_once(gateway, sleeps):
+    with pytest.raises(m.NotFoundError):
+        m.wait_for_batch(DEMO_TOKEN, "missing", base_url=gateway.base_url, max_wait=60)
+    assert len(gateway.requests) == 1 and sleeps == []
+
+
+def test_wait_absorbs_a_429_through_retries(gateway, sleeps):
+    b = m.wait_for_batch(DEMO_TOKEN, "batch_ratelimited", base_url=gateway.base_url)
+    assert b.status == "completed" and sleeps == [1.0] and len(gateway.requests) == 2
+
+
+def test_wait_deadline_raises_with_last_batch_and_never_oversleeps(gateway, monkeypatch):
+    slept: List[float] = []
+    monkeypatch.setattr(m, "_sleep", lambda s: (slept.append(s), time.sleep(s)))
+    start = time.monotonic()
+    with pytest.raises(m.WaitTimeoutError) as info:
+        m.wait_for_batch(DEMO_TOKEN, "batch_status_in_progress", base_url=gateway.base_url, poll_interval=0.15, max_wait=0.5)
+    elapsed = time.monotonic() - start
+    assert info.value.batch is not None and info.value.batch.status == "in_progress"
+    assert str(info.value) == "batch did not reach a terminal status in time (last status 'in_progress')"
+    assert 0.5 <= elapsed < 1.5 and sum(slept) <= 0.5 and max(slept) <= 0.15
+
+
+def test_wait_deadline_cuts_a_retry_sleep(api, sleeps, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(m.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(m, "_sleep", lambda s: (sleeps.append(s), clock.__setitem__(0, clock[0] + s)))
+    fail(api, 429, {"error": "Rate limit exceeded"}, {"Retry-After": "50"})
+    with pytest.raises(m.WaitTimeoutError) as info:
+        m.wait_for_batch(TOKEN, BID, base_url=BASE, max_wait=20)
+    assert sleeps == [20.0] and info.value.batch is None
+    assert str(info.value) == "batch did not reach a terminal status in time (nothing seen yet)"
+
+
+def test_wait_uses_and_keeps_the_callers_session(gateway):
+    with requests.Session() as s:
+        closed: List[bool] = []
+        s.close = lambda: closed.append(True)  # type: ignore[method-assign]
+        m.wait_for_batch(DEMO_TOKEN, "batch_progress", base_url=gateway.base_url, session=s)
+        assert not closed
+        live(gateway, "batch_after", session=s)
+    assert gateway.connections == 1
+
+
+@pytest.mark.parametrize("kw", [{"poll_interval": 0}, {"poll_interval": -1}, {"max_wait": 0}, {"max_wait": "5"}, {"poll_interval": None}])
+def test_wait_refuses_bad_intervals(api, kw):
+    with pytest.raises(ValueError, match="^poll_interval and max_wait must be positive numbers of seconds$"):
+        m.wait_for_batch(TOKEN, BID, base_url=BASE, **kw)
+    assert not api.calls
+
+
+# --- The command line --------------------------------------------------------------------------
+
+
+def cli(*args: str, env: Any = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MKA1_")}
+    return subprocess.run(
+        [sys.executable, "-m", "mka1_batches", *args],
+        env={**base, **(env or {})}, cwd=HERE, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_cli_prints_one_json_document(gateway):
+    r = cli("batch_x", env={"MKA1_API_KEY": DEMO_TOKEN, "MKA1_BASE_URL": gateway.base_url})
+    assert r.returncode == 0 and r.stderr == ""
+    absent = ("in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at")
+    assert json.loads(r.stdout) == {**dict.fromkeys(absent), **gateway.answer("batch_x", None)[1]}
+
+
+def test_cli_bearer_auth_variable_and_base_url_flag(gateway):
+    r = cli("batch_private", "--on-behalf-of", "user_123", "--base-url", gateway.base_url,
+            env={"MKA1_BEARER_AUTH": f"Bearer {DEMO_TOKEN}", "MKA1_BASE_URL": "http://127.0.0.1:9"})
+    assert r.returncode == 0 and json.loads(r.stdout)["id"] == "batch_private"
+    assert gateway.requests[0]["X-On-Behalf-Of"] == "user_123"
+
+
+def test_cli_api_key_wins_over_bearer_auth(gateway):
+    r = cli("batch_x", env={"MKA1_API_KEY": DEMO_TOKEN, "MKA1_BEARER_AUTH": "Bearer wrong", "MKA1_BASE_URL": gateway.base_url})
+    assert r.returncode == 0
+
+
+def test_cli_api_error_is_one_line_exit_1_without_token(gateway):
+    r = cli("nope", env={"MKA1_API_KEY": DEMO_TOKEN, "MKA1_BASE_URL": gateway.base_url})
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr.startswith("error: 404 Batch not found (request ") and r.stderr.count("\n") == 1
+    assert DEMO_TOKEN not in r.stderr and "Traceback" not in r.stderr
+    r = cli("batch_x", env={"MKA1_API_KEY": "sk-secret-wrong", "MKA1_BASE_URL": gateway.base_url})
+    assert r.returncode == 1 and r.stderr.startswith("error: 401 Invalid API key") and "sk-secret-wrong" not in r.stderr
+
+
+def test_cli_network_error_exit_1(gateway):
+    r = cli("batch_x", "--timeout", "0.5", env={"MKA1_API_KEY": "sk-secret-x", "MKA1_BASE_URL": "http://127.0.0.1:9"})
+    assert r.returncode == 1 and r.stderr.startswith("error: GET /api/v1/llm/batches/batch_x failed: ")
+    assert r.stderr.count("\n") == 1 and "sk-secret-x" not in r.stderr
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["batch_x"], {}, "error: set MKA1_API_KEY (or MKA1_BEARER_AUTH) to your MKA1 API key\n"),
+    (["batch_x"], {"MKA1_API_KEY": "  "}, "error: set MKA1_API_KEY (or MKA1_BEARER_AUTH) to your MKA1 API key\n"),
+    ([".."], {"MKA1_API_KEY": "k"}, "error: batch_id must be a non-empty printable string other than . and .., not '..'\n"),
+    (["b", "--on-behalf-of", "x" * 151], {"MKA1_API_KEY": "k"}, None),
+    (["b", "--timeout", "-1"], {"MKA1_API_KEY": "k"}, None),
+    (["b", "--max-wait", "0", "--wait"], {"MKA1_API_KEY": "k"}, None),
+    (["b", "--base-url", "ftp://x"], {"MKA1_API_KEY": "k"}, None),
+    (["b", "--timeout", "soon"], {"MKA1_API_KEY": "k"}, None),
+    ([], {"MKA1_API_KEY": "k"}, None),
+])
+def test_cli_usage_errors_exit_2(args, env, message):
+    r = cli(*args, env=env)
+    assert (r.returncode, r.stdout) == (2, "") and "Traceback" not in r.stderr
+    if message is not None:
+        assert r.stderr == message
+
+
+def test_cli_wait_progress_and_exit_codes(gateway):
+    env = {"MKA1_API_KEY": DEMO_TOKEN, "MKA1_BASE_URL": gateway.base_url}
+    r = cli("batch_progress", "--wait", "--poll-interval", "0.01", env=env)
+    assert r.returncode == 0 and json.loads(r.stdout)["status"] == "completed"
+    lines = r.stderr.splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"{s}: {c}/{t} completed" for s, c, _, t in PROGRESS]
+    assert all(line.endswith("s") and ", 0 failed, " in line for line in lines)
+    r = cli("batch_failed", "--wait", env=env)
+    assert r.returncode == 3 and json.loads(r.stdout)["status"] == "failed"
+    assert r.stderr == "failed: 0/0 completed, 0 failed, 0s\n"
+    r = cli("batch_status_cancelled", "--wait", env=env)
+    assert r.returncode == 3
+    r = cli("batch_status_failed", env=env)  # without --wait a fetched batch is success
+    assert r.returncode == 0
+    r = cli("batch_status_in_progress", "--wait", "--poll-interval", "0.05", "--max-wait", "0.3", env=env)
+    assert (r.returncode, r.stdout) == (4, "")
+    assert r.stderr.splitlines()[-1] == "error: batch did not reach a terminal status in time (last status 'in_progress')"
+
+
+def test_cli_ctrl_c_exits_130(gateway):
+    env = {**os.environ, "MKA1_API_KEY": DEMO_TOKEN, "MKA1_BASE_URL": gateway.base_url}
+    p = subprocess.Popen([sys.executable, "-m", "mka1_batches", "batch_status_in_progress", "--wait", "--poll-interval", "30"],
+                         env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not gateway.requests and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=10)
+    assert p.returncode == 130 and out == "" and err.endswith("error: interrupted\n")
+
+
+def test_cli_help_documents_exit_codes_and_environment():
+    r = cli("--help")
+    assert r.returncode == 0
+    for text in ("MKA1_API_KEY", "MKA1_BEARER_AUTH", "MKA1_BASE_URL", "--on-behalf-of", "--max-wait", "exit codes:", "130"):
+        assert text in r.stdout
+    for code in range(5):
+        assert f"\n  {code}  " in r.stdout
+
+
+def test_demo_command_runs():
+    r = subprocess.run([sys.executable, "standin_gateway.py"], cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and json.loads(r.stdout)["status"] == "completed"
+    assert "in_progress: 1/3 completed" in r.stderr
+
+
+def test_module_runs_from_a_lone_copy(gateway, tmp_path):
+    """Vendoring: the one file, beside only requests, attrs and what they need, and nothing of this repo."""
+    import importlib.util
+    import shutil
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for name in ("requests", "urllib3", "idna", "certifi", "charset_normalizer", "chardet", "attr", "attrs"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            shutil.copytree(list(spec.submodule_search_locations)[0], lib / name)
+    work = tmp_path / "vendor"
+    work.mkdir()
+    shutil.copy(m.__file__, work / "mka1_batches.py")
+    code = (
+        f"import sys; sys.path.append({str(lib)!r})\n"
+        "import mka1_batches\n"
+        f"assert mka1_batches.__file__ == {str(work / 'mka1_batches.py')!r}, mka1_batches.__file__\n"
+        "for absent in ('pytest', 'standin_gateway', 'responses'):\n"
+        "    try: __import__(absent)\n"
+        "    except ImportError: pass\n"
+        "    else: raise SystemExit(absent + ' is importable')\n"
+        f"b = mka1_batches.get_batch({DEMO_TOKEN!r}, 'batch_vendored', base_url={gateway.base_url!r})\n"
+        "print(b.id, b.status)\n"
+    )
+    # -S: no site-packages at all; -E: no PYTHONPATH; only the copies above are importable.
+    r = subprocess.run([sys.executable, "-S", "-E", "-c", code], cwd=work, capture_output=True, text=True, timeout=60)
+    assert r.stdout == "batch_vendored completed\n", r.stderr
