@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any, Dict, List
 
+import attr
 import pytest
 import requests
 import responses
@@ -162,7 +163,7 @@ def test_batch_is_frozen_and_copies_metadata():
     b = m.Batch.from_dict(data)
     data["metadata"]["description"] = "changed"
     assert b.metadata == {"description": "evaluation job"}
-    with pytest.raises(Exception, match="can't set attribute|cannot assign|FrozenInstanceError|object has no setter"):
+    with pytest.raises(attr.exceptions.FrozenInstanceError):
         b.status = "failed"  # type: ignore[misc]
 
 
@@ -723,7 +724,7 @@ def test_import_does_nothing_it_need_not():
         "real = os.environ.__class__.__getitem__\n"
         "os.environ.__class__.__getitem__ = lambda self, k: seen.append(k) or real(self, k)\n"
         "import mka1_batches\n"
-        "assert not [k for k in seen if 'MKA1' in k], seen\n"
+        "assert not [k for k in seen if 'MKA1' in str(k)], seen\n"
         "assert logging.getLogger('mka1_batches').handlers == []\n"
         "assert logging.getLogger('mka1_batches').level == logging.NOTSET\n"
         "assert 'argparse' not in sys.modules\n"
