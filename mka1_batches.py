@@ -466,7 +466,9 @@ class _Call:
                 delay = self._retry_delay(exc, attempt)
                 if delay is None:
                     raise
-                _log.debug("GET %s: retry %d of %d in %.2fs after: %s", self.path, attempt, self.max_retries, delay, exc)
+                _log.debug(
+                    "GET %s: retry %d of %d in %.2fs after: %s", self.path, attempt, self.max_retries, delay, exc
+                )
                 _sleep(_until(deadline, delay, last))
             attempt += 1
 
@@ -479,7 +481,7 @@ class _Call:
             if exc.retry_after is not None:
                 return exc.retry_after if exc.retry_after <= MAX_RETRY_AFTER else None
         # Exponential backoff with full jitter, so that many clients do not retry in step.
-        return random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
+        return random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))  # noqa: S311 - not a secret
 
     def _attempt(self, session: requests.Session, attempt: int) -> Batch:
         deadline = time.monotonic() + self.timeout[0] + self.timeout[1]
@@ -674,8 +676,10 @@ def _int(data: Dict[str, Any], key: str, where: str, required: bool) -> Optional
 def _get(data: Dict[str, Any], key: str, where: str, required: bool) -> Any:
     value = data.get(key)
     if value is None and required:
-        raise _invalid(f"{where}.{key}", "a value", value) if key in data else InvalidResponseError(
-            f"{where}: missing required field {key!r}", field=f"{where}.{key}"
+        raise (
+            _invalid(f"{where}.{key}", "a value", value)
+            if key in data
+            else InvalidResponseError(f"{where}: missing required field {key!r}", field=f"{where}.{key}")
         )
     return value
 

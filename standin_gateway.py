@@ -23,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import unquote
 
-DEMO_TOKEN = "demo-key"
+DEMO_TOKEN = "demo-key"  # noqa: S105 - the stand-in's published demo key
 PATH = "/api/v1/llm/batches/"
 #: The progressing batch's states, one per poll: (status, completed, failed, total).
 PROGRESS = [
@@ -36,7 +36,9 @@ PROGRESS = [
 ]
 
 
-def batch_json(batch_id: str, status: str = "completed", completed: int = 3, failed: int = 0, total: int = 3) -> Dict[str, Any]:
+def batch_json(
+    batch_id: str, status: str = "completed", completed: int = 3, failed: int = 0, total: int = 3
+) -> Dict[str, Any]:
     """A Batch object shaped like the API reference's example."""
     data: Dict[str, Any] = {
         "id": batch_id,
@@ -85,7 +87,7 @@ class Gateway:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self.base_url = "http://127.0.0.1:%d" % self._server.server_address[1]
+        self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def __enter__(self) -> Gateway:
         self._thread.start()
@@ -136,24 +138,24 @@ def _handler(gateway: Gateway) -> type:
         def do_GET(self) -> None:
             with gateway._lock:
                 gateway.requests.append({"path": self.path, **self.headers})
-                n = len(gateway.requests)
-            if gateway.chaos_every and n % gateway.chaos_every == 0:
-                return self._fault(gateway.chaos[(n // gateway.chaos_every) % len(gateway.chaos)])
-            if not self.path.startswith(PATH) or "/" in self.path[len(PATH) :]:
-                return self._send(404, {"error": {"message": "no route", "details": None}})
+                self.number = len(gateway.requests)
             batch_id = unquote(self.path[len(PATH) :])
-            if self.headers.get("Authorization") != "Bearer " + DEMO_TOKEN:
-                return self._send(401, {"error": {"message": "Invalid API key", "details": None}})
-            if batch_id.startswith("fault_"):
-                return self._fault(batch_id[len("fault_") :])
-            self._send(*gateway.answer(batch_id, self.headers.get("X-On-Behalf-Of")))
+            if gateway.chaos_every and self.number % gateway.chaos_every == 0:
+                self._fault(gateway.chaos[(self.number // gateway.chaos_every) % len(gateway.chaos)])
+            elif not self.path.startswith(PATH) or "/" in self.path[len(PATH) :]:
+                self._send(404, {"error": {"message": "no route", "details": None}})
+            elif self.headers.get("Authorization") != "Bearer " + DEMO_TOKEN:
+                self._send(401, {"error": {"message": "Invalid API key", "details": None}})
+            elif batch_id.startswith("fault_"):
+                self._fault(batch_id[len("fault_") :])
+            else:
+                self._send(*gateway.answer(batch_id, self.headers.get("X-On-Behalf-Of")))
 
-        def _send(self, status: int, body: Any, headers: Optional[Dict[str, str]] = None, raw: Optional[bytes] = None) -> None:
-            data = raw if raw is not None else json.dumps(body).encode()
+        def _send(self, status: int, body: Any, headers: Optional[Dict[str, str]] = None) -> None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            items = {"Content-Type": "application/json", "Content-Length": str(len(data)), **(headers or {})}
+            items["X-Request-ID"] = f"{uuid.uuid4()}#{self.number}"
             head = [f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}"]
-            items = {"Content-Type": "application/json", "Content-Length": str(len(data))}
-            items.update(headers or {})
-            items["X-Request-ID"] = f"{uuid.uuid4()}#{len(gateway.requests)}"
             head += [f"{k}: {v}" for k, v in items.items()]
             self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + data)
             self.wfile.flush()
@@ -161,17 +163,18 @@ def _handler(gateway: Gateway) -> type:
         def _fault(self, kind: str) -> None:
             """Break this exchange the way ``kind`` says; the tests name these ids."""
             body = json.dumps(batch_json("batch_" + kind)).encode()
-            if kind in ("429", "503"):
-                return self._send(int(kind), {"error": "Rate limit exceeded"} if kind == "429" else None,
-                                  {"Retry-After": "0"}, None if kind == "429" else b"<html><h1>503</h1></html>")
-            if kind == "drip":  # the whole body, one byte at a time, each just inside a read timeout
+            if kind == "429":
+                self._send(429, {"error": "Rate limit exceeded"}, {"Retry-After": "0"})
+            elif kind == "503":
+                self._send(503, b"<html><body><h1>503 Service Unavailable</h1></body></html>", {"Retry-After": "0"})
+            elif kind == "drip":  # the whole body, one byte at a time, each just inside a read timeout
                 self.wfile.write(f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode())
                 for byte in body:
                     if gateway._stop.wait(gateway.drip):
                         break
                     self.wfile.write(bytes([byte]))
                     self.wfile.flush()
-            elif kind == "hang":  # accept, read the request, never answer
+            elif kind == "hang":  # read the request, never answer
                 gateway._stop.wait(30)
             elif kind == "short":  # promise more than is sent, then close
                 self.wfile.write(f"HTTP/1.1 200 OK\r\nContent-Length: {len(body) + 100}\r\n\r\n".encode() + body)
@@ -182,7 +185,8 @@ def _handler(gateway: Gateway) -> type:
                 self._reset()
             elif kind == "reset":  # a reset before any response
                 self._reset()
-            self.close_connection = True  # "drop" and the rest: close without a word
+            # "drop", and every fault above but the status ones: close without another word.
+            self.close_connection = kind not in ("429", "503")
 
         def _reset(self) -> None:
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -195,8 +199,11 @@ def demo() -> int:
     """Serve, run the CLI with --wait on the progressing batch, stop; return its exit code."""
     here = os.path.dirname(os.path.abspath(__file__))
     with Gateway() as gateway:
-        print(f"stand-in gateway on {gateway.base_url}; running: python -m mka1_batches batch_progress --wait",
-              file=sys.stderr, flush=True)
+        print(
+            f"stand-in gateway on {gateway.base_url}; running: python -m mka1_batches batch_progress --wait",
+            file=sys.stderr,
+            flush=True,
+        )
         env = dict(os.environ, MKA1_API_KEY=DEMO_TOKEN, MKA1_BASE_URL=gateway.base_url)
         env.pop("MKA1_BEARER_AUTH", None)
         command = [sys.executable, "-m", "mka1_batches", "batch_progress", "--wait", "--poll-interval", "0.5"]

@@ -84,7 +84,9 @@ def ok(api: responses.RequestsMock, body: Any = None, batch_id: str = BID, **kw:
 def fail(api: responses.RequestsMock, status: int, body: Any = None, headers: Any = None, **kw: Any) -> None:
     body = {"error": {"message": "Batch not found", "details": None}} if body is None else body
     key = "body" if isinstance(body, (str, bytes)) else "json"
-    api.add(responses.GET, URL + BID, status=status, headers={"X-Request-ID": RID, **(headers or {})}, **{key: body}, **kw)
+    api.add(
+        responses.GET, URL + BID, status=status, headers={"X-Request-ID": RID, **(headers or {})}, **{key: body}, **kw
+    )
 
 
 def get(**kw: Any) -> m.Batch:
@@ -96,7 +98,13 @@ def get(**kw: Any) -> m.Batch:
 
 def test_documented_example_parses_with_every_field():
     b = m.Batch.from_dict(EXAMPLE)
-    assert (b.id, b.object, b.status, b.created_at, b.completed_at) == (BID, "batch", "completed", 1704067200, 1704070860)
+    assert (b.id, b.object, b.status, b.created_at, b.completed_at) == (
+        BID,
+        "batch",
+        "completed",
+        1704067200,
+        1704070860,
+    )
     assert b.request_counts == m.RequestCounts(total=3, completed=3, failed=0)
     assert (b.errors, b.error_file_id, b.failed_at, b.output_file_id) == (None, None, None, "file_def456")
     assert b.metadata == {"description": "evaluation job"}
@@ -131,14 +139,25 @@ def test_unknown_keys_are_kept_at_every_level():
 
 
 def test_errors_are_objects_with_data_tuple():
-    data = dict(EXAMPLE, status="failed", errors={"object": "list", "data": [
-        {"code": "invalid_json_line", "message": "Line 2 is bad", "param": "body", "line": 2},
-        {"code": "too_large", "message": "big", "param": None},
-    ]})
+    data = dict(
+        EXAMPLE,
+        status="failed",
+        errors={
+            "object": "list",
+            "data": [
+                {"code": "invalid_json_line", "message": "Line 2 is bad", "param": "body", "line": 2},
+                {"code": "too_large", "message": "big", "param": None},
+            ],
+        },
+    )
     b = m.Batch.from_dict(data)
-    assert b.errors == m.BatchErrors(data=(
-        m.BatchError("invalid_json_line", "Line 2 is bad", "body", 2), m.BatchError("too_large", "big", None, None)
-    ), object="list")
+    assert b.errors == m.BatchErrors(
+        data=(
+            m.BatchError("invalid_json_line", "Line 2 is bad", "body", 2),
+            m.BatchError("too_large", "big", None, None),
+        ),
+        object="list",
+    )
     assert b.errors.data[0].code == "invalid_json_line" and b.errors.data[1].line is None
 
 
@@ -147,10 +166,12 @@ def test_unknown_status_and_endpoint_pass_through():
     assert (b.status, b.endpoint, b.is_terminal) == ("paused_for_review", "/v1/responses", False)
 
 
-@pytest.mark.parametrize("status", ["validating", "in_progress", "finalizing", "cancelling", "completed", "failed", "expired", "cancelled"])
+@pytest.mark.parametrize(
+    "status", ["validating", "in_progress", "finalizing", "cancelling", "completed", "failed", "expired", "cancelled"]
+)
 def test_is_terminal_follows_the_lifecycle(status):
     assert m.Batch.from_dict(dict(MINIMAL, status=status)).is_terminal is (status in m.TERMINAL_STATUSES)
-    assert m.TERMINAL_STATUSES == {"completed", "failed", "expired", "cancelled"}
+    assert {"completed", "failed", "expired", "cancelled"} == m.TERMINAL_STATUSES
 
 
 def test_request_id_is_kept_but_not_in_equality_or_to_dict():
@@ -198,7 +219,11 @@ def test_missing_required_field_is_named(field):
         (["errors"], [], "errors: expected an object, got list"),
         (["errors"], {"object": "list"}, "errors.data: expected a list, got null"),
         (["errors"], {"data": [{"code": "c"}]}, "errors.data[0]: missing required field 'message'"),
-        (["errors"], {"data": [{"code": "c", "message": "m", "line": "2"}]}, "errors.data[0].line: expected an integer, got '2'"),
+        (
+            ["errors"],
+            {"data": [{"code": "c", "message": "m", "line": "2"}]},
+            "errors.data[0].line: expected an integer, got '2'",
+        ),
         (["errors"], {"data": ["oops"]}, "errors.data[0]: expected an object, got 'oops'"),
     ],
 )
@@ -254,7 +279,7 @@ def test_token_with_or_without_bearer_is_sent_once(api, token):
 
 @pytest.mark.parametrize("token", ["", "   ", "Bearer", "Bearer ", " bearer    ", "sk-\n-x", "sk-é", "sk\x00"])
 def test_bad_token_is_refused_without_echo(api, token):
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match=r"^token must be non-empty printable ASCII") as info:
         m.get_batch(token, BID, base_url=BASE)
     assert str(info.value) == "token must be non-empty printable ASCII, with or without a leading 'Bearer '"
     assert not api.calls
@@ -288,13 +313,15 @@ def test_batch_id_is_one_encoded_path_segment(api, batch_id, path):
 
 @pytest.mark.parametrize("batch_id", ["", ".", "..", "a\nb", "a\rb", "\x00", "tab\t", "\x7f", "\u2028", "\ud800"])
 def test_bad_batch_id_is_refused(api, batch_id):
-    with pytest.raises(ValueError, match=r"^batch_id must be a non-empty printable string other than \. and \.\., not "):
+    with pytest.raises(
+        ValueError, match=r"^batch_id must be a non-empty printable string other than \. and \.\., not "
+    ):
         get(batch_id=batch_id)
     assert not api.calls
 
 
 def test_batch_id_must_be_a_string(api):
-    with pytest.raises(TypeError, match="^batch_id must be a string, not int$"):
+    with pytest.raises(TypeError, match=r"^batch_id must be a string, not int$"):
         get(batch_id=123)
     assert not api.calls
 
@@ -308,24 +335,28 @@ def test_on_behalf_of_is_sent(api, who):
 
 @pytest.mark.parametrize("who", ["", "x" * 151, "user\r\nX-Evil: 1", "usér", " user", "user ", "\t"])
 def test_bad_on_behalf_of_is_refused(api, who):
-    with pytest.raises(ValueError, match="^on_behalf_of must be 1-150 printable ASCII characters, not "):
+    with pytest.raises(ValueError, match=r"^on_behalf_of must be 1-150 printable ASCII characters, not "):
         get(on_behalf_of=who)
     assert not api.calls
 
 
 def test_on_behalf_of_must_be_a_string(api):
-    with pytest.raises(TypeError, match="^on_behalf_of must be a string or None, not int$"):
+    with pytest.raises(TypeError, match=r"^on_behalf_of must be a string or None, not int$"):
         get(on_behalf_of=7)
 
 
-@pytest.mark.parametrize("base_url", ["", "apigw.mka1.com", "ftp://h", "https://", "https://h/?q=1", "https://h/#f", "https://h/\n", None])
+@pytest.mark.parametrize(
+    "base_url", ["", "apigw.mka1.com", "ftp://h", "https://", "https://h/?q=1", "https://h/#f", "https://h/\n", None]
+)
 def test_bad_base_url_is_refused(api, base_url):
     with pytest.raises(ValueError, match=r"^base_url must be an http\(s\) URL with no query"):
         m.get_batch(TOKEN, BID, base_url=base_url)
     assert not api.calls
 
 
-@pytest.mark.parametrize("timeout", [0, -1, None, "5", True, float("inf"), float("nan"), (1,), (1, 2, 3), (1, 0), (None, 5)])
+@pytest.mark.parametrize(
+    "timeout", [0, -1, None, "5", True, float("inf"), float("nan"), (1,), (1, 2, 3), (1, 0), (None, 5)]
+)
 def test_bad_timeout_is_refused(api, timeout):
     with pytest.raises(ValueError, match=r"^timeout must be seconds > 0, or a \(connect, read\) pair of them, not "):
         get(timeout=timeout)
@@ -334,7 +365,7 @@ def test_bad_timeout_is_refused(api, timeout):
 
 @pytest.mark.parametrize("retries", [-1, 1.0, None, True])
 def test_bad_max_retries_is_refused(api, retries):
-    with pytest.raises(ValueError, match="^max_retries must be a non-negative integer, not "):
+    with pytest.raises(ValueError, match=r"^max_retries must be a non-negative integer, not "):
         get(max_retries=retries)
     assert not api.calls
 
@@ -363,7 +394,9 @@ def test_base_url_path_prefix_and_trailing_slash(api):
     assert len(api.calls) == 1
 
 
-@pytest.mark.parametrize("timeout, sent", [(5, (5.0, 5.0)), (2.5, (2.5, 2.5)), ((1, 7), (1.0, 7.0)), ([3, 4.5], (3.0, 4.5))])
+@pytest.mark.parametrize(
+    "timeout, sent", [(5, (5.0, 5.0)), (2.5, (2.5, 2.5)), ((1, 7), (1.0, 7.0)), ([3, 4.5], (3.0, 4.5))]
+)
 def test_timeout_forms(api, timeout, sent):
     ok(api)
     get(timeout=timeout)
@@ -410,7 +443,7 @@ def test_netrc_cannot_replace_the_bearer(api, tmp_path, monkeypatch):
     ok(api)
     ok(api)
     # The hazard is real: requests lets .netrc replace a plain Authorization header.
-    requests.get(URL + BID, headers={"Authorization": f"Bearer {TOKEN}"})
+    requests.get(URL + BID, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
     assert api.calls[0].request.headers["Authorization"].startswith("Basic ")
     get()
     assert api.calls[1].request.headers["Authorization"] == f"Bearer {TOKEN}"
@@ -464,7 +497,11 @@ def test_kong_message_envelope(api):
 
 
 def test_html_502_gives_a_short_excerpt(api):
-    html = "<html><head><title>502 Bad Gateway</title></head>\n<body><center><h1>502 Bad Gateway</h1></center>" + "<p>x</p>" * 5000 + "</body></html>"
+    html = (
+        "<html><head><title>502 Bad Gateway</title></head>\n<body><center><h1>502 Bad Gateway</h1></center>"
+        + "<p>x</p>" * 5000
+        + "</body></html>"
+    )
     api.add(responses.GET, URL + BID, status=502, body=html, content_type="text/html")
     with pytest.raises(m.InternalServerError) as info:
         get(max_retries=0)
@@ -473,15 +510,18 @@ def test_html_502_gives_a_short_excerpt(api):
     assert info.value.request_id is None and info.value.body == html
 
 
-@pytest.mark.parametrize("body, text", [
-    (b"", "Bad Request"),
-    (b"   ", "Bad Request"),
-    (b"\xff\xfe garbage", "\ufffd\ufffd garbage"),
-    (b'{"error": {"message": ""}}', '{"error": {"message": ""}}'),
-    (b'{"error": 5, "message": null}', '{"error": 5, "message": null}'),
-    (b"[1, 2]", "[1, 2]"),
-    (b'{"error": {"message": "line one\\n   line two"}}', "line one line two"),
-])
+@pytest.mark.parametrize(
+    "body, text",
+    [
+        (b"", "Bad Request"),
+        (b"   ", "Bad Request"),
+        (b"\xff\xfe garbage", "\ufffd\ufffd garbage"),
+        (b'{"error": {"message": ""}}', '{"error": {"message": ""}}'),
+        (b'{"error": 5, "message": null}', '{"error": 5, "message": null}'),
+        (b"[1, 2]", "[1, 2]"),
+        (b'{"error": {"message": "line one\\n   line two"}}', "line one line two"),
+    ],
+)
 def test_odd_error_bodies_still_read_one_line(api, body, text):
     api.add(responses.GET, URL + BID, status=400, body=body)
     with pytest.raises(m.BadRequestError) as info:
@@ -490,7 +530,9 @@ def test_odd_error_bodies_still_read_one_line(api, body, text):
 
 
 def test_redirect_is_not_followed_and_names_location(api):
-    api.add(responses.GET, URL + BID, status=302, headers={"Location": "https://evil.example/steal", "X-Request-ID": RID})
+    api.add(
+        responses.GET, URL + BID, status=302, headers={"Location": "https://evil.example/steal", "X-Request-ID": RID}
+    )
     api.add(responses.GET, "https://evil.example/steal", json=EXAMPLE)
     with pytest.raises(m.APIStatusError) as info:
         get()
@@ -511,7 +553,7 @@ def test_retryable_statuses_are_retried_then_succeed(api, sleeps, status):
 @pytest.mark.parametrize("retries", [0, 1, 2, 5])
 def test_retries_are_bounded_and_the_last_error_raised(api, sleeps, retries):
     fail(api, 503, "<html>down</html>")
-    with pytest.raises(m.InternalServerError, match="^503 down"):
+    with pytest.raises(m.InternalServerError, match=r"^503 down"):
         get(max_retries=retries)
     assert len(api.calls) == retries + 1 and len(sleeps) == retries
 
@@ -584,19 +626,25 @@ def test_retry_after_on_a_non_retryable_status_is_not_slept(api, sleeps):
     assert info.value.retry_after == 1.0 and sleeps == []
 
 
-@pytest.mark.parametrize("exc, cls", [
-    (requests.ConnectionError("refused"), m.APIConnectionError),
-    (requests.ConnectTimeout("connect timed out"), m.APITimeoutError),
-    (requests.ReadTimeout("read timed out"), m.APITimeoutError),
-    (requests.exceptions.ChunkedEncodingError("broken"), m.APIConnectionError),
-    (requests.exceptions.SSLError("bad cert"), m.APIConnectionError),
-])
+@pytest.mark.parametrize(
+    "exc, cls",
+    [
+        (requests.ConnectionError("refused"), m.APIConnectionError),
+        (requests.ConnectTimeout("connect timed out"), m.APITimeoutError),
+        (requests.ReadTimeout("read timed out"), m.APITimeoutError),
+        (requests.exceptions.ChunkedEncodingError("broken"), m.APIConnectionError),
+        (requests.exceptions.SSLError("bad cert"), m.APIConnectionError),
+    ],
+)
 def test_network_failures_are_wrapped_and_retried(api, sleeps, exc, cls):
     api.add(responses.GET, URL + BID, body=exc)
     with pytest.raises(m.APIConnectionError) as info:
         get()
     assert type(info.value) is cls and info.value.__cause__ is exc
-    assert str(info.value) == f"GET /api/v1/llm/batches/{BID} {'timed out' if cls is m.APITimeoutError else 'failed'}: {exc}"
+    assert (
+        str(info.value)
+        == f"GET /api/v1/llm/batches/{BID} {'timed out' if cls is m.APITimeoutError else 'failed'}: {exc}"
+    )
     assert len(api.calls) == 3 and len(sleeps) == 2
     assert isinstance(info.value, TimeoutError) is (cls is m.APITimeoutError)
 
@@ -608,7 +656,9 @@ def test_network_failure_then_success(api, sleeps):
 
 
 def test_oversized_body_by_content_length_is_refused_unread(api):
-    api.add(responses.GET, URL + BID, body=b"{}", headers={"Content-Length": str(m.MAX_BODY_BYTES + 1), "X-Request-ID": RID})
+    api.add(
+        responses.GET, URL + BID, body=b"{}", headers={"Content-Length": str(m.MAX_BODY_BYTES + 1), "X-Request-ID": RID}
+    )
     with pytest.raises(m.InvalidResponseError) as info:
         get()
     assert str(info.value) == f"response body of {m.MAX_BODY_BYTES + 1} bytes is over the {m.MAX_BODY_BYTES}-byte limit"
@@ -634,7 +684,9 @@ def test_oversized_body_without_length_stops_at_the_cap(api, monkeypatch):
     monkeypatch.setattr(m, "MAX_BODY_BYTES", 100_000)
     raw = Endless()
     api.add(responses.GET, URL + BID, body=io.BufferedReader(raw), headers={"X-Request-ID": RID})
-    with pytest.raises(m.InvalidResponseError, match="^response body of more than 100000 bytes is over the 100000-byte limit$") as info:
+    with pytest.raises(
+        m.InvalidResponseError, match=r"^response body of more than 100000 bytes is over the 100000-byte limit$"
+    ) as info:
         get()
     assert info.value.request_id == RID and raw.served <= 100_000 + 2 * 65536
 
@@ -657,10 +709,12 @@ def test_body_at_the_cap_is_accepted(api, monkeypatch):
     assert get().id == BID
 
 
-@pytest.mark.parametrize("body", [b"", b"<html>ok</html>", b"{", b"\xff\xfe\x00", b"[" * 100_000 + b"]" * 100_000, b"1" * 5000])
+@pytest.mark.parametrize(
+    "body", [b"", b"<html>ok</html>", b"{", b"\xff\xfe\x00", b"[" * 100_000 + b"]" * 100_000, b"1" * 5000]
+)
 def test_2xx_body_that_is_not_json(api, body):
     api.add(responses.GET, URL + BID, body=body, headers={"X-Request-ID": RID})
-    with pytest.raises(m.InvalidResponseError, match="^response is not JSON: ") as info:
+    with pytest.raises(m.InvalidResponseError, match=r"^response is not JSON: ") as info:
         get()
     assert info.value.request_id == RID and len(str(info.value)) < 250
 
@@ -705,7 +759,7 @@ def test_the_token_never_leaks(api, caplog, capsys):
                 get(max_retries=retries)
             seen.append(info.value)
         for bad in (f"{TOKEN}\x00", TOKEN + "é"):
-            with pytest.raises(ValueError) as info2:
+            with pytest.raises(ValueError, match=r"^token must") as info2:
                 m.get_batch(bad, BID, base_url=BASE)
             seen.append(info2.value)
     texts = [str(e) for e in seen] + [repr(e) for e in seen] + [r.getMessage() for r in caplog.records]
@@ -735,9 +789,31 @@ def test_import_does_nothing_it_need_not():
 
 
 def test_public_names():
-    assert set(m.__all__) == {n for n in vars(m) if not n.startswith("_") and n not in ("annotations", "main", "Timeout")} - {
-        "attr", "contextlib", "email", "http", "json", "logging", "random", "re", "requests", "socket", "time",
-        "quote", "urlsplit", "Any", "Callable", "Dict", "Iterator", "List", "Optional", "Tuple", "Union"}
+    assert set(m.__all__) == {
+        n for n in vars(m) if not n.startswith("_") and n not in ("annotations", "main", "Timeout")
+    } - {
+        "attr",
+        "contextlib",
+        "email",
+        "http",
+        "json",
+        "logging",
+        "random",
+        "re",
+        "requests",
+        "socket",
+        "time",
+        "quote",
+        "urlsplit",
+        "Any",
+        "Callable",
+        "Dict",
+        "Iterator",
+        "List",
+        "Optional",
+        "Tuple",
+        "Union",
+    }
     assert issubclass(m.APITimeoutError, m.APIConnectionError) and issubclass(m.APITimeoutError, TimeoutError)
     assert issubclass(m.InvalidResponseError, ValueError) and issubclass(m.WaitTimeoutError, TimeoutError)
     assert all(issubclass(c, m.APIStatusError) for _, c in STATUS_CLASSES)
@@ -782,13 +858,16 @@ def test_live_error_bodies_also_keep_the_connection(gateway):
     assert gateway.connections == 1
 
 
-@pytest.mark.parametrize("kind, cls, text", [
-    ("hang", m.APITimeoutError, "timed out"),
-    ("drop", m.APIConnectionError, "failed"),
-    ("reset", m.APIConnectionError, "failed"),
-    ("reset_mid", m.APIConnectionError, "failed"),
-    ("short", m.APIConnectionError, "failed"),
-])
+@pytest.mark.parametrize(
+    "kind, cls, text",
+    [
+        ("hang", m.APITimeoutError, "timed out"),
+        ("drop", m.APIConnectionError, "failed"),
+        ("reset", m.APIConnectionError, "failed"),
+        ("reset_mid", m.APIConnectionError, "failed"),
+        ("short", m.APIConnectionError, "failed"),
+    ],
+)
 def test_live_faults_end_in_a_documented_error(gateway, kind, cls, text):
     start = time.monotonic()
     with pytest.raises(m.APIConnectionError) as info:
@@ -840,7 +919,9 @@ def test_live_threads_share_one_session(gateway):
 
 def test_wait_returns_completed_and_reports_changes(gateway):
     updates: List[m.Batch] = []
-    b = m.wait_for_batch(DEMO_TOKEN, "batch_progress", base_url=gateway.base_url, poll_interval=0.01, on_update=updates.append)
+    b = m.wait_for_batch(
+        DEMO_TOKEN, "batch_progress", base_url=gateway.base_url, poll_interval=0.01, on_update=updates.append
+    )
     assert b.status == "completed" and b.request_counts.completed == 3
     assert [(u.status, u.request_counts.completed, u.request_counts.total) for u in updates] == [
         (s, c, t) for s, c, _, t in PROGRESS
@@ -849,10 +930,19 @@ def test_wait_returns_completed_and_reports_changes(gateway):
 
 
 def test_wait_calls_on_update_only_on_change(api):
-    for status, done in [("validating", 0), ("validating", 0), ("in_progress", 1), ("in_progress", 1), ("in_progress", 2), ("completed", 3)]:
+    for status, done in [
+        ("validating", 0),
+        ("validating", 0),
+        ("in_progress", 1),
+        ("in_progress", 1),
+        ("in_progress", 2),
+        ("completed", 3),
+    ]:
         ok(api, dict(EXAMPLE, status=status, request_counts={"total": 3, "completed": done, "failed": 0}))
     updates: List[Any] = []
-    b = m.wait_for_batch(TOKEN, BID, base_url=BASE, on_update=lambda x: updates.append((x.status, x.request_counts.completed)))
+    b = m.wait_for_batch(
+        TOKEN, BID, base_url=BASE, on_update=lambda x: updates.append((x.status, x.request_counts.completed))
+    )
     assert b.status == "completed" and len(api.calls) == 6
     assert updates == [("validating", 0), ("in_progress", 1), ("in_progress", 2), ("completed", 3)]
 
@@ -890,7 +980,9 @@ def test_wait_deadline_raises_with_last_batch_and_never_oversleeps(gateway, monk
     monkeypatch.setattr(m, "_sleep", lambda s: (slept.append(s), time.sleep(s)))
     start = time.monotonic()
     with pytest.raises(m.WaitTimeoutError) as info:
-        m.wait_for_batch(DEMO_TOKEN, "batch_status_in_progress", base_url=gateway.base_url, poll_interval=0.15, max_wait=0.5)
+        m.wait_for_batch(
+            DEMO_TOKEN, "batch_status_in_progress", base_url=gateway.base_url, poll_interval=0.15, max_wait=0.5
+        )
     elapsed = time.monotonic() - start
     assert info.value.batch is not None and info.value.batch.status == "in_progress"
     assert str(info.value) == "batch did not reach a terminal status in time (last status 'in_progress')"
@@ -918,9 +1010,11 @@ def test_wait_uses_and_keeps_the_callers_session(gateway):
     assert gateway.connections == 1
 
 
-@pytest.mark.parametrize("kw", [{"poll_interval": 0}, {"poll_interval": -1}, {"max_wait": 0}, {"max_wait": "5"}, {"poll_interval": None}])
+@pytest.mark.parametrize(
+    "kw", [{"poll_interval": 0}, {"poll_interval": -1}, {"max_wait": 0}, {"max_wait": "5"}, {"poll_interval": None}]
+)
 def test_wait_refuses_bad_intervals(api, kw):
-    with pytest.raises(ValueError, match="^poll_interval and max_wait must be positive numbers of seconds$"):
+    with pytest.raises(ValueError, match=r"^poll_interval and max_wait must be positive numbers of seconds$"):
         m.wait_for_batch(TOKEN, BID, base_url=BASE, **kw)
     assert not api.calls
 
@@ -932,26 +1026,48 @@ def cli(*args: str, env: Any = None, timeout: float = 60) -> subprocess.Complete
     base = {k: v for k, v in os.environ.items() if not k.startswith("MKA1_")}
     return subprocess.run(
         [sys.executable, "-m", "mka1_batches", *args],
-        env={**base, **(env or {})}, cwd=HERE, capture_output=True, text=True, timeout=timeout,
+        env={**base, **(env or {})},
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 def test_cli_prints_one_json_document(gateway):
     r = cli("batch_x", env={"MKA1_API_KEY": DEMO_TOKEN, "MKA1_BASE_URL": gateway.base_url})
     assert r.returncode == 0 and r.stderr == ""
-    absent = ("in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at")
+    absent = (
+        "in_progress_at",
+        "expires_at",
+        "finalizing_at",
+        "completed_at",
+        "failed_at",
+        "expired_at",
+        "cancelling_at",
+        "cancelled_at",
+    )
     assert json.loads(r.stdout) == {**dict.fromkeys(absent), **gateway.answer("batch_x", None)[1]}
 
 
 def test_cli_bearer_auth_variable_and_base_url_flag(gateway):
-    r = cli("batch_private", "--on-behalf-of", "user_123", "--base-url", gateway.base_url,
-            env={"MKA1_BEARER_AUTH": f"Bearer {DEMO_TOKEN}", "MKA1_BASE_URL": "http://127.0.0.1:9"})
+    r = cli(
+        "batch_private",
+        "--on-behalf-of",
+        "user_123",
+        "--base-url",
+        gateway.base_url,
+        env={"MKA1_BEARER_AUTH": f"Bearer {DEMO_TOKEN}", "MKA1_BASE_URL": "http://127.0.0.1:9"},
+    )
     assert r.returncode == 0 and json.loads(r.stdout)["id"] == "batch_private"
     assert gateway.requests[0]["X-On-Behalf-Of"] == "user_123"
 
 
 def test_cli_api_key_wins_over_bearer_auth(gateway):
-    r = cli("batch_x", env={"MKA1_API_KEY": DEMO_TOKEN, "MKA1_BEARER_AUTH": "Bearer wrong", "MKA1_BASE_URL": gateway.base_url})
+    r = cli(
+        "batch_x",
+        env={"MKA1_API_KEY": DEMO_TOKEN, "MKA1_BEARER_AUTH": "Bearer wrong", "MKA1_BASE_URL": gateway.base_url},
+    )
     assert r.returncode == 0
 
 
@@ -970,17 +1086,24 @@ def test_cli_network_error_exit_1(gateway):
     assert r.stderr.count("\n") == 1 and "sk-secret-x" not in r.stderr
 
 
-@pytest.mark.parametrize("args, env, message", [
-    (["batch_x"], {}, "error: set MKA1_API_KEY (or MKA1_BEARER_AUTH) to your MKA1 API key\n"),
-    (["batch_x"], {"MKA1_API_KEY": "  "}, "error: set MKA1_API_KEY (or MKA1_BEARER_AUTH) to your MKA1 API key\n"),
-    ([".."], {"MKA1_API_KEY": "k"}, "error: batch_id must be a non-empty printable string other than . and .., not '..'\n"),
-    (["b", "--on-behalf-of", "x" * 151], {"MKA1_API_KEY": "k"}, None),
-    (["b", "--timeout", "-1"], {"MKA1_API_KEY": "k"}, None),
-    (["b", "--max-wait", "0", "--wait"], {"MKA1_API_KEY": "k"}, None),
-    (["b", "--base-url", "ftp://x"], {"MKA1_API_KEY": "k"}, None),
-    (["b", "--timeout", "soon"], {"MKA1_API_KEY": "k"}, None),
-    ([], {"MKA1_API_KEY": "k"}, None),
-])
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["batch_x"], {}, "error: set MKA1_API_KEY (or MKA1_BEARER_AUTH) to your MKA1 API key\n"),
+        (["batch_x"], {"MKA1_API_KEY": "  "}, "error: set MKA1_API_KEY (or MKA1_BEARER_AUTH) to your MKA1 API key\n"),
+        (
+            [".."],
+            {"MKA1_API_KEY": "k"},
+            "error: batch_id must be a non-empty printable string other than . and .., not '..'\n",
+        ),
+        (["b", "--on-behalf-of", "x" * 151], {"MKA1_API_KEY": "k"}, None),
+        (["b", "--timeout", "-1"], {"MKA1_API_KEY": "k"}, None),
+        (["b", "--max-wait", "0", "--wait"], {"MKA1_API_KEY": "k"}, None),
+        (["b", "--base-url", "ftp://x"], {"MKA1_API_KEY": "k"}, None),
+        (["b", "--timeout", "soon"], {"MKA1_API_KEY": "k"}, None),
+        ([], {"MKA1_API_KEY": "k"}, None),
+    ],
+)
 def test_cli_usage_errors_exit_2(args, env, message):
     r = cli(*args, env=env)
     assert (r.returncode, r.stdout) == (2, "") and "Traceback" not in r.stderr
@@ -1004,13 +1127,21 @@ def test_cli_wait_progress_and_exit_codes(gateway):
     assert r.returncode == 0
     r = cli("batch_status_in_progress", "--wait", "--poll-interval", "0.05", "--max-wait", "0.3", env=env)
     assert (r.returncode, r.stdout) == (4, "")
-    assert r.stderr.splitlines()[-1] == "error: batch did not reach a terminal status in time (last status 'in_progress')"
+    assert (
+        r.stderr.splitlines()[-1] == "error: batch did not reach a terminal status in time (last status 'in_progress')"
+    )
 
 
 def test_cli_ctrl_c_exits_130(gateway):
     env = {**os.environ, "MKA1_API_KEY": DEMO_TOKEN, "MKA1_BASE_URL": gateway.base_url}
-    p = subprocess.Popen([sys.executable, "-m", "mka1_batches", "batch_status_in_progress", "--wait", "--poll-interval", "30"],
-                         env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "mka1_batches", "batch_status_in_progress", "--wait", "--poll-interval", "30"],
+        env=env,
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 20
     while not gateway.requests and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -1023,7 +1154,15 @@ def test_cli_ctrl_c_exits_130(gateway):
 def test_cli_help_documents_exit_codes_and_environment():
     r = cli("--help")
     assert r.returncode == 0
-    for text in ("MKA1_API_KEY", "MKA1_BEARER_AUTH", "MKA1_BASE_URL", "--on-behalf-of", "--max-wait", "exit codes:", "130"):
+    for text in (
+        "MKA1_API_KEY",
+        "MKA1_BEARER_AUTH",
+        "MKA1_BASE_URL",
+        "--on-behalf-of",
+        "--max-wait",
+        "exit codes:",
+        "130",
+    ):
         assert text in r.stdout
     for code in range(5):
         assert f"\n  {code}  " in r.stdout
@@ -1045,7 +1184,7 @@ def test_module_runs_from_a_lone_copy(gateway, tmp_path):
     for name in ("requests", "urllib3", "idna", "certifi", "charset_normalizer", "chardet", "attr", "attrs"):
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.submodule_search_locations:
-            shutil.copytree(list(spec.submodule_search_locations)[0], lib / name)
+            shutil.copytree(next(iter(spec.submodule_search_locations)), lib / name)
     work = tmp_path / "vendor"
     work.mkdir()
     shutil.copy(m.__file__, work / "mka1_batches.py")
