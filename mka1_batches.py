@@ -179,8 +179,12 @@ class RequestCounts:
     def from_dict(cls, data: Any, where: str = "request_counts") -> RequestCounts:
         """Build from the JSON object; raise InvalidResponseError if it breaks the spec."""
         _check_object(data, where)
-        extra = {k: v for k, v in data.items() if k not in _COUNT_KEYS}
-        return cls(*[_int(data, key, where, True) for key in _COUNT_KEYS], extra)  # type: ignore[arg-type]
+        return cls(
+            _int(data, "total", where, True),
+            _int(data, "completed", where, True),
+            _int(data, "failed", where, True),
+            {k: v for k, v in data.items() if k not in _COUNT_KEYS},
+        )
 
     def to_dict(self) -> Dict[str, Any]:
         """The JSON object, unknown keys included."""
@@ -202,8 +206,8 @@ class BatchError:
         """Build from the JSON object; raise InvalidResponseError if it breaks the spec."""
         _check_object(data, where)
         return cls(
-            _str(data, "code", where, True),  # type: ignore[arg-type]
-            _str(data, "message", where, True),  # type: ignore[arg-type]
+            _str(data, "code", where, True),
+            _str(data, "message", where, True),
             _str(data, "param", where, False),
             _int(data, "line", where, False),
             {k: v for k, v in data.items() if k not in _BATCH_ERROR_KEYS},
@@ -487,10 +491,18 @@ class _Call:
         deadline = time.monotonic() + self.timeout[0] + self.timeout[1]
         try:
             prepared = session.prepare_request(requests.Request("GET", self.url, self.headers, auth=self.auth))
-            settings = session.merge_environment_settings(self.url, {}, True, None, None)
+            env = session.merge_environment_settings(self.url, {}, True, None, None)
             # Session.send is passed over on purpose: even with allow_redirects=False it reads
             # a redirect's whole body (resolve_redirects), past the size cap and the deadline.
-            resp = session.get_adapter(self.url).send(prepared, timeout=self.timeout, **settings)
+            resp = session.get_adapter(self.url).send(
+                prepared,
+                stream=True,
+                timeout=self.timeout,
+                # A None here would turn certificate checks off; the session's default is True.
+                verify=True if env["verify"] is None else env["verify"],
+                cert=env["cert"],
+                proxies=env["proxies"],
+            )
         except requests.RequestException as exc:
             raise self._connection_error(exc) from exc
         with resp:
@@ -521,7 +533,8 @@ class _Call:
         # urllib3's read(n) waits for all n bytes, so a server dripping one byte per read
         # timeout could hold it for hours. http.client's read1 returns after one socket
         # read, so the deadline is checked after every read.
-        fp = resp.raw._fp
+        raw: Any = resp.raw
+        fp = raw._fp
         chunks = []
         size = 0
         try:
@@ -541,7 +554,7 @@ class _Call:
                 raise APIConnectionError(f"GET {self.path} failed: connection closed after {size} of {length} bytes")
             # Whole body read: hand the connection back to the pool for the next call.
             fp.close()
-            resp.raw.release_conn()
+            raw.release_conn()
         return b"".join(chunks)
 
     def _status_error(
@@ -600,7 +613,7 @@ def _until(deadline: Optional[float], delay: float, last: Optional[Batch]) -> fl
     return min(delay, left)
 
 
-def _check_token(token: Any) -> str:
+def _check_token(token: object) -> str:
     if not isinstance(token, str):
         raise TypeError(f"token must be a string, not {type(token).__name__}")
     scheme, _, rest = token.strip().partition(" ")
@@ -611,7 +624,7 @@ def _check_token(token: Any) -> str:
     return token
 
 
-def _check_batch_id(batch_id: Any) -> str:
+def _check_batch_id(batch_id: object) -> str:
     if not isinstance(batch_id, str):
         raise TypeError(f"batch_id must be a string, not {type(batch_id).__name__}")
     # An empty id would turn the GET into a different endpoint, the list of batches.
@@ -620,7 +633,7 @@ def _check_batch_id(batch_id: Any) -> str:
     return quote(batch_id, safe="")
 
 
-def _check_on_behalf_of(value: Any) -> Optional[str]:
+def _check_on_behalf_of(value: object) -> Optional[str]:
     if value is None:
         return None
     if not isinstance(value, str):
@@ -630,7 +643,7 @@ def _check_on_behalf_of(value: Any) -> Optional[str]:
     return value
 
 
-def _check_base_url(base_url: Any) -> str:
+def _check_base_url(base_url: object) -> str:
     if isinstance(base_url, str) and base_url.isprintable():
         parts = urlsplit(base_url)
         if parts.scheme in ("http", "https") and parts.netloc and not (parts.query or parts.fragment):
@@ -659,14 +672,16 @@ def _invalid(field: str, expected: str, value: Any) -> InvalidResponseError:
     return InvalidResponseError(f"{field}: expected {expected}, got {_excerpt(got)}", field=field)
 
 
-def _str(data: Dict[str, Any], key: str, where: str, required: bool) -> Optional[str]:
+def _str(data: Dict[str, Any], key: str, where: str, required: bool) -> Any:
+    """``data[key]``, checked to be a string (or None, when not required)."""
     value = _get(data, key, where, required)
     if value is not None and type(value) is not str:
         raise _invalid(f"{where}.{key}", "a string", value)
     return value
 
 
-def _int(data: Dict[str, Any], key: str, where: str, required: bool) -> Optional[int]:
+def _int(data: Dict[str, Any], key: str, where: str, required: bool) -> Any:
+    """``data[key]``, checked to be an integer in the API's range (or None, when not required)."""
     value = _get(data, key, where, required)
     if value is not None and (type(value) is not int or not -_MAX_INT <= value <= _MAX_INT):
         raise _invalid(f"{where}.{key}", "an integer", value)
@@ -818,5 +833,5 @@ exit codes:
 """
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # pragma: no cover - run as a subprocess by the tests
     raise SystemExit(main())

@@ -225,6 +225,8 @@ def test_missing_required_field_is_named(field):
             "errors.data[0].line: expected an integer, got '2'",
         ),
         (["errors"], {"data": ["oops"]}, "errors.data[0]: expected an object, got 'oops'"),
+        (["errors"], {"data": [{"code": 5, "message": "m"}]}, "errors.data[0].code: expected a string, got 5"),
+        (["errors"], {"object": 1, "data": []}, "errors.object: expected a string, got 1"),
     ],
 )
 def test_wrong_types_name_the_field(path, value, message):
@@ -423,6 +425,23 @@ def test_caller_session_auth_does_not_replace_the_token(api):
     s.auth = ("user", "pass")
     get(session=s)
     assert api.calls[0].request.headers["Authorization"] == f"Bearer {TOKEN}"
+
+
+def test_environment_proxies_and_session_settings_still_apply(api, monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/corp-ca.pem")
+    ok(api)
+    ok(api)
+    get()
+    assert api.calls[0].request.req_kwargs["proxies"]["https"] == "http://proxy.internal:3128"
+    assert api.calls[0].request.req_kwargs["verify"] == "/etc/corp-ca.pem"
+    s = requests.Session()
+    s.verify, s.cert, s.trust_env = "/etc/ca.pem", "/etc/client.pem", False
+    get(session=s)
+    kwargs = api.calls[1].request.req_kwargs
+    assert (kwargs["verify"], kwargs["cert"], kwargs["proxies"]) == ("/etc/ca.pem", "/etc/client.pem", {})
 
 
 def test_own_session_is_closed(api, monkeypatch):
@@ -1022,20 +1041,39 @@ def test_wait_refuses_bad_intervals(api, kw):
 # --- The command line --------------------------------------------------------------------------
 
 
-def cli(*args: str, env: Any = None, timeout: float = 60) -> subprocess.CompletedProcess:
+class Run:
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Run main() in-process with only the given MKA1_* variables set."""
+
+    def run(*args: str, env: Any = None) -> Run:
+        for key in [k for k in os.environ if k.startswith("MKA1_")]:
+            monkeypatch.delenv(key)
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        capsys.readouterr()
+        try:
+            code = m.main(list(args))
+        except SystemExit as exc:  # argparse's own exits
+            code = exc.code
+        out, err = capsys.readouterr()
+        return Run(code, out, err)
+
+    return run
+
+
+def python_m(*args: str, env: Any = None) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith("MKA1_")}
-    return subprocess.run(
-        [sys.executable, "-m", "mka1_batches", *args],
-        env={**base, **(env or {})},
-        cwd=HERE,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    command = [sys.executable, "-m", "mka1_batches", *args]
+    return subprocess.run(command, env={**base, **(env or {})}, cwd=HERE, capture_output=True, text=True, timeout=60)
 
 
-def test_cli_prints_one_json_document(gateway):
-    r = cli("batch_x", env={"MKA1_API_KEY": DEMO_TOKEN, "MKA1_BASE_URL": gateway.base_url})
+def test_python_m_prints_one_json_document(gateway):
+    r = python_m("batch_x", env={"MKA1_API_KEY": DEMO_TOKEN, "MKA1_BASE_URL": gateway.base_url})
     assert r.returncode == 0 and r.stderr == ""
     absent = (
         "in_progress_at",
@@ -1050,7 +1088,7 @@ def test_cli_prints_one_json_document(gateway):
     assert json.loads(r.stdout) == {**dict.fromkeys(absent), **gateway.answer("batch_x", None)[1]}
 
 
-def test_cli_bearer_auth_variable_and_base_url_flag(gateway):
+def test_cli_bearer_auth_variable_and_base_url_flag(cli, gateway):
     r = cli(
         "batch_private",
         "--on-behalf-of",
@@ -1063,7 +1101,7 @@ def test_cli_bearer_auth_variable_and_base_url_flag(gateway):
     assert gateway.requests[0]["X-On-Behalf-Of"] == "user_123"
 
 
-def test_cli_api_key_wins_over_bearer_auth(gateway):
+def test_cli_api_key_wins_over_bearer_auth(cli, gateway):
     r = cli(
         "batch_x",
         env={"MKA1_API_KEY": DEMO_TOKEN, "MKA1_BEARER_AUTH": "Bearer wrong", "MKA1_BASE_URL": gateway.base_url},
@@ -1071,7 +1109,7 @@ def test_cli_api_key_wins_over_bearer_auth(gateway):
     assert r.returncode == 0
 
 
-def test_cli_api_error_is_one_line_exit_1_without_token(gateway):
+def test_cli_api_error_is_one_line_exit_1_without_token(cli, gateway):
     r = cli("nope", env={"MKA1_API_KEY": DEMO_TOKEN, "MKA1_BASE_URL": gateway.base_url})
     assert (r.returncode, r.stdout) == (1, "")
     assert r.stderr.startswith("error: 404 Batch not found (request ") and r.stderr.count("\n") == 1
@@ -1080,7 +1118,7 @@ def test_cli_api_error_is_one_line_exit_1_without_token(gateway):
     assert r.returncode == 1 and r.stderr.startswith("error: 401 Invalid API key") and "sk-secret-wrong" not in r.stderr
 
 
-def test_cli_network_error_exit_1(gateway):
+def test_cli_network_error_exit_1(cli, gateway):
     r = cli("batch_x", "--timeout", "0.5", env={"MKA1_API_KEY": "sk-secret-x", "MKA1_BASE_URL": "http://127.0.0.1:9"})
     assert r.returncode == 1 and r.stderr.startswith("error: GET /api/v1/llm/batches/batch_x failed: ")
     assert r.stderr.count("\n") == 1 and "sk-secret-x" not in r.stderr
@@ -1104,14 +1142,14 @@ def test_cli_network_error_exit_1(gateway):
         ([], {"MKA1_API_KEY": "k"}, None),
     ],
 )
-def test_cli_usage_errors_exit_2(args, env, message):
+def test_cli_usage_errors_exit_2(cli, args, env, message):
     r = cli(*args, env=env)
     assert (r.returncode, r.stdout) == (2, "") and "Traceback" not in r.stderr
     if message is not None:
         assert r.stderr == message
 
 
-def test_cli_wait_progress_and_exit_codes(gateway):
+def test_cli_wait_progress_and_exit_codes(cli, gateway, monkeypatch):
     env = {"MKA1_API_KEY": DEMO_TOKEN, "MKA1_BASE_URL": gateway.base_url}
     r = cli("batch_progress", "--wait", "--poll-interval", "0.01", env=env)
     assert r.returncode == 0 and json.loads(r.stdout)["status"] == "completed"
@@ -1125,11 +1163,29 @@ def test_cli_wait_progress_and_exit_codes(gateway):
     assert r.returncode == 3
     r = cli("batch_status_failed", env=env)  # without --wait a fetched batch is success
     assert r.returncode == 0
+    monkeypatch.setattr(m, "_sleep", time.sleep)
     r = cli("batch_status_in_progress", "--wait", "--poll-interval", "0.05", "--max-wait", "0.3", env=env)
     assert (r.returncode, r.stdout) == (4, "")
     assert (
         r.stderr.splitlines()[-1] == "error: batch did not reach a terminal status in time (last status 'in_progress')"
     )
+
+
+def test_cli_progress_redraws_in_place_on_a_terminal(cli, gateway, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    r = cli("batch_failed", "--wait", env={"MKA1_API_KEY": DEMO_TOKEN, "MKA1_BASE_URL": gateway.base_url})
+    assert r.returncode == 3 and r.stderr == "\r\x1b[Kfailed: 0/0 completed, 0 failed, 0s\n"
+    r = cli("nope", "--wait", env={"MKA1_API_KEY": DEMO_TOKEN, "MKA1_BASE_URL": gateway.base_url})
+    assert r.returncode == 1 and r.stderr.startswith("\nerror: 404 Batch not found (request ")
+
+
+def test_cli_interrupt_in_process_exits_130(cli, monkeypatch):
+    def interrupted(*args: Any, **kw: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(m, "get_batch", interrupted)
+    r = cli("batch_x", env={"MKA1_API_KEY": "k"})
+    assert (r.returncode, r.stdout, r.stderr) == (130, "", "\nerror: interrupted\n")
 
 
 def test_cli_ctrl_c_exits_130(gateway):
@@ -1151,7 +1207,7 @@ def test_cli_ctrl_c_exits_130(gateway):
     assert p.returncode == 130 and out == "" and err.endswith("error: interrupted\n")
 
 
-def test_cli_help_documents_exit_codes_and_environment():
+def test_cli_help_documents_exit_codes_and_environment(cli):
     r = cli("--help")
     assert r.returncode == 0
     for text in (
