@@ -36,31 +36,42 @@ PROGRESS = [
 ]
 
 
+#: The example response in MKA1's API reference, as published.
+DOCUMENTED_EXAMPLE: Dict[str, Any] = {
+    "id": "batch_aa87e2b1112a455b8deabed784372198",
+    "object": "batch",
+    "endpoint": "/v1/chat/completions",
+    "errors": None,
+    "input_file_id": "file_abc123",
+    "completion_window": "24h",
+    "status": "completed",
+    "output_file_id": "file_def456",
+    "error_file_id": None,
+    "created_at": 1704067200,
+    "in_progress_at": 1704067260,
+    "expires_at": 1704153600,
+    "finalizing_at": 1704070800,
+    "completed_at": 1704070860,
+    "failed_at": None,
+    "expired_at": None,
+    "cancelling_at": None,
+    "cancelled_at": None,
+    "request_counts": {"total": 3, "completed": 3, "failed": 0},
+    "metadata": {"description": "evaluation job"},
+}
+
+
 def batch_json(
     batch_id: str, status: str = "completed", completed: int = 3, failed: int = 0, total: int = 3
 ) -> Dict[str, Any]:
-    """A Batch object shaped like the API reference's example."""
-    data: Dict[str, Any] = {
-        "id": batch_id,
-        "object": "batch",
-        "endpoint": "/v1/chat/completions",
-        "errors": None,
-        "input_file_id": "file_abc123",
-        "completion_window": "24h",
-        "status": status,
-        "output_file_id": "file_def456" if status == "completed" else None,
-        "error_file_id": None,
-        "created_at": 1704067200,
-        "request_counts": {"total": total, "completed": completed, "failed": failed},
-        "metadata": {"description": "evaluation job"},
-        "max_concurrency": 8,
-    }
+    """The documented example with this id, status and counts, plus a field newer servers send."""
+    data = dict(DOCUMENTED_EXAMPLE, id=batch_id, status=status, max_concurrency=8)
+    data["request_counts"] = {"total": total, "completed": completed, "failed": failed}
+    if status != "completed":
+        data.update(output_file_id=None, finalizing_at=None, completed_at=None)
     if status == "failed":
-        data["errors"] = {
-            "object": "list",
-            "data": [{"code": "invalid_json_line", "message": "Line 1 is not valid JSON.", "param": None, "line": 1}],
-        }
-        data["failed_at"] = 1704067230
+        error = {"code": "invalid_json_line", "message": "Line 1 is not valid JSON.", "param": None, "line": 1}
+        data.update(errors={"object": "list", "data": [error]}, failed_at=1704067230, in_progress_at=None)
     return data
 
 
