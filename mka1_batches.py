@@ -50,6 +50,7 @@ __all__ = [
     "UnprocessableEntityError",
     "WaitTimeoutError",
     "get_batch",
+    "main",
     "wait_for_batch",
 ]
 
@@ -66,7 +67,7 @@ MAX_BODY_BYTES = 10 * 1024 * 1024
 #: A Retry-After longer than this (seconds) is raised to the caller, not slept.
 MAX_RETRY_AFTER = 60.0
 
-Timeout = Union[float, Tuple[float, float]]
+_Timeout = Union[float, Tuple[float, float]]
 
 # Per data class: each known key's kind and position, a blank argument list, the required keys.
 _Spec = Tuple[Dict[str, Tuple[Any, int]], List[Any], FrozenSet[str]]
@@ -337,7 +338,7 @@ def get_batch(
     on_behalf_of: Optional[str] = None,
     *,
     base_url: str = DEFAULT_BASE_URL,
-    timeout: Timeout = DEFAULT_TIMEOUT,
+    timeout: _Timeout = DEFAULT_TIMEOUT,
     max_retries: int = 2,
     session: Optional[requests.Session] = None,
 ) -> Batch:
@@ -363,7 +364,7 @@ def wait_for_batch(
     max_wait: Optional[float] = None,
     on_update: Optional[Callable[[Batch], None]] = None,
     base_url: str = DEFAULT_BASE_URL,
-    timeout: Timeout = DEFAULT_TIMEOUT,
+    timeout: _Timeout = DEFAULT_TIMEOUT,
     max_retries: int = 2,
     session: Optional[requests.Session] = None,
 ) -> Batch:
@@ -413,7 +414,7 @@ class _Call:
         batch_id: str,
         on_behalf_of: Optional[str],
         base_url: str,
-        timeout: Timeout,
+        timeout: _Timeout,
         max_retries: int,
     ):
         self.token = _check_token(token)
