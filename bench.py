@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 from standin_gateway import DOCUMENTED_EXAMPLE
 
@@ -123,15 +123,16 @@ def bench_parse(rounds: int, calls: int) -> Tuple[float, float]:
     )
 
 
-def run_process(command: List[str], env: dict) -> Tuple[float, int]:
-    """Wall seconds and peak RSS (KiB) of one child process."""
+def run_process(command: List[str], env: Dict[str, str]) -> Tuple[float, int]:
+    """Wall seconds and peak RSS (KiB) of one child process, run from this directory."""
+    # posix_spawn, not fork: a forked child's peak RSS would count its copy of this process.
+    devnull = [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)]
     start = time.perf_counter()
-    proc = subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
+    pid = os.posix_spawn(command[0], command, env, file_actions=devnull)
+    _, status, usage = os.wait4(pid, 0)
     wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status
-    if proc.returncode != 0:
-        raise SystemExit(f"{command} exited {proc.returncode}")
+    if status != 0:
+        raise SystemExit(f"{command} failed: wait status {status}")
     return wall, usage.ru_maxrss
 
 
@@ -173,6 +174,7 @@ def main() -> int:
     # Measure the module as its users run it: compiled once, from __pycache__ (this also holds
     # where PYTHONDONTWRITEBYTECODE is set, as requests' and attrs' own .pyc files already are).
     py_compile.compile(os.path.join(HERE, "mka1_batches.py"), doraise=True)
+    os.chdir(HERE)  # where `python -m mka1_batches` finds the module
     rounds, calls, procs = (3, 20, 3) if quick else (31, 200, 25)
     server = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True)
     try:

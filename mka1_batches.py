@@ -656,7 +656,7 @@ def _fields(data: Any, where: str, spec: _Spec) -> List[Any]:
         elif kind is str or kind is int:
             raise _invalid(_path(where, key), "a string" if kind is str else "an integer", value)
         else:
-            values[index] = kind(value, _path(where, key))
+            values[index] = kind(value, key if where == "batch" else f"{where}.{key}")
     if not required <= data.keys():
         missing = next(key for key in kinds if key in required and key not in data)
         raise InvalidResponseError(f"{where}: missing required field {missing!r}", field=_path(where, missing))
