@@ -1227,3 +1227,207 @@ def test_module_runs_from_a_lone_copy(gateway, tmp_path):
     # -S: no site-packages at all; -E: no PYTHONPATH; only the copies above are importable.
     r = subprocess.run([sys.executable, "-S", "-E", "-c", code], cwd=work, capture_output=True, text=True, timeout=60)
     assert r.stdout == "batch_vendored completed\n", r.stderr
+
+
+# --- Properties (hypothesis) -------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402 - kept beside the tests that use it
+from hypothesis import strategies as st  # noqa: E402
+
+PROPERTY = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+KNOWN = sorted(set(EXAMPLE) | {"total", "completed", "failed", "data", "code", "message", "param", "line"})
+json_scalars = (
+    st.none() | st.booleans() | st.integers() | st.integers(min_value=2**60) | st.floats(allow_nan=False) | st.text()
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(KNOWN) | st.text(), inner, max_size=6),
+    max_leaves=20,
+)
+
+
+@PROPERTY
+@given(data=json_values)
+def test_any_json_gives_a_batch_or_invalid_response(data):
+    try:
+        assert isinstance(m.Batch.from_dict(data), m.Batch)
+    except m.InvalidResponseError as exc:
+        assert str(exc) and exc.field is not None  # noqa: PT017 - either outcome is allowed
+
+
+@PROPERTY
+@given(
+    changes=st.dictionaries(st.sampled_from(KNOWN), json_values, min_size=1, max_size=4),
+    drop=st.sets(st.sampled_from(list(EXAMPLE))),
+)
+def test_near_valid_payloads_give_a_batch_or_name_the_field(changes, drop):
+    data = {k: v for k, v in copy.deepcopy(EXAMPLE).items() if k not in drop}
+    data.update(changes)
+    try:
+        m.Batch.from_dict(data)
+    except m.InvalidResponseError as exc:
+        assert exc.field.split(".")[0].split("[")[0] in data or exc.field.split(".")[0] in REQUIRED  # noqa: PT017 - either outcome is allowed
+
+
+ints = st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1)
+words = st.text(max_size=12)
+unknown = st.dictionaries(
+    words.filter(lambda k: k not in KNOWN and k != "object"), json_values.filter(lambda v: v == v), max_size=3
+)
+
+
+def maybe(strategy):
+    """Absent (the key left out), null, or a value."""
+    return st.sampled_from(["absent", None]) | strategy
+
+
+@st.composite
+def valid_batches(draw):
+    data = {k: draw(words) for k in ("id", "endpoint", "input_file_id", "completion_window", "status")}
+    data.update(object="batch", created_at=draw(ints))
+    data["request_counts"] = {"total": draw(ints), "completed": draw(ints), "failed": draw(ints), **draw(unknown)}
+    optional = {
+        **{k: maybe(words) for k in ("output_file_id", "error_file_id")},
+        **{k: maybe(ints) for k in OPTIONAL if k.endswith("_at")},
+        "metadata": maybe(st.dictionaries(words, words, max_size=16)),
+        "errors": maybe(
+            st.fixed_dictionaries(
+                {
+                    "data": st.lists(
+                        st.fixed_dictionaries(
+                            {"code": words, "message": words}, optional={"param": maybe(words), "line": maybe(ints)}
+                        ).map(lambda e: {k: v for k, v in e.items() if v != "absent"}),
+                        max_size=3,
+                    )
+                },
+                optional={"object": st.just("list")},
+            )
+        ),
+    }
+    for key, strategy in optional.items():
+        value = draw(strategy)
+        if value != "absent":
+            data[key] = value
+    data.update(draw(unknown))
+    return data
+
+
+def normalised(data):
+    """What to_dict gives back for ``data``: absent optional fields as null, at every level."""
+    out = {**dict.fromkeys(OPTIONAL), **copy.deepcopy(data)}
+    if out["errors"] is not None:
+        out["errors"] = {"object": None, **out["errors"]}
+        out["errors"]["data"] = [{"param": None, "line": None, **e} for e in out["errors"]["data"]]
+    return out
+
+
+@PROPERTY
+@given(data=valid_batches())
+def test_valid_payloads_parse_and_round_trip_exactly(data):
+    batch = m.Batch.from_dict(data)
+    assert batch.to_dict() == normalised(data)
+    assert m.Batch.from_dict(batch.to_dict()) == batch
+    assert m.Batch.from_dict(copy.deepcopy(data)) == batch
+    assert batch.extra == {k: v for k, v in data.items() if k not in EXAMPLE}
+
+
+@PROPERTY
+@given(
+    status=st.integers(300, 599),
+    body=st.binary(max_size=3000),
+    content_type=st.sampled_from(["application/json", "text/html", "text/plain", "application/octet-stream", ""]),
+)
+def test_any_error_body_gives_the_right_class_and_a_short_message(api, status, body, content_type):
+    api.reset()
+    api.add(
+        responses.GET, URL + BID, status=status, body=body, headers={"Content-Type": content_type, "X-Request-ID": RID}
+    )
+    with pytest.raises(m.APIStatusError) as info:
+        get(max_retries=0)
+    expected = {
+        400: m.BadRequestError,
+        401: m.AuthenticationError,
+        403: m.PermissionDeniedError,
+        404: m.NotFoundError,
+        422: m.UnprocessableEntityError,
+        429: m.RateLimitError,
+    }.get(status, m.InternalServerError if status >= 500 else m.APIStatusError)
+    assert type(info.value) is expected and info.value.status_code == status
+    message = str(info.value)
+    assert "\n" not in message and len(message) <= 4 + 200 + len(f" (request {RID})")
+    assert message.startswith(f"{status} ") and message.endswith(f"(request {RID})")
+
+
+def _sent(api):
+    (call,) = api.calls
+    return call.request.path_url.rsplit("/", 1)[1], call.request.headers.get("X-On-Behalf-Of")
+
+
+@PROPERTY
+@given(batch_id=st.text(max_size=40), who=st.none() | st.text(max_size=160))
+def test_any_id_and_user_are_refused_before_io_or_sent_exactly(api, batch_id, who):
+    import re
+    from urllib.parse import unquote
+
+    api.reset()
+    api.add(responses.GET, re.compile(re.escape(URL) + ".*"), json=dict(EXAMPLE, id="x"))
+    try:
+        get(batch_id=batch_id, on_behalf_of=who)
+    except ValueError:
+        assert not api.calls
+        id_ok = batch_id not in ("", ".", "..") and all(c.isprintable() for c in batch_id)
+        who_ok = who is None or (1 <= len(who) <= 150 and all(" " <= c <= "~" for c in who) and who == who.strip())
+        assert not (id_ok and who_ok)
+        return
+    segment, header = _sent(api)
+    assert unquote(segment) == batch_id and all(c not in segment for c in "/?# ") and segment.isascii()
+    assert header == who
+    assert who is None or all(" " <= c <= "~" for c in who)
+
+
+# --- Faults over real sockets, and a thread storm -----------------------------------------------
+
+
+def test_live_429_storm_ends_after_exactly_max_retries_plus_one():
+    with Gateway(chaos=("429",), chaos_every=1) as gw:
+        start = time.monotonic()
+        with pytest.raises(m.RateLimitError) as info:
+            live(gw, "batch_storm", max_retries=3)
+        assert time.monotonic() - start < 5
+    assert len(gw.requests) == 4 and info.value.retry_after == 0.0
+
+
+def test_thread_storm_shares_one_session(caplog):
+    """16 threads x 100 calls; every 5th request is a 429, a 503 or a dropped connection."""
+    results: Dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def work(t: int) -> None:
+        for i in range(100):
+            bid = f"batch_storm_{t}_{i}"
+            try:
+                outcome: Any = live(gw, bid, session=session, timeout=(2, 5)).id
+            except (m.RateLimitError, m.InternalServerError, m.APIConnectionError) as exc:
+                outcome = exc
+            with lock:
+                results[bid] = outcome
+
+    with caplog.at_level(logging.DEBUG), Gateway(
+        chaos=("429", "503", "drop"), chaos_every=5
+    ) as gw, requests.Session() as session:
+        threads = [threading.Thread(target=work, args=(t,), daemon=True) for t in range(16)]
+        start = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(max(0.0, 120 - (time.monotonic() - start)))
+        elapsed = time.monotonic() - start
+    assert not any(t.is_alive() for t in threads) and elapsed < 120
+    assert len(results) == 1600
+    fetched = {bid: got for bid, got in results.items() if isinstance(got, str)}
+    assert all(bid == got for bid, got in fetched.items())  # nobody got another call's batch
+    assert len(fetched) >= 1500  # three tries per call: most faults are absorbed
+    faults = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert len(faults) >= 1600 // 5 * 0.8
+    texts = [str(e) for e in results.values() if isinstance(e, Exception)] + [r.getMessage() for r in caplog.records]
+    assert all(DEMO_TOKEN not in text for text in texts)
