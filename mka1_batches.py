@@ -484,9 +484,9 @@ class _Call:
             request_id = resp.headers.get("X-Request-ID")
             _log.debug("GET %s -> %d (attempt %d, request %s)", self.path, status, attempt, request_id)
             ok = 200 <= status < 300
-            length = resp.headers.get("Content-Length", "")
-            if ok and length.isdigit() and int(length) > MAX_BODY_BYTES:
-                raise InvalidResponseError(_too_big(length), request_id=request_id)
+            length = _content_length(resp)
+            if ok and length is not None and length > MAX_BODY_BYTES:
+                raise InvalidResponseError(_too_big(str(length)), request_id=request_id)
             body = self._read_body(resp, deadline, MAX_BODY_BYTES if ok else _ERROR_BODY_BYTES)
             if not ok:
                 raise self._status_error(status, resp, body, request_id)
@@ -522,9 +522,9 @@ class _Call:
                     raise socket.timeout(f"body not read within {self.timeout[0] + self.timeout[1]}s")
         except (OSError, ValueError, http.client.HTTPException) as exc:
             raise self._connection_error(exc) from exc
-        length = resp.headers.get("Content-Length", "")
+        length = _content_length(resp)
         if size <= limit:
-            if length.isdigit() and size < int(length):
+            if length is not None and size < length:
                 raise APIConnectionError(f"GET {self.path} failed: connection closed after {size} of {length} bytes")
             # Whole body read: hand the connection back to the pool for the next call.
             fp.close()
@@ -694,6 +694,11 @@ def _excerpt(text: Union[str, bytes]) -> str:
     return text if len(text) <= _EXCERPT else text[: _EXCERPT - 1] + "…"
 
 
+def _content_length(resp: requests.Response) -> Optional[int]:
+    length = resp.headers.get("Content-Length")
+    return int(length) if length is not None and length.isdigit() else None
+
+
 def _too_big(size: str) -> str:
     return f"response body of {size} bytes is over the {MAX_BODY_BYTES}-byte limit"
 
@@ -773,8 +778,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("\nerror: interrupted", file=sys.stderr)
         return 130
     except (MKA1Error, ValueError) as exc:
-        # One line, never a traceback; the token is cut out again in case a message echoed it.
-        message = " ".join(str(exc).split()).replace(token.strip(), "[token]")
+        # One line, never a traceback. No message holds the token: get_batch redacts its own.
+        message = " ".join(str(exc).split())
         print(f"\nerror: {message}" if tty and args.wait else f"error: {message}", file=sys.stderr)
         if isinstance(exc, WaitTimeoutError):
             return 4

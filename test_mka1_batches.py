@@ -237,6 +237,36 @@ def test_non_object_is_refused(data):
         m.Batch.from_dict(data)
 
 
+@pytest.mark.parametrize(
+    "cls, data, message",
+    [
+        (
+            m.RequestCounts,
+            {"total": 1, "completed": "1", "failed": 0},
+            "request_counts.completed: expected an integer, got '1'",
+        ),
+        (m.BatchErrors, {"data": [], "object": 5}, "errors.object: expected a string, got 5"),
+        (m.BatchError, {"code": "c", "message": None}, "error.message: expected a string, got null"),
+    ],
+)
+def test_nested_classes_parse_on_their_own(cls, data, message):
+    with pytest.raises(m.InvalidResponseError) as info:
+        cls.from_dict(data)
+    assert str(info.value) == message
+    good = (
+        {"total": 1, "completed": 1, "failed": 0}
+        if cls is m.RequestCounts
+        else {"data": []}
+        if cls is m.BatchErrors
+        else {"code": "c", "message": "m"}
+    )
+    assert cls.from_dict({**good, "new": 1}).to_dict() == {
+        **{k: None for k in ("object", "param", "line") if k in attr.fields_dict(cls)},
+        **good,
+        "new": 1,
+    }
+
+
 def test_integers_of_any_size_pass_exactly():
     # The API promises JavaScript-safe integers; Python's are exact at any size, so none is refused.
     b = m.Batch.from_dict(dict(MINIMAL, created_at=2**53, expires_at=-(10**30)))
@@ -334,6 +364,12 @@ def test_bad_on_behalf_of_is_refused(api, who):
     assert not api.calls
 
 
+def test_bad_on_behalf_of_message_shows_the_value(api):
+    with pytest.raises(ValueError, match=r"^on_behalf_of") as info:
+        get(on_behalf_of="a\nb")
+    assert str(info.value) == "on_behalf_of must be 1-150 printable ASCII characters, not 'a\\nb'"
+
+
 def test_on_behalf_of_must_be_a_string(api):
     with pytest.raises(TypeError, match=r"^on_behalf_of must be a string or None, not int$"):
         get(on_behalf_of=7)
@@ -382,10 +418,13 @@ def test_exact_request_sent(api):
     assert call.request.req_kwargs["stream"] is True
 
 
-def test_base_url_path_prefix_and_trailing_slash(api):
-    api.add(responses.GET, "http://127.0.0.1:8000/mka1/api/v1/llm/batches/" + BID, json=EXAMPLE)
-    m.get_batch(TOKEN, BID, base_url="http://127.0.0.1:8000/mka1/")
-    assert len(api.calls) == 1
+@pytest.mark.parametrize(
+    "base_url", ["http://127.0.0.1:8000/gwX/", "http://127.0.0.1:8000/gwX", "http://127.0.0.1:8000/gwX//"]
+)
+def test_base_url_path_prefix_and_trailing_slash(api, base_url):
+    api.add(responses.GET, "http://127.0.0.1:8000/gwX/api/v1/llm/batches/" + BID, json=EXAMPLE)
+    m.get_batch(TOKEN, BID, base_url=base_url)
+    assert api.calls[0].request.url == "http://127.0.0.1:8000/gwX/api/v1/llm/batches/" + BID
 
 
 @pytest.mark.parametrize(
@@ -434,6 +473,10 @@ def test_environment_proxies_and_session_settings_still_apply(api, monkeypatch):
     get(session=s)
     kwargs = api.calls[1].request.req_kwargs
     assert (kwargs["verify"], kwargs["cert"], kwargs["proxies"]) == ("/etc/ca.pem", "/etc/client.pem", {})
+    s.verify = None  # requests would pass this on and so turn certificate checks off
+    ok(api)
+    get(session=s)
+    assert api.calls[2].request.req_kwargs["verify"] is True
 
 
 def test_own_session_is_closed(api, monkeypatch):
@@ -477,6 +520,7 @@ STATUS_CLASSES = [
     (599, m.InternalServerError),
     (304, m.APIStatusError),
     (199, m.APIStatusError),
+    (600, m.APIStatusError),
 ]
 
 
@@ -530,6 +574,7 @@ def test_html_502_gives_a_short_excerpt(api):
         (b'{"error": {"message": ""}}', '{"error": {"message": ""}}'),
         (b'{"error": 5, "message": null}', '{"error": 5, "message": null}'),
         (b"[1, 2]", "[1, 2]"),
+        (b'{"message": "  "}', '{"message": " "}'),
         (b'{"error": {"message": "line one\\n   line two"}}', "line one line two"),
     ],
 )
@@ -550,6 +595,31 @@ def test_redirect_is_not_followed_and_names_location(api):
     assert type(info.value) is m.APIStatusError and info.value.status_code == 302
     assert str(info.value) == f"302 redirect to 'https://evil.example/steal' not followed (request {RID})"
     assert [c.request.url for c in api.calls] == [URL + BID]
+
+
+@pytest.mark.parametrize("status, redirect", [(299, False), (300, True), (399, True), (400, False), (401, False)])
+def test_location_makes_a_redirect_message_only_for_3xx(api, status, redirect):
+    fail(api, status, {"error": "plain"}, {"Location": "https://elsewhere.example/"})
+    with pytest.raises(m.APIStatusError) if status != 299 else pytest.raises(m.InvalidResponseError) as info:
+        get(max_retries=0)
+    if status != 299:
+        text = "redirect to 'https://elsewhere.example/' not followed" if redirect else "plain"
+        assert str(info.value) == f"{status} {text} (request {RID})"
+
+
+def test_no_body_and_no_reason_says_no_message(api):
+    api.add(responses.GET, URL + BID, status=599, body=b"")
+    with pytest.raises(m.InternalServerError) as info:
+        get(max_retries=0)
+    assert str(info.value) == "599 no message"
+
+
+@pytest.mark.parametrize("length, shown", [(200, "x" * 200), (201, "x" * 199 + "…")])
+def test_messages_are_cut_at_200_characters(api, length, shown):
+    fail(api, 400, {"error": "x" * length})
+    with pytest.raises(m.BadRequestError) as info:
+        get()
+    assert str(info.value) == f"400 {shown} (request {RID})"
 
 
 @pytest.mark.parametrize("status", sorted(m._RETRY_STATUSES))
@@ -618,7 +688,8 @@ def test_retry_after_http_date_far_ahead_is_refused(api, sleeps):
 
 
 @pytest.mark.parametrize("value", ["soon", "", "nan", "Wed, 99 Foo 2024 99:99:99 GMT", "inf"])
-def test_unreadable_or_infinite_retry_after(api, sleeps, value):
+def test_unreadable_or_infinite_retry_after(api, sleeps, value, monkeypatch):
+    monkeypatch.setattr(m.random, "uniform", lambda a, b: 0.75)
     fail(api, 429, {"error": "Rate limit exceeded"}, {"Retry-After": value})
     ok(api)
     if value == "inf":
@@ -627,7 +698,7 @@ def test_unreadable_or_infinite_retry_after(api, sleeps, value):
         assert info.value.retry_after == float("inf")
         return
     assert get().id == BID  # falls back to the jittered backoff
-    assert len(sleeps) == 1 and 0 <= sleeps[0] <= 1.0
+    assert sleeps == [0.75]
 
 
 def test_retry_after_on_a_non_retryable_status_is_not_slept(api, sleeps):
@@ -658,6 +729,13 @@ def test_network_failures_are_wrapped_and_retried(api, sleeps, exc, cls):
     )
     assert len(api.calls) == 3 and len(sleeps) == 2
     assert isinstance(info.value, TimeoutError) is (cls is m.APITimeoutError)
+
+
+def test_network_failure_without_words_names_its_type(api):
+    api.add(responses.GET, URL + BID, body=requests.ConnectionError())
+    with pytest.raises(m.APIConnectionError) as info:
+        get(max_retries=0)
+    assert str(info.value) == f"GET /api/v1/llm/batches/{BID} failed: ConnectionError"
 
 
 def test_network_failure_then_success(api, sleeps):
@@ -716,8 +794,30 @@ def test_hostile_error_body_is_not_read_whole(api, status):
 def test_body_at_the_cap_is_accepted(api, monkeypatch):
     body = json.dumps(EXAMPLE).encode()
     monkeypatch.setattr(m, "MAX_BODY_BYTES", len(body))
-    ok(api)
+    api.add(responses.GET, URL + BID, body=body, headers={"Content-Length": str(len(body))})
     assert get().id == BID
+
+
+def test_body_one_read_past_the_cap_is_refused(api, monkeypatch):
+    monkeypatch.setattr(m, "MAX_BODY_BYTES", 65536)  # the size of one read: the cap falls between reads
+    api.add(responses.GET, URL + BID, body=b" " * 65546)
+    with pytest.raises(m.InvalidResponseError, match=r"^response body of more than 65536 bytes is over"):
+        get()
+
+
+def test_large_valid_body_in_many_reads(api):
+    data = dict(EXAMPLE, notes="n" * 300_000)  # over the 64 KiB that an error body may have
+    ok(api, data)
+    assert get().extra == {"notes": "n" * 300_000}
+
+
+def test_live_body_exactly_at_the_cap_keeps_the_connection(gateway, monkeypatch):
+    from standin_gateway import batch_json
+
+    monkeypatch.setattr(m, "MAX_BODY_BYTES", len(json.dumps(batch_json("batch_cap0")).encode()))
+    with requests.Session() as s:
+        assert [live(gateway, f"batch_cap{i}", session=s).id for i in range(2)] == ["batch_cap0", "batch_cap1"]
+    assert gateway.connections == 1
 
 
 @pytest.mark.parametrize(
@@ -774,8 +874,9 @@ def test_the_token_never_leaks(api, caplog, capsys):
                 m.get_batch(bad, BID, base_url=BASE)
             seen.append(info2.value)
     texts = [str(e) for e in seen] + [repr(e) for e in seen] + [r.getMessage() for r in caplog.records]
-    texts += [repr(m._BearerAuth(TOKEN)), repr(m.Batch.from_dict(EXAMPLE)), capsys.readouterr().err]
-    assert "[token]" in str(seen[0])
+    texts += [repr(m.Batch.from_dict(EXAMPLE)), capsys.readouterr().err]
+    assert repr(m._BearerAuth(TOKEN)) == "<_BearerAuth>"
+    assert str(seen[0]) == f"401 invalid key [token] for you (request {RID})"
     assert all(TOKEN not in t and TOKEN[3:-3] not in t for t in texts)
 
 
@@ -801,7 +902,8 @@ def test_import_does_nothing_it_need_not():
 
 def test_public_names():
     defined_here = {n for n, v in vars(m).items() if getattr(v, "__module__", None) == m.__name__ or n.isupper()}
-    assert set(m.__all__) == {n for n in defined_here if not n.startswith("_")}
+    # mutmut's trampolines add x_<name>__mutmut_<n> functions to the copy it mutates.
+    assert set(m.__all__) == {n for n in defined_here if not n.startswith("_") and "__mutmut_" not in n}
     assert issubclass(m.APITimeoutError, m.APIConnectionError) and issubclass(m.APITimeoutError, TimeoutError)
     assert issubclass(m.InvalidResponseError, ValueError) and issubclass(m.WaitTimeoutError, TimeoutError)
     assert all(issubclass(c, m.APIStatusError) for _, c in STATUS_CLASSES)
@@ -874,10 +976,10 @@ def test_live_slow_drip_is_cut_at_the_attempt_deadline():
     # Each byte arrives well inside the 0.5 s read timeout, so only a total deadline can stop it.
     with Gateway(drip=0.1) as gw:
         start = time.monotonic()
-        with pytest.raises(m.APITimeoutError, match=r"timed out: body not read within 1\.0s$"):
-            live(gw, "fault_drip", timeout=(0.5, 0.5), max_retries=0)
+        with pytest.raises(m.APITimeoutError, match=r"timed out: body not read within 1\.1s$"):
+            live(gw, "fault_drip", timeout=(0.6, 0.5), max_retries=0)
         elapsed = time.monotonic() - start
-    assert 1.0 <= elapsed < 2.0  # the deadline, plus at most one read timeout
+    assert 1.1 <= elapsed < 2.1  # the deadline (connect + read timeout), plus at most one read timeout
 
 
 def test_live_threads_share_one_session(gateway):
@@ -950,6 +1052,29 @@ def test_wait_sleeps_poll_interval(api, sleeps):
     ok(api)
     m.wait_for_batch(TOKEN, BID, base_url=BASE, poll_interval=7.5)
     assert sleeps == [7.5, 7.5]
+
+
+def test_wait_defaults_and_user(api, sleeps):
+    api.add(responses.GET, URL + BID, json=dict(EXAMPLE, status="in_progress"))
+    ok(api)
+    m.wait_for_batch(TOKEN, BID, "user_9", base_url=BASE)
+    assert sleeps == [2.0] and [c.request.headers["X-On-Behalf-Of"] for c in api.calls] == ["user_9", "user_9"]
+    api.reset()
+    fail(api, 503, "busy")
+    with pytest.raises(m.InternalServerError):
+        m.wait_for_batch(TOKEN, BID, base_url=BASE)
+    assert len(api.calls) == 3  # max_retries defaults to 2
+
+
+def test_wait_deadline_in_a_retry_keeps_the_last_batch(api, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(m.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(m, "_sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    ok(api, dict(EXAMPLE, status="in_progress"))
+    fail(api, 429, {"error": "Rate limit exceeded"}, {"Retry-After": "50"})
+    with pytest.raises(m.WaitTimeoutError) as info:
+        m.wait_for_batch(TOKEN, BID, base_url=BASE, max_wait=20, poll_interval=5)
+    assert info.value.batch is not None and info.value.batch.status == "in_progress"
 
 
 def test_wait_404_propagates_at_once(gateway, sleeps):
@@ -1125,6 +1250,8 @@ def test_cli_wait_progress_and_exit_codes(cli, gateway, monkeypatch):
     lines = r.stderr.splitlines()
     assert [line.split(",")[0] for line in lines] == [f"{s}: {c}/{t} completed" for s, c, _, t in PROGRESS]
     assert all(line.endswith("s") and ", 0 failed, " in line for line in lines)
+    r = cli("nope", "--wait", env=env)
+    assert r.returncode == 1 and r.stderr.startswith("error: 404 Batch not found (request ")
     r = cli("batch_failed", "--wait", env=env)
     assert r.returncode == 3 and json.loads(r.stdout)["status"] == "failed"
     assert r.stderr == "failed: 0/0 completed, 0 failed, 0s\n"
@@ -1174,6 +1301,47 @@ def test_cli_ctrl_c_exits_130(gateway):
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=10)
     assert p.returncode == 130 and out == "" and err.endswith("error: interrupted\n")
+
+
+def test_cli_help_text(cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    r = cli("--help")
+    assert r.stdout.startswith(
+        "usage: python -m mka1_batches [-h] [--on-behalf-of ID] [--base-url URL] [--timeout S] [--wait]"
+        " [--poll-interval S] [--max-wait S] batch_id\n\n"
+        "Print an MKA1 batch as JSON on stdout; with --wait, wait for it to finish first.\n"
+    )
+    lines = [" ".join(line.split()) for line in r.stdout.splitlines()]
+    for line in [
+        "--on-behalf-of ID the end user to act for (X-On-Behalf-Of)",
+        f"--base-url URL default: $MKA1_BASE_URL, else {m.DEFAULT_BASE_URL}",
+        "--timeout S connect and read timeout (default: 10, 30)",
+        "--wait poll until the batch reaches a terminal status",
+        "--poll-interval S seconds between polls (2)",
+        "--max-wait S give up waiting after S seconds (exit 4)",
+    ]:
+        assert line in lines
+
+
+def test_cli_passes_options_and_defaults(cli, monkeypatch):
+    seen: Dict[str, Any] = {}
+
+    def fake_wait(*args: Any, **kw: Any) -> m.Batch:
+        seen.update(args=args, **kw)
+        return m.Batch.from_dict(EXAMPLE)
+
+    monkeypatch.setattr(m, "wait_for_batch", fake_wait)
+    r = cli(BID, "--wait", "--on-behalf-of", "user_5", env={"MKA1_API_KEY": "k"})
+    assert r.returncode == 0 and r.stdout == json.dumps(m.Batch.from_dict(EXAMPLE).to_dict(), indent=2) + "\n"
+    assert seen["args"] == ("k", BID, "user_5")
+    assert (seen["poll_interval"], seen["max_wait"], seen["timeout"], seen["base_url"]) == (
+        2.0,
+        None,
+        (10.0, 30.0),
+        m.DEFAULT_BASE_URL,
+    )
+    r = cli(BID, "--wait", "--poll-interval", "0.5", "--max-wait", "9", "--timeout", "3", env={"MKA1_API_KEY": "k"})
+    assert (seen["poll_interval"], seen["max_wait"], seen["timeout"]) == (0.5, 9.0, 3.0)
 
 
 def test_cli_help_documents_exit_codes_and_environment(cli):
