@@ -265,7 +265,7 @@ class Batch:
     def from_dict(cls, data: Any, request_id: Optional[str] = None) -> Batch:
         """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
         values = _fields(data, "batch", _BATCH_SPEC)
-        if values[1] != "batch":
+        if values[1] != "batch":  # values[1] is the "object" field, already checked to be a string
             raise _invalid("object", '"batch"', values[1])
         values.append(request_id)
         return cls(*values)
@@ -487,7 +487,7 @@ class _Call:
             length = _content_length(resp)
             if ok and length is not None and length > MAX_BODY_BYTES:
                 raise InvalidResponseError(_too_big(str(length)), request_id=request_id)
-            body = self._read_body(resp, deadline, MAX_BODY_BYTES if ok else _ERROR_BODY_BYTES)
+            body = self._read_body(resp, deadline, MAX_BODY_BYTES if ok else _ERROR_BODY_BYTES, length)
             if not ok:
                 raise self._status_error(status, resp, body, request_id)
             if len(body) > MAX_BODY_BYTES:
@@ -502,7 +502,7 @@ class _Call:
                 exc.request_id = request_id
                 raise
 
-    def _read_body(self, resp: requests.Response, deadline: float, limit: int) -> bytes:
+    def _read_body(self, resp: requests.Response, deadline: float, limit: int, length: Optional[int]) -> bytes:
         """Up to limit + 1 bytes of the body, read within the attempt's deadline."""
         # urllib3's read(n) waits for all n bytes, so a server dripping one byte per read
         # timeout could hold it for hours. http.client's read1 returns after one socket
@@ -522,7 +522,6 @@ class _Call:
                     raise socket.timeout(f"body not read within {self.timeout[0] + self.timeout[1]}s")
         except (OSError, ValueError, http.client.HTTPException) as exc:
             raise self._connection_error(exc) from exc
-        length = _content_length(resp)
         if size <= limit:
             if length is not None and size < length:
                 raise APIConnectionError(f"GET {self.path} failed: connection closed after {size} of {length} bytes")
@@ -655,7 +654,7 @@ def _fields(data: Any, where: str, spec: _Spec) -> List[Any]:
             continue  # an optional null: the default, None, stands
         elif kind is str or kind is int:
             raise _invalid(_path(where, key), "a string" if kind is str else "an integer", value)
-        else:
+        else:  # _path(where, key), written out: this runs for every nested field of every batch
             values[index] = kind(value, key if where == "batch" else f"{where}.{key}")
     if not required <= data.keys():
         missing = next(key for key in kinds if key in required and key not in data)
