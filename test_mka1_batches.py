@@ -19,6 +19,8 @@ import attr
 import pytest
 import requests
 import responses
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import mka1_batches as m  # the one alias line: point it at another copy to test that copy
 from standin_gateway import DEMO_TOKEN, DOCUMENTED_EXAMPLE, PROGRESS, Gateway
@@ -1399,8 +1401,6 @@ def test_module_runs_from_a_lone_copy(gateway, tmp_path):
 
 # --- Properties (hypothesis) -------------------------------------------------------------------
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402 - kept beside the tests that use it
-from hypothesis import strategies as st  # noqa: E402
 
 PROPERTY = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 KNOWN = sorted(set(EXAMPLE) | {"total", "completed", "failed", "data", "code", "message", "param", "line"})
