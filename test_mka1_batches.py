@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -278,18 +279,6 @@ def test_integers_of_any_size_pass_exactly():
     assert (b.created_at, b.expires_at) == (2**53, -(10**30))
 
 
-def test_field_tables_match_the_classes():
-    for cls, spec in [
-        (m.Batch, m._BATCH_SPEC),
-        (m.RequestCounts, m._COUNTS_SPEC),
-        (m.BatchErrors, m._ERRORS_SPEC),
-        (m.BatchError, m._ERROR_SPEC),
-    ]:
-        names = [a.name for a in attr.fields(cls) if a.name not in ("extra", "request_id")]
-        assert list(spec[0]) == names and len(spec[1]) == len(names) + 1
-        assert spec[2] == {a.name for a in attr.fields(cls) if a.default is attr.NOTHING}
-
-
 def test_long_values_are_cut_in_messages():
     with pytest.raises(m.InvalidResponseError) as info:
         m.Batch.from_dict(dict(MINIMAL, status="x" * 10_000, id="y" * 5000, object="z" * 5000))
@@ -523,8 +512,6 @@ STATUS_CLASSES = [
     (503, m.InternalServerError),
     (504, m.InternalServerError),
     (599, m.InternalServerError),
-    (304, m.APIStatusError),
-    (199, m.APIStatusError),
     (600, m.APIStatusError),
 ]
 
@@ -565,9 +552,8 @@ def test_html_502_gives_a_short_excerpt(api):
     api.add(responses.GET, URL + BID, status=502, body=html, content_type="text/html")
     with pytest.raises(m.InternalServerError) as info:
         get(max_retries=0)
-    assert str(info.value).startswith("502 502 Bad Gateway 502 Bad Gateway x x x")
-    assert len(str(info.value)) <= 204 and str(info.value).endswith("…")
-    assert info.value.request_id is None and info.value.body == html
+    assert str(info.value) == "502 Bad Gateway"
+    assert info.value.request_id is None and info.value.body == html[: 64 * 1024]
 
 
 @pytest.mark.parametrize(
@@ -669,7 +655,7 @@ def test_jittered_delays_stay_in_bounds(api, sleeps):
     assert len(sleeps) == 3 and all(0 <= s <= cap for s, cap in zip(sleeps, (1.0, 2.0, 4.0)))
 
 
-@pytest.mark.parametrize("value, expected", [("0", 0.0), ("3", 3.0), ("1.5", 1.5), ("60", 60.0), ("-5", 0.0)])
+@pytest.mark.parametrize("value, expected", [("0", 0.0), ("3", 3.0), (" 60 ", 60.0)])
 def test_retry_after_seconds_is_honoured(api, sleeps, value, expected):
     fail(api, 429, {"error": "Rate limit exceeded"}, {"Retry-After": value})
     ok(api)
@@ -692,16 +678,11 @@ def test_retry_after_http_date_far_ahead_is_refused(api, sleeps):
     assert 3590 <= info.value.retry_after <= 3601 and sleeps == [] and len(api.calls) == 1
 
 
-@pytest.mark.parametrize("value", ["soon", "", "nan", "Wed, 99 Foo 2024 99:99:99 GMT", "inf"])
+@pytest.mark.parametrize("value", ["soon", "", "nan", "Wed, 99 Foo 2024 99:99:99 GMT", "inf", "1.5", "-5", "²"])
 def test_unreadable_or_infinite_retry_after(api, sleeps, value, monkeypatch):
     monkeypatch.setattr(m.random, "uniform", lambda a, b: 0.75)
     fail(api, 429, {"error": "Rate limit exceeded"}, {"Retry-After": value})
     ok(api)
-    if value == "inf":
-        with pytest.raises(m.RateLimitError) as info:
-            get()
-        assert info.value.retry_after == float("inf")
-        return
     assert get().id == BID  # falls back to the jittered backoff
     assert sleeps == [0.75]
 
@@ -714,24 +695,22 @@ def test_retry_after_on_a_non_retryable_status_is_not_slept(api, sleeps):
 
 
 @pytest.mark.parametrize(
-    "exc, cls",
+    "exc, cls, message",
     [
-        (requests.ConnectionError("refused"), m.APIConnectionError),
-        (requests.ConnectTimeout("connect timed out"), m.APITimeoutError),
-        (requests.ReadTimeout("read timed out"), m.APITimeoutError),
-        (requests.exceptions.ChunkedEncodingError("broken"), m.APIConnectionError),
-        (requests.exceptions.SSLError("bad cert"), m.APIConnectionError),
+        (requests.ConnectionError("refused"), m.APIConnectionError, "failed: refused"),
+        (requests.ConnectTimeout("slow"), m.APITimeoutError, "timed out: connect timed out"),
+        (requests.ReadTimeout("slow"), m.APITimeoutError, "timed out: read timed out"),
+        (requests.exceptions.ChunkedEncodingError("broken"), m.APIConnectionError, "failed: broken"),
+        (requests.exceptions.SSLError("bad cert"), m.APIConnectionError, "failed: bad cert"),
+        (RuntimeError("adapter bug"), m.APIConnectionError, "failed: adapter bug"),
     ],
 )
-def test_network_failures_are_wrapped_and_retried(api, sleeps, exc, cls):
+def test_network_failures_are_wrapped_and_retried(api, sleeps, exc, cls, message):
     api.add(responses.GET, URL + BID, body=exc)
     with pytest.raises(m.APIConnectionError) as info:
         get()
     assert type(info.value) is cls and info.value.__cause__ is exc
-    assert (
-        str(info.value)
-        == f"GET /api/v1/llm/batches/{BID} {'timed out' if cls is m.APITimeoutError else 'failed'}: {exc}"
-    )
+    assert str(info.value) == f"GET /api/v1/llm/batches/{BID} on gw.example.test {message}"
     assert len(api.calls) == 3 and len(sleeps) == 2
     assert isinstance(info.value, TimeoutError) is (cls is m.APITimeoutError)
 
@@ -740,7 +719,7 @@ def test_network_failure_without_words_names_its_type(api):
     api.add(responses.GET, URL + BID, body=requests.ConnectionError())
     with pytest.raises(m.APIConnectionError) as info:
         get(max_retries=0)
-    assert str(info.value) == f"GET /api/v1/llm/batches/{BID} failed: ConnectionError"
+    assert str(info.value) == f"GET /api/v1/llm/batches/{BID} on gw.example.test failed: ConnectionError"
 
 
 def test_network_failure_then_success(api, sleeps):
@@ -954,21 +933,22 @@ def test_live_error_bodies_also_keep_the_connection(gateway):
 
 
 @pytest.mark.parametrize(
-    "kind, cls, text",
+    "kind, cls, cause",
     [
-        ("hang", m.APITimeoutError, "timed out"),
-        ("drop", m.APIConnectionError, "failed"),
-        ("reset", m.APIConnectionError, "failed"),
-        ("reset_mid", m.APIConnectionError, "failed"),
-        ("short", m.APIConnectionError, "failed"),
+        ("hang", m.APITimeoutError, "timed out: read timed out"),
+        ("drop", m.APIConnectionError, "failed: connection closed without a response"),
+        ("reset", m.APIConnectionError, "failed: connection (reset|closed without a response)"),
+        ("reset_mid", m.APIConnectionError, "failed: connection reset"),
+        ("short", m.APIConnectionError, r"failed: connection closed after \d+ of \d+ bytes"),
     ],
 )
-def test_live_faults_end_in_a_documented_error(gateway, kind, cls, text):
+def test_live_faults_end_in_a_documented_error(gateway, kind, cls, cause):
     start = time.monotonic()
     with pytest.raises(m.APIConnectionError) as info:
         live(gateway, f"fault_{kind}", timeout=(1, 0.5), max_retries=1)
     assert time.monotonic() - start < 5
-    assert type(info.value) is cls and str(info.value).startswith(f"GET /api/v1/llm/batches/fault_{kind} {text}: ")
+    host = gateway.base_url[len("http://") :]
+    assert type(info.value) is cls and re.fullmatch(f"GET /api/v1/llm/batches/fault_{kind} on {host} {cause}", str(info.value))
     assert len(gateway.requests) == 2  # retried once
 
 
@@ -1132,7 +1112,8 @@ def test_wait_uses_and_keeps_the_callers_session(gateway):
     "kw", [{"poll_interval": 0}, {"poll_interval": -1}, {"max_wait": 0}, {"max_wait": "5"}, {"poll_interval": None}]
 )
 def test_wait_refuses_bad_intervals(api, kw):
-    with pytest.raises(ValueError, match=r"^poll_interval and max_wait must be positive numbers of seconds$"):
+    name, value = next(iter(kw.items()))
+    with pytest.raises(ValueError, match=rf"^{name} must be (None or )?a positive number of seconds, not {value!r}$"):
         m.wait_for_batch(TOKEN, BID, base_url=BASE, **kw)
     assert not api.calls
 
@@ -1219,7 +1200,7 @@ def test_cli_api_error_is_one_line_exit_1_without_token(cli, gateway):
 
 def test_cli_network_error_exit_1(cli, gateway):
     r = cli("batch_x", "--timeout", "0.5", env={"MKA1_API_KEY": "sk-secret-x", "MKA1_BASE_URL": "http://127.0.0.1:9"})
-    assert r.returncode == 1 and r.stderr.startswith("error: GET /api/v1/llm/batches/batch_x failed: ")
+    assert r.returncode == 1 and r.stderr == "error: GET /api/v1/llm/batches/batch_x on 127.0.0.1:9 failed: connection refused\n"
     assert r.stderr.count("\n") == 1 and "sk-secret-x" not in r.stderr
 
 
@@ -1541,7 +1522,10 @@ def test_any_id_and_user_are_refused_before_io_or_sent_exactly(api, batch_id, wh
     from urllib.parse import unquote
 
     api.reset()
-    api.add(responses.GET, re.compile(re.escape(URL) + ".*"), json=dict(EXAMPLE, id="x"))
+    def echo(request: Any) -> Any:  # a batch with the id asked for
+        return 200, {}, json.dumps(dict(EXAMPLE, id=unquote(request.path_url[len("/api/v1/llm/batches/") :])))
+
+    api.add_callback(responses.GET, re.compile(re.escape(URL) + ".*"), callback=echo)
     try:
         get(batch_id=batch_id, on_behalf_of=who)
     except ValueError:
