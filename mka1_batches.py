@@ -850,7 +850,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(batch.to_dict(), indent=2))
         sys.stdout.flush()  # here, not at exit, so that a reader gone early is caught below
         return 0 if not args.wait or batch.status == "completed" else 3
-    except BrokenPipeError:
+    except BrokenPipeError:  # pragma: no cover - the tests run this in subprocesses, over real pipes
         # The reader stopped reading, as `| head -n1` does: no traceback, no error line. The
         # Python docs' recipe: point the streams at devnull, so the flush at exit cannot fail again.
         devnull = os.open(os.devnull, os.O_WRONLY)
