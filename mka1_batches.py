@@ -1182,10 +1182,77 @@ def _retry_after(value: Optional[str]) -> Optional[float]:
     return max(0.0, email.utils.mktime_tz(date) - time.time())
 
 
+def _printable(text: str) -> str:
+    """``text`` safe to show on a terminal: control characters, which a server could send, become ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+class _Progress:
+    """``--wait``'s status on stderr: on a terminal one line redrawn every second, else a line per change."""
+
+    def __init__(self) -> None:
+        import sys
+        import threading
+
+        self._stream = sys.stderr
+        self._tty = self._stream.isatty()
+        self._started = time.monotonic()
+        self._batch: Optional[Batch] = None
+        self._lock = threading.Lock()  # the ticker and update() take turns at the line
+        self._done = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, daemon=True)
+
+    def __enter__(self) -> "_Progress":
+        if self._tty:
+            self._ticker.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._tty:
+            self._ticker.join()
+            with self._lock:
+                if self._batch is not None:
+                    self._draw(self._batch, "\n")  # redrawn whole: also wipes a ^C the terminal echoed
+
+    def update(self, batch: Batch) -> None:
+        """The ``on_update`` for wait_for_batch."""
+        with self._lock:
+            self._batch = batch
+            self._draw(batch)
+
+    def _tick(self) -> None:
+        # wait_for_batch reports changes only; in between, this keeps the elapsed time moving.
+        while not self._done.wait(1 - (time.monotonic() - self._started) % 1):
+            with self._lock:
+                if self._batch is not None:
+                    self._draw(self._batch)
+
+    def _draw(self, batch: Batch, end: str = "") -> None:
+        import os
+
+        counts = batch.request_counts
+        status = _printable(f"{batch.status}: {counts.completed}/{counts.total} completed, {counts.failed} failed")
+        seconds = int(time.monotonic() - self._started)
+        if not self._tty:
+            self._stream.write(f"{status}, {seconds}s\n")
+        else:
+            try:
+                width = os.get_terminal_size(self._stream.fileno()).columns or 80
+            except (OSError, ValueError):  # not a real file, as under pytest's capture
+                width = 80
+            # The elapsed time first, so that a narrow terminal still shows the wait is alive. One
+            # column short of the edge: a full line wraps on some terminals, and \r would then
+            # return only to the start of the wrapped part, leaving the rest behind.
+            self._stream.write("\r\x1b[K" + f"{seconds}s {status}"[: width - 1] + end)
+        self._stream.flush()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m mka1_batches``: print a batch as JSON; see ``--help``."""
     import argparse
     import os
+    import platform
     import sys
 
     parser = argparse.ArgumentParser(
@@ -1194,14 +1261,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_CLI_EPILOG,
     )
+    versions = f"requests {requests.__version__}, Python {platform.python_version()}"
+    parser.add_argument("--version", action="version", version=f"mka1-batches {__version__} ({versions})")
     parser.add_argument("batch_id")
     parser.add_argument("--on-behalf-of", metavar="ID", help="the end user to act for (X-On-Behalf-Of)")
     parser.add_argument("--base-url", metavar="URL", help=f"default: $MKA1_BASE_URL, else {DEFAULT_BASE_URL}")
     parser.add_argument("--timeout", metavar="S", type=float, help="connect and read timeout (default: 10, 30)")
     parser.add_argument("--wait", action="store_true", help="poll until the batch reaches a terminal status")
-    parser.add_argument("--poll-interval", metavar="S", type=float, default=2.0, help="seconds between polls (2)")
-    parser.add_argument("--max-wait", metavar="S", type=float, help="give up waiting after S seconds (exit 4)")
+    parser.add_argument("--poll-interval", metavar="S", type=float, help="with --wait: seconds between polls (2)")
+    parser.add_argument("--max-wait", metavar="S", type=float, help="with --wait: give up after S seconds (exit 4)")
     args = parser.parse_args(argv)
+    # Refused rather than taken to imply --wait: that would also change what exit 0 means.
+    for option, value in (("--poll-interval", args.poll_interval), ("--max-wait", args.max_wait)):
+        if value is not None and not args.wait:
+            parser.error(f"argument {option}: not allowed without --wait")
 
     token = os.environ.get("MKA1_API_KEY") or os.environ.get("MKA1_BEARER_AUTH") or ""
     if not token.strip():
@@ -1211,46 +1284,41 @@ def main(argv: Optional[List[str]] = None) -> int:
         "base_url": args.base_url or os.environ.get("MKA1_BASE_URL") or DEFAULT_BASE_URL,
         "timeout": DEFAULT_TIMEOUT if args.timeout is None else args.timeout,
     }
-    started = time.monotonic()
-    tty = sys.stderr.isatty()
-
-    def progress(batch: Batch) -> None:
-        counts = batch.request_counts
-        line = (
-            f"{batch.status}: {counts.completed}/{counts.total} completed, {counts.failed} failed,"
-            f" {time.monotonic() - started:.0f}s"
-        )
-        # On a terminal the line is redrawn in place; in a log, one line per change.
-        sys.stderr.write(f"\r\x1b[K{line}" if tty else line + "\n")
-        sys.stderr.flush()
-
     try:
-        if args.wait:
-            batch = wait_for_batch(
-                token,
-                args.batch_id,
-                args.on_behalf_of,
-                poll_interval=args.poll_interval,
-                max_wait=args.max_wait,
-                on_update=progress,
-                **options,
-            )
-            if tty:
-                sys.stderr.write("\n")
-        else:
-            batch = get_batch(token, args.batch_id, args.on_behalf_of, **options)
-    except KeyboardInterrupt:
-        print("\nerror: interrupted", file=sys.stderr)
-        return 130
-    except (MKA1Error, ValueError) as exc:
-        # One line, never a traceback. No message holds the token: get_batch redacts its own.
-        message = " ".join(str(exc).split())
-        print(f"\nerror: {message}" if tty and args.wait else f"error: {message}", file=sys.stderr)
-        if isinstance(exc, WaitTimeoutError):
-            return 4
-        return 1 if isinstance(exc, MKA1Error) else 2
-    print(json.dumps(batch.to_dict(), indent=2))
-    return 0 if not args.wait or batch.status == "completed" else 3
+        try:
+            if args.wait:
+                with _Progress() as progress:
+                    batch = wait_for_batch(
+                        token,
+                        args.batch_id,
+                        args.on_behalf_of,
+                        poll_interval=2.0 if args.poll_interval is None else args.poll_interval,
+                        max_wait=args.max_wait,
+                        on_update=progress.update,
+                        **options,
+                    )
+            else:
+                batch = get_batch(token, args.batch_id, args.on_behalf_of, **options)
+        except KeyboardInterrupt:
+            # On a terminal, first wipe the ^C it echoed.
+            print(("\r\x1b[K" if sys.stderr.isatty() else "") + "error: interrupted", file=sys.stderr)
+            return 130
+        except (MKA1Error, ValueError) as exc:
+            # One line, never a traceback. No message holds the token: get_batch redacts its own.
+            print("error: " + _printable(" ".join(str(exc).split())), file=sys.stderr)
+            if isinstance(exc, WaitTimeoutError):
+                return 4
+            return 1 if isinstance(exc, MKA1Error) else 2
+        print(json.dumps(batch.to_dict(), indent=2))
+        sys.stdout.flush()  # here, not at exit, so that a reader gone early is caught below
+        return 0 if not args.wait or batch.status == "completed" else 3
+    except BrokenPipeError:  # pragma: no cover - the tests run this in subprocesses, over real pipes
+        # The reader stopped reading, as `| head -n1` does: no traceback, no error line. The
+        # Python docs' recipe: point the streams at devnull, so the flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            os.dup2(devnull, stream.fileno())
+        return 141
 
 
 _CLI_EPILOG = """\
@@ -1262,10 +1330,12 @@ environment:
 exit codes:
   0    success (with --wait: the batch ended completed)
   1    API or network error
-  2    usage error: bad arguments, no token, an invalid id
+  2    usage error: bad arguments, no token, an invalid id, --poll-interval or --max-wait without --wait
   3    --wait: the batch ended failed, expired or cancelled (its JSON is still printed)
   4    --wait: --max-wait passed first
   130  interrupted (Ctrl-C)
+  141  stdout or stderr was closed early by its reader, e.g. `| head -n1`; nothing more is written
+       (128 + SIGPIPE, the code a shell shows for a program that a broken pipe stops)
 """
 
 
