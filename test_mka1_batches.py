@@ -1447,7 +1447,7 @@ def test_cli_version(cli):
     r = cli("--version")
     versions = f"requests {requests.__version__}, Python {platform.python_version()}"
     assert (r.returncode, r.stdout, r.stderr) == (0, f"mka1-batches {m.__version__} ({versions})\n", "")
-    assert m.__version__ == "1.0.0"
+    assert m.__version__ == "1.1.0"
 
 
 @pytest.mark.parametrize("option", ["--poll-interval", "--max-wait"])
