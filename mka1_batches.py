@@ -9,8 +9,6 @@ From a shell: ``MKA1_API_KEY=... python -m mka1_batches BATCH_ID --wait``.
 One file, two dependencies (requests and attrs): copy it into your tree as it is.
 """
 
-from __future__ import annotations
-
 import contextlib
 import email.utils
 import http.client
@@ -152,7 +150,7 @@ class InternalServerError(APIStatusError):
 class WaitTimeoutError(MKA1Error, TimeoutError):
     """``wait_for_batch`` reached ``max_wait``; ``batch`` is the last one seen."""
 
-    def __init__(self, message: str, batch: Optional[Batch]):
+    def __init__(self, message: str, batch: Optional["Batch"]):
         super().__init__(message)
         self.batch = batch
 
@@ -177,10 +175,10 @@ class RequestCounts:
     completed: int = attr.ib()
     failed: int = attr.ib()
     #: Keys the server sent that this version does not know, kept as received.
-    extra: Dict[str, Any] = attr.ib(factory=dict)
+    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "request_counts") -> RequestCounts:
+    def from_dict(cls, data: Any, where: str = "request_counts") -> "RequestCounts":
         """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
         return cls(*_fields(data, where, _COUNTS_SPEC))
 
@@ -197,10 +195,10 @@ class BatchError:
     message: str = attr.ib()
     param: Optional[str] = attr.ib(default=None)
     line: Optional[int] = attr.ib(default=None)
-    extra: Dict[str, Any] = attr.ib(factory=dict)
+    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "error") -> BatchError:
+    def from_dict(cls, data: Any, where: str = "error") -> "BatchError":
         """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
         return cls(*_fields(data, where, _ERROR_SPEC))
 
@@ -215,10 +213,10 @@ class BatchErrors:
 
     data: Tuple[BatchError, ...] = attr.ib()
     object: Optional[str] = attr.ib(default=None)
-    extra: Dict[str, Any] = attr.ib(factory=dict)
+    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "errors") -> BatchErrors:
+    def from_dict(cls, data: Any, where: str = "errors") -> "BatchErrors":
         """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
         return cls(*_fields(data, where, _ERRORS_SPEC))
 
@@ -252,9 +250,10 @@ class Batch:
     cancelled_at: Optional[int] = attr.ib(default=None)
     metadata: Optional[Dict[str, str]] = attr.ib(default=None)
     #: Keys the server sent that this version does not know, kept as received.
-    extra: Dict[str, Any] = attr.ib(factory=dict)
-    #: The X-Request-ID of the response this came from; quote it to support.
-    request_id: Optional[str] = attr.ib(default=None, eq=False)
+    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
+    #: The X-Request-ID of the response this came from; quote it to support. Not an attrs
+    #: field, so that two reads of one batch compare equal on every attrs release.
+    request_id: Optional[str] = None
 
     @property
     def is_terminal(self) -> bool:
@@ -262,13 +261,14 @@ class Batch:
         return self.status in TERMINAL_STATUSES
 
     @classmethod
-    def from_dict(cls, data: Any, request_id: Optional[str] = None) -> Batch:
+    def from_dict(cls, data: Any, request_id: Optional[str] = None) -> "Batch":
         """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
         values = _fields(data, "batch", _BATCH_SPEC)
         if values[1] != "batch":  # values[1] is the "object" field, already checked to be a string
             raise _invalid("object", '"batch"', values[1])
-        values.append(request_id)
-        return cls(*values)
+        batch = cls(*values)
+        batch.__dict__["request_id"] = request_id  # frozen: set once, here
+        return batch
 
     def to_dict(self) -> Dict[str, Any]:
         """The JSON object: every field (absent optional ones as None), unknown keys included."""
@@ -341,7 +341,7 @@ def get_batch(
     timeout: _Timeout = DEFAULT_TIMEOUT,
     max_retries: int = 2,
     session: Optional[requests.Session] = None,
-) -> Batch:
+) -> "Batch":
     """Fetch one batch by id.
 
     :param token: the MKA1 API key, with or without a leading ``Bearer ``.
@@ -367,7 +367,7 @@ def wait_for_batch(
     timeout: _Timeout = DEFAULT_TIMEOUT,
     max_retries: int = 2,
     session: Optional[requests.Session] = None,
-) -> Batch:
+) -> "Batch":
     """Poll a batch until its status is terminal and return it, whatever the outcome.
 
     :param max_wait: seconds; once they pass, raise WaitTimeoutError with the last Batch seen.
@@ -434,7 +434,7 @@ class _Call:
             "X-On-Behalf-Of": _check_on_behalf_of(on_behalf_of),
         }
 
-    def fetch(self, session: requests.Session, deadline: Optional[float] = None, last: Optional[Batch] = None) -> Batch:
+    def fetch(self, session: requests.Session, deadline: Optional[float] = None, last: Optional[Batch] = None) -> "Batch":
         """GET the batch, retrying what is safe to retry, never sleeping past ``deadline``."""
         attempt = 1
         while True:
@@ -461,7 +461,7 @@ class _Call:
         # Exponential backoff with full jitter, so that many clients do not retry in step.
         return random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))  # noqa: S311 - not a secret
 
-    def _attempt(self, session: requests.Session, attempt: int) -> Batch:
+    def _attempt(self, session: requests.Session, attempt: int) -> "Batch":
         deadline = time.monotonic() + self.timeout[0] + self.timeout[1]
         try:
             prepared = session.prepare_request(requests.Request("GET", self.url, self.headers, auth=self.auth))
@@ -592,7 +592,7 @@ def _check_token(token: object) -> str:
     scheme, _, rest = token.strip().partition(" ")
     token = rest.strip() if scheme.lower() == "bearer" else token.strip()
     # The message never echoes the token, not even a part of it.
-    if not token or not token.isascii() or not token.isprintable():
+    if not token or not _printable_ascii(token):
         raise ValueError("token must be non-empty printable ASCII, with or without a leading 'Bearer '")
     return token
 
@@ -611,7 +611,7 @@ def _check_on_behalf_of(value: object) -> Optional[str]:
         return None
     if not isinstance(value, str):
         raise TypeError(f"on_behalf_of must be a string or None, not {type(value).__name__}")
-    if not 1 <= len(value) <= 150 or not value.isascii() or not value.isprintable() or value.strip() != value:
+    if not 1 <= len(value) <= 150 or not _printable_ascii(value) or value.strip() != value:
         raise ValueError(f"on_behalf_of must be 1-150 printable ASCII characters, not {_excerpt(repr(value))}")
     return value
 
@@ -629,6 +629,10 @@ def _check_timeout(timeout: Any) -> Tuple[float, float]:
     if len(pair) != 2 or not all(_positive(t) for t in pair):
         raise ValueError(f"timeout must be seconds > 0, or a (connect, read) pair of them, not {timeout!r}")
     return (float(pair[0]), float(pair[1]))
+
+
+def _printable_ascii(text: str) -> bool:
+    return re.fullmatch("[ -~]+", text) is not None
 
 
 def _positive(seconds: Any) -> bool:

@@ -1,7 +1,5 @@
 """Tests for mka1_batches: the model, input checks, the HTTP surface, real sockets, waiting and the CLI."""
 
-from __future__ import annotations
-
 import copy
 import email.utils
 import gzip
@@ -38,6 +36,11 @@ EXAMPLE = DOCUMENTED_EXAMPLE
 REQUIRED = ["id", "object", "endpoint", "input_file_id", "completion_window", "status", "created_at", "request_counts"]
 MINIMAL = {k: EXAMPLE[k] for k in REQUIRED}
 OPTIONAL = [k for k in EXAMPLE if k not in REQUIRED]
+
+
+def run_text(command: List[str], **kw: Any) -> subprocess.CompletedProcess:
+    """subprocess.run with output captured as text; Python 3.6 has no capture_output or text."""
+    return subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, **kw)
 
 
 @pytest.fixture(autouse=True)
@@ -901,7 +904,7 @@ def test_import_does_nothing_it_need_not():
         "assert 'argparse' not in sys.modules\n"
         "print('clean')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=60)
+    out = run_text([sys.executable, "-c", code], cwd=HERE, timeout=60)
     assert out.stdout == "clean\n", out.stderr
 
 
@@ -1168,7 +1171,7 @@ def cli(monkeypatch, capsys):
 def python_m(*args: str, env: Any = None) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith("MKA1_")}
     command = [sys.executable, "-m", "mka1_batches", *args]
-    return subprocess.run(command, env={**base, **(env or {})}, cwd=HERE, capture_output=True, text=True, timeout=60)
+    return run_text(command, env={**base, **(env or {})}, cwd=HERE, timeout=60)
 
 
 def test_python_m_prints_one_json_document(gateway):
@@ -1297,7 +1300,7 @@ def test_cli_ctrl_c_exits_130(gateway):
         cwd=HERE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
+        universal_newlines=True,
     )
     deadline = time.monotonic() + 20
     while not gateway.requests and time.monotonic() < deadline:
@@ -1392,7 +1395,7 @@ def test_module_runs_from_a_lone_copy(gateway, tmp_path):
         "print(b.id, b.status)\n"
     )
     # -S: no site-packages at all; -E: no PYTHONPATH; only the copies above are importable.
-    r = subprocess.run([sys.executable, "-S", "-E", "-c", code], cwd=work, capture_output=True, text=True, timeout=60)
+    r = run_text([sys.executable, "-S", "-E", "-c", code], cwd=work, timeout=60)
     assert r.stdout == "batch_vendored completed\n", r.stderr
 
 
@@ -1401,12 +1404,7 @@ def test_module_runs_from_a_lone_copy(gateway, tmp_path):
 
 
 def standin(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "standin_gateway.py", *args]
-    with subprocess.Popen(
-        command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True
-    ) as p:
-        out, err = p.communicate(timeout=60)
-    return subprocess.CompletedProcess(command, p.returncode, out, err)
+    return run_text([sys.executable, "standin_gateway.py", *args], cwd=HERE, timeout=60)
 
 
 def fetch(gw: Gateway, path: str, who: Any = None, bearer: str = DEMO_TOKEN, **kw: Any) -> requests.Response:
@@ -1763,7 +1761,7 @@ def test_any_id_and_user_are_refused_before_io_or_sent_exactly(api, batch_id, wh
         assert not (id_ok and who_ok)
         return
     segment, header = _sent(api)
-    assert unquote(segment) == batch_id and all(c not in segment for c in "/?# ") and segment.isascii()
+    assert unquote(segment) == batch_id and all(c not in segment for c in "/?# ") and all(ord(c) < 128 for c in segment)
     assert header == who
     assert who is None or all(" " <= c <= "~" for c in who)
 
