@@ -2,12 +2,14 @@
 
 import copy
 import email.utils
+import gzip
 import io
 import json
 import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mka1_batches as m  # the one alias line: point it at another copy to test that copy
-from standin_gateway import DEMO_TOKEN, DOCUMENTED_EXAMPLE, PROGRESS, Gateway
+import standin_gateway
+from standin_gateway import DEMO_TOKEN, DOCUMENTED_EXAMPLE, LINE_BYTES, PROGRESS, Gateway, large_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKEN = "sk-mka1-S3CRET-t0ken-4242"
@@ -997,7 +1000,7 @@ def test_wait_returns_completed_and_reports_changes(gateway):
     b = m.wait_for_batch(
         DEMO_TOKEN, "batch_progress", base_url=gateway.base_url, poll_interval=0.01, on_update=updates.append
     )
-    assert b.status == "completed" and b.request_counts.completed == 3
+    assert (b.status, b.request_counts.completed, b.request_counts.failed) == ("completed", 2, 1)
     assert [(u.status, u.request_counts.completed, u.request_counts.total) for u in updates] == [
         (s, c, t) for s, c, _, t in PROGRESS
     ]
@@ -1235,7 +1238,7 @@ def test_cli_wait_progress_and_exit_codes(cli, gateway, monkeypatch):
     assert r.returncode == 0 and json.loads(r.stdout)["status"] == "completed"
     lines = r.stderr.splitlines()
     assert [line.split(",")[0] for line in lines] == [f"{s}: {c}/{t} completed" for s, c, _, t in PROGRESS]
-    assert all(line.endswith("s") and ", 0 failed, " in line for line in lines)
+    assert all(line.endswith("s") and f", {f} failed, " in line for line, (_, _, f, _) in zip(lines, PROGRESS))
     r = cli("nope", "--wait", env=env)
     assert r.returncode == 1 and r.stderr.startswith("error: 404 Batch not found (request ")
     r = cli("batch_failed", "--wait", env=env)
@@ -1501,12 +1504,6 @@ def test_cli_reader_gone_mid_wait_is_exit_141(gateway):
     assert len(gateway.requests) == 2  # the second state was fetched, its line failed, and no more polls
 
 
-def test_demo_command_runs():
-    r = run_text([sys.executable, "standin_gateway.py"], cwd=HERE, timeout=60)
-    assert r.returncode == 0 and json.loads(r.stdout)["status"] == "completed"
-    assert "in_progress: 1/3 completed" in r.stderr
-
-
 def test_module_runs_from_a_lone_copy(gateway, tmp_path):
     """Vendoring: the one file, beside only requests, attrs and what they need, and nothing of this repo."""
     import importlib.util
@@ -1535,6 +1532,219 @@ def test_module_runs_from_a_lone_copy(gateway, tmp_path):
     # -S: no site-packages at all; -E: no PYTHONPATH; only the copies above are importable.
     r = run_text([sys.executable, "-S", "-E", "-c", code], cwd=work, timeout=60)
     assert r.stdout == "batch_vendored completed\n", r.stderr
+
+
+# --- The stand-in gateway ---------------------------------------------------------------------
+# What the demo, the benchmark and the tests above rely on, checked with plain requests over its socket.
+
+
+def standin(*args: str) -> subprocess.CompletedProcess:
+    return run_text([sys.executable, "standin_gateway.py", *args], cwd=HERE, timeout=60)
+
+
+def fetch(gw: Gateway, path: str, who: Any = None, bearer: str = DEMO_TOKEN, **kw: Any) -> requests.Response:
+    headers = {"Authorization": "Bearer " + bearer, **kw.pop("headers", {})}
+    if who is not None:
+        headers["X-On-Behalf-Of"] = who
+    return requests.get(gw.base_url + path, headers=headers, timeout=10, **kw)
+
+
+def content(file_id: str) -> str:
+    return f"/api/v1/llm/files/{file_id}/content"
+
+
+def lines_of(r: requests.Response) -> List[Dict[str, Any]]:
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/jsonl" and r.text.endswith("\n")
+    return [json.loads(line) for line in r.text.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def demo() -> subprocess.CompletedProcess:
+    return standin()
+
+
+def test_demo_shows_each_command_before_it_runs(demo):
+    banner, *rest = demo.stderr.splitlines()
+    assert banner.startswith("stand-in gateway on http://127.0.0.1:") and " with MKA1_API_KEY=demo-key " in banner
+    assert [line for line in rest if line.startswith("$ ")] == [
+        "$ python -m mka1_batches batch_progress --wait --poll-interval 0.5",
+        "$ python -m mka1_batches batch_progress --results",
+    ]
+    batch, _ = json.JSONDecoder().raw_decode(demo.stdout)
+    assert batch["status"] == "completed" and "in_progress: 1/3 completed" in demo.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="the CLI has no --results yet: drop this mark when it lands")
+def test_demo_ends_with_the_results(demo):
+    _, end = json.JSONDecoder().raw_decode(demo.stdout)
+    results = [json.loads(line) for line in demo.stdout[end:].splitlines() if line.strip()]
+    assert demo.returncode == 0 and {"request-1", "request-3"} <= {r["custom_id"] for r in results}
+
+
+def test_demo_stops_at_the_first_failing_command(monkeypatch, capfd):
+    monkeypatch.setattr(standin_gateway, "DEMO_COMMANDS", [["batch_x"], ["nope"], ["batch_y"]])
+    with Gateway() as gw:
+        assert standin_gateway.demo(gw) == 1
+    out, err = capfd.readouterr()
+    assert [line for line in err.splitlines() if line.startswith("$ ")] == [
+        "$ python -m mka1_batches batch_x",
+        "$ python -m mka1_batches nope",
+    ]
+    assert json.loads(out)["id"] == "batch_x"
+
+
+def test_standin_help_prints_usage_and_runs_nothing():
+    r = standin("--help")
+    assert (r.returncode, r.stderr) == (0, "")
+    assert r.stdout.startswith("usage: python standin_gateway.py [-h] [--serve] [--port N]\n")
+    for text in ["--serve", "--port N", "'demo-key'", "python -m mka1_batches batch_progress --results\n"]:
+        assert text in r.stdout
+    r = standin("--port", "65536")
+    assert r.returncode == 2 and r.stderr.endswith("error: --port must be from 0 to 65535\n")
+
+
+def test_standin_serve_listens_on_the_port_given_until_ctrl_c():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "standin_gateway.py", "--serve", "--port", str(port)]
+    p = subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert p.stdout is not None
+        assert p.stdout.readline() == f"stand-in gateway on {url}, until Ctrl-C. In another shell:\n"
+        assert p.stdout.readline() == f"  export MKA1_BASE_URL={url} MKA1_API_KEY=demo-key\n"
+        r = requests.get(url + "/api/v1/llm/batches/batch_x", headers={"Authorization": "Bearer demo-key"}, timeout=10)
+        assert r.json()["id"] == "batch_x"
+    finally:
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=10)[1]
+    assert p.returncode == 0 and "Traceback" not in err
+
+
+def test_standin_port_in_use_is_one_error_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = standin("--serve", "--port", str(port))
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+def test_standin_batch_progress_starts_over_for_a_new_client():
+    def poll(who: Any = None) -> Any:
+        batch = fetch(gw, "/api/v1/llm/batches/batch_progress", who).json()
+        counts = batch["request_counts"]
+        return batch["status"], counts["completed"], counts["failed"], counts["total"]
+
+    with Gateway(restart_after=0.3) as gw:
+        assert [poll() for _ in PROGRESS] == PROGRESS
+        assert poll() == PROGRESS[-1]  # polled on, or read right after: it stays completed
+        time.sleep(0.4)
+        assert poll() == PROGRESS[0]  # left at its end for restart_after: the next poll is a new run
+        time.sleep(0.4)
+        assert poll() == PROGRESS[1]  # a quiet gap mid-run changes nothing
+        assert poll("user_1") == PROGRESS[0]  # each scope has its own run
+    assert gw.answer("batch_progress", "user_2")[1] == standin_gateway.batch_json("batch_progress", *PROGRESS[0])
+
+
+def test_standin_files_need_the_key_and_are_scoped_like_their_batch(gateway):
+    r = fetch(gateway, content("file-batch_x-output"), bearer="wrong")
+    assert r.status_code == 401 and r.json()["error"]["message"] == "Invalid API key"
+    assert r.headers["X-Request-ID"].endswith("#1")
+    assert len(lines_of(fetch(gateway, content("file-batch_private-output"), "user_123"))) == 2
+    for file_id, who in [
+        ("file-batch_private-output", "user_456"),
+        ("file-nope", None),
+        ("file_def456", None),
+        ("file-batch_x-summary", None),
+        ("file-batch_status_in_progress-output", None),
+        ("file-batch_status_cancelled-errors", None),
+        ("file-batch_failed-output", None),
+        ("file-large-x", None),
+    ]:
+        r = fetch(gateway, content(file_id), who)
+        assert r.status_code == 404 and r.headers["X-Request-ID"]
+        assert r.json() == {"error": {"message": "File not found", "details": {"file_id": file_id}}}
+    assert gateway.requests[-1]["path"] == "/api/v1/llm/files/file-large-x/content"
+
+
+def test_standin_completed_batch_has_an_output_and_an_error_file(gateway):
+    batch = fetch(gateway, "/api/v1/llm/batches/batch_x").json()
+    assert batch["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+    assert (batch["output_file_id"], batch["error_file_id"]) == ("file-batch_x-output", "file-batch_x-errors")
+    output = lines_of(fetch(gateway, content(batch["output_file_id"])))
+    assert [x["custom_id"] for x in output] == ["request-3", "request-1"]  # not in input order
+    for x in output:
+        assert (x["id"], x["error"], x["response"]["status_code"]) == ("batch_req_" + x["custom_id"][-1], None, 200)
+        assert x["response"]["request_id"] and x["response"]["body"]["object"] == "chat.completion"
+    assert lines_of(fetch(gateway, content(batch["error_file_id"]))) == [
+        {
+            "id": "batch_req_2",
+            "custom_id": "request-2",
+            "response": None,
+            "error": {"code": "processing_error", "message": "The request could not be processed."},
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    "batch_id, output, errors",
+    [
+        ("batch_status_completed", ["request-3", "request-1"], ["request-2"]),
+        ("batch_status_cancelled", ["request-3"], None),  # partial results
+        ("batch_status_expired", ["request-3"], None),
+        ("batch_status_failed", None, None),
+        ("batch_failed", None, None),
+        ("batch_status_in_progress", None, None),
+    ],
+)
+def test_standin_files_follow_the_status(gateway, batch_id, output, errors):
+    batch = fetch(gateway, "/api/v1/llm/batches/" + batch_id).json()
+    for key, expected in [("output_file_id", output), ("error_file_id", errors)]:
+        got = batch[key] and [x["custom_id"] for x in lines_of(fetch(gateway, content(batch[key])))]
+        assert got == expected
+
+
+def test_standin_large_file_is_exact_sized_up_front_and_made_as_sent(gateway):
+    r = fetch(gateway, content("file-large-3"))
+    expected = large_line(1) + large_line(2) + large_line(3)
+    assert r.headers["Content-Length"] == "3072" and r.content == expected
+    assert [len(line) for line in expected.splitlines(keepends=True)] == [LINE_BYTES] * 3
+    assert [json.loads(line)["custom_id"] for line in expected.splitlines()] == ["request-1", "request-2", "request-3"]
+    r = fetch(gateway, content("file-large-1000"), stream=True)
+    assert r.headers["Content-Length"] == str(1000 * LINE_BYTES)
+    assert b"".join(r.iter_content(65536)) == b"".join(large_line(i) for i in range(1, 1001))
+    chunks, length, _ = gateway.content("file-large-100000000", None)  # 100 GB: never held
+    assert length == 100000000 * LINE_BYTES and next(iter(chunks)) == b"".join(large_line(i) for i in range(1, 257))
+
+
+def test_standin_cut_file_breaks_mid_line_once_per_scope(gateway):
+    whole = b"".join(large_line(i) for i in range(1, 5))
+
+    def read(who: Any = None) -> bytes:
+        got = b""
+        r = fetch(gateway, content("file-cut-4"), who, stream=True)
+        assert r.headers["Content-Length"] == str(len(whole))
+        try:
+            for chunk in r.iter_content(1000):
+                got += chunk
+        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError):
+            pass  # urllib3 2 raises on the short body; 1.26 ends it quietly
+        return got
+
+    first = read()
+    assert 0 < len(first) < len(whole) and len(first) % LINE_BYTES and whole.startswith(first)
+    assert read() == whole
+    assert (read("user_1"), read("user_1")) == (first, whole)
+
+
+def test_standin_gzip_file_is_compressed_whatever_the_client_accepts(gateway):
+    r = fetch(gateway, content("file-gzip-3"), headers={"Accept-Encoding": "identity"}, stream=True)
+    raw = r.raw.read(decode_content=False)
+    assert r.headers["Content-Encoding"] == "gzip" and int(r.headers["Content-Length"]) == len(raw) < 3 * LINE_BYTES
+    assert gzip.decompress(raw) == large_line(1) + large_line(2) + large_line(3)
 
 
 # --- Properties (hypothesis) -------------------------------------------------------------------
