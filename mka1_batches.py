@@ -642,7 +642,9 @@ class _Client:
         for hop in range(_MAX_REDIRECTS + 1):
             resp = self._send(session, url, accept)
             request_id = resp.headers.get("X-Request-ID")
-            _log.debug("GET %s -> %d (attempt %d, request %s)", urlsplit(url).path, resp.status_code, attempt, request_id)
+            _log.debug(
+                "GET %s -> %d (attempt %d, request %s)", urlsplit(url).path, resp.status_code, attempt, request_id
+            )
             if 200 <= resp.status_code < 300:
                 return resp
             with resp:

@@ -951,7 +951,9 @@ def test_live_faults_end_in_a_documented_error(gateway, kind, cls, cause):
         live(gateway, f"fault_{kind}", timeout=(1, 0.5), max_retries=1)
     assert time.monotonic() - start < 5
     host = gateway.base_url[len("http://") :]
-    assert type(info.value) is cls and re.fullmatch(f"GET /api/v1/llm/batches/fault_{kind} on {host} {cause}", str(info.value))
+    assert type(info.value) is cls and re.fullmatch(
+        f"GET /api/v1/llm/batches/fault_{kind} on {host} {cause}", str(info.value)
+    )
     assert len(gateway.requests) == 2  # retried once
 
 
@@ -1203,7 +1205,10 @@ def test_cli_api_error_is_one_line_exit_1_without_token(cli, gateway):
 
 def test_cli_network_error_exit_1(cli, gateway):
     r = cli("batch_x", "--timeout", "0.5", env={"MKA1_API_KEY": "sk-secret-x", "MKA1_BASE_URL": "http://127.0.0.1:9"})
-    assert r.returncode == 1 and r.stderr == "error: GET /api/v1/llm/batches/batch_x on 127.0.0.1:9 failed: connection refused\n"
+    assert (
+        r.returncode == 1
+        and r.stderr == "error: GET /api/v1/llm/batches/batch_x on 127.0.0.1:9 failed: connection refused\n"
+    )
     assert r.stderr.count("\n") == 1 and "sk-secret-x" not in r.stderr
 
 
@@ -1886,6 +1891,7 @@ def test_any_id_and_user_are_refused_before_io_or_sent_exactly(api, batch_id, wh
     from urllib.parse import unquote
 
     api.reset()
+
     def echo(request: Any) -> Any:  # a batch with the id asked for
         return 200, {}, json.dumps(dict(EXAMPLE, id=unquote(request.path_url[len("/api/v1/llm/batches/") :])))
 
