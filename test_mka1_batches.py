@@ -1760,6 +1760,27 @@ def test_standin_gzip_file_is_compressed_whatever_the_client_accepts(gateway):
     assert gzip.decompress(raw) == large_line(1) + large_line(2) + large_line(3)
 
 
+# --- The README's examples ---------------------------------------------------------------------
+
+
+def readme_blocks(language: str) -> List[str]:
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        return re.findall(rf"^```{language}\n(.*?)^```$", f.read(), re.MULTILINE | re.DOTALL)
+
+
+def test_readme_python_examples_run_against_the_stand_in(gateway, tmp_path):
+    blocks = readme_blocks("python")
+    assert len(blocks) == 1  # the Quickstart; the API signatures are text
+    script = tmp_path / "quickstart.py"
+    script.write_text(blocks[0])
+    env = dict(os.environ, MKA1_API_KEY=DEMO_TOKEN, MKA1_BASE_URL=gateway.base_url, PYTHONPATH=HERE)
+    r = run_text([sys.executable, str(script)], env=env, cwd=str(tmp_path), timeout=60)
+    assert r.returncode == 0, r.stderr
+    first, *results = r.stdout.splitlines()
+    assert re.fullmatch(r"completed 2 of 3 [0-9a-f-]{36}#\d+", first)
+    assert results == ["request-3 200", "request-1 200", "request-2 failed: processing_error"]
+
+
 # --- Properties (hypothesis) -------------------------------------------------------------------
 
 
