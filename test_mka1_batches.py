@@ -2064,8 +2064,18 @@ def test_cli_shows_no_control_characters_from_the_server(cli, monkeypatch):
     assert r.stderr == f"\r\x1b[K{line}\r\x1b[K{line}\nerror: reset by ?[2Jpeer\n"
 
 
-def _run_on_a_pty(args: List[str], env: Dict[str, str], columns: int, interrupt_on: str = "") -> Any:
-    """Run the CLI with stderr on a pty ``columns`` wide; return its exit code and all it wrote there."""
+def _run_on_a_pty(
+    args: List[str],
+    env: Dict[str, str],
+    columns: int,
+    interrupt_on: str = "",
+    command: Any = None,
+    stdout: Any = subprocess.PIPE,
+) -> Any:
+    """Run the CLI with stderr on a pty ``columns`` wide; return its exit code and all it wrote there.
+
+    ``command`` replaces ``python -m mka1_batches``; ``stdout`` is where its stdout goes.
+    """
     import fcntl
     import pty
     import select
@@ -2076,8 +2086,8 @@ def _run_on_a_pty(args: List[str], env: Dict[str, str], columns: int, interrupt_
     master, slave = pty.openpty()
     tty.setraw(slave)  # no newline translation: read back exactly what was written
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
-    command = [sys.executable, "-m", "mka1_batches", *args]
-    p = subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=slave)
+    command = [*(command or [sys.executable, "-m", "mka1_batches"]), *args]
+    p = subprocess.Popen(command, env=env, cwd=HERE, stdout=stdout, stderr=slave)
     os.close(slave)
     written = b""
     deadline = time.monotonic() + 30
@@ -2096,8 +2106,9 @@ def _run_on_a_pty(args: List[str], env: Dict[str, str], columns: int, interrupt_
                 written += chunk
     finally:
         os.close(master)
-        p.stdout.read()
-        p.stdout.close()
+        if p.stdout is not None:
+            p.stdout.read()
+            p.stdout.close()
         p.wait(timeout=10)
     return p.returncode, written.decode()
 
@@ -2160,8 +2171,9 @@ def test_cli_help_text(cli, monkeypatch):
     r = cli("--help")
     assert r.stdout.startswith(
         "usage: python -m mka1_batches [-h] [--version] [--on-behalf-of ID] [--base-url URL] [--timeout S] [--wait]"
-        " [--poll-interval S] [--max-wait S] batch_id\n\n"
-        "Print an MKA1 batch as JSON on stdout; with --wait, wait for it to finish first.\n"
+        " [--poll-interval S] [--max-wait S] [--results] batch_id\n\n"
+        "Print an MKA1 batch as JSON on stdout, or with --results its results as JSON lines;"
+        " with --wait, wait for it to finish first.\n"
     )
     lines = [" ".join(line.split()) for line in r.stdout.splitlines()]
     for line in [
@@ -2171,6 +2183,7 @@ def test_cli_help_text(cli, monkeypatch):
         "--wait poll until the batch reaches a terminal status",
         "--poll-interval S with --wait: seconds between polls (2)",
         "--max-wait S with --wait: give up after S seconds (exit 4)",
+        "--results write the finished batch's results, one JSON object per line",
         "--version show program's version number and exit",
     ]:
         assert line in lines
@@ -2303,6 +2316,238 @@ def test_module_runs_from_a_lone_copy(gateway, tmp_path):
     assert r.stdout == "batch_vendored completed\n", r.stderr
 
 
+# --results: the batch's results as JSON lines, their progress on a terminal, and closed pipes.
+
+#: request-2's line of the scripted error files, as --results writes it.
+ERROR_LINE = (
+    '{"custom_id":"request-2","id":"batch_req_2","response":null,'
+    '"error":{"code":"processing_error","message":"The request could not be processed."}}'
+)
+#: ``python -m mka1_batches`` with every batch's results read from the file id given last:
+#: no scripted batch names a large file.
+READING_CLI = [
+    sys.executable,
+    "-c",
+    "import sys, mka1_batches as m; f = sys.argv.pop(); m._file_ids = lambda b, e: [f]; sys.exit(m.main())",
+]
+
+
+def _env(gateway: Gateway) -> Dict[str, str]:
+    return {"MKA1_API_KEY": DEMO_TOKEN, "MKA1_BASE_URL": gateway.base_url}
+
+
+def _as_written(gateway: Gateway, *file_ids: str) -> List[str]:
+    """The files' lines as --results writes them: each a BatchResult's to_dict(), compact."""
+    lines = []
+    for file_id in file_ids:
+        url = f"{gateway.base_url}/api/v1/llm/files/{file_id}/content"
+        r = requests.get(url, headers={"Authorization": "Bearer " + DEMO_TOKEN}, timeout=10)
+        assert r.status_code == 200
+        for line in r.text.splitlines():
+            result = m.BatchResult.from_dict(json.loads(line))
+            lines.append(json.dumps(result.to_dict(), separators=(",", ":")))
+    return lines
+
+
+def test_cli_results_after_waiting_are_one_json_object_a_line(cli, gateway):
+    r = cli("batch_progress", "--wait", "--poll-interval", "0.01", "--results", env=_env(gateway))
+    assert (r.returncode, gateway.connections) == (0, 1)  # one connection: the polls, then both files
+    lines = r.stdout.splitlines()
+    assert r.stdout.endswith("\n") and lines[2] == ERROR_LINE
+    assert lines == _as_written(gateway, "file-batch_progress-output", "file-batch_progress-errors")
+    assert [json.loads(line)["custom_id"] for line in lines] == ["request-3", "request-1", "request-2"]
+    # stderr is the wait's, as without --results: not a terminal, so a line per change.
+    assert [line.split(",")[0] for line in r.stderr.splitlines()] == [
+        f"{s}: {c}/{t} completed" for s, c, _, t in PROGRESS
+    ]
+
+
+def test_cli_results_of_a_batch_not_finished_are_exit_4(cli, gateway):
+    for batch_id, status in (("batch_progress", "validating"), ("batch_status_in_progress", "in_progress")):
+        r = cli(batch_id, "--results", env=_env(gateway))
+        message = f"error: batch {batch_id} is {status}, not finished: add --wait\n"
+        assert (r.returncode, r.stdout, r.stderr) == (4, "", message)
+    assert [request["path"] for request in gateway.requests] == [
+        "/api/v1/llm/batches/batch_progress",
+        "/api/v1/llm/batches/batch_status_in_progress",
+    ]
+
+
+@pytest.mark.parametrize(
+    "batch_id, wait, code, custom_ids, stderr",
+    [
+        ("batch_x", False, 0, ["request-3", "request-1", "request-2"], ""),
+        ("batch_status_completed", True, 0, ["request-3", "request-1", "request-2"], "completed: 2/3 completed, 1"),
+        ("batch_status_cancelled", False, 3, ["request-3"], ""),
+        ("batch_status_cancelled", True, 3, ["request-3"], "cancelled: 1/3 completed, 0"),
+        ("batch_status_expired", True, 3, ["request-3"], "expired: 1/3 completed, 0"),
+        ("batch_failed", False, 3, [], ""),
+        ("batch_failed", True, 3, [], "failed: 0/0 completed, 0"),
+    ],
+)
+def test_cli_results_exit_codes_and_partial_results(cli, gateway, batch_id, wait, code, custom_ids, stderr):
+    """A batch that ended other than completed: what it has is written, then exit 3, with or without --wait."""
+    r = cli(batch_id, *(["--wait"] if wait else []), "--results", env=_env(gateway))
+    assert (r.returncode, [json.loads(line)["custom_id"] for line in r.stdout.splitlines()]) == (code, custom_ids)
+    assert r.stderr == (stderr and stderr + " failed, 0s\n")
+
+
+def test_cli_results_on_a_terminal_show_nothing_for_a_small_file(cli, gateway, monkeypatch):
+    """The progress shows only once a file has taken 0.1 s; the three lines here take far less."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    r = cli("batch_x", "--results", env=_env(gateway))
+    assert (r.returncode, r.stderr) == (0, "") and r.stdout.splitlines() == _as_written(
+        gateway, "file-batch_x-output", "file-batch_x-errors"
+    )
+
+
+def test_cli_results_stop_at_a_malformed_line_after_writing_those_before(cli, api):
+    api.add(responses.GET, URL + BID, json=dict(EXAMPLE, output_file_id="file-out"))
+    body = b'{"custom_id": "a"}\nnot json\n{"custom_id": "b"}\n'
+    api.add(responses.GET, BASE + "/api/v1/llm/files/file-out/content", body=body)
+    r = cli(BID, "--results", "--base-url", BASE, env={"MKA1_API_KEY": "k"})
+    assert (r.returncode, r.stdout, r.stderr) == (
+        1,
+        '{"custom_id":"a","id":null,"response":null,"error":null}\n',
+        "error: file file-out line 2: not a JSON object: 'not json'\n",
+    )
+
+
+def test_cli_results_refuse_a_file_id_that_is_no_id_as_the_servers_error(cli, api):
+    api.add(responses.GET, URL + BID, json=dict(EXAMPLE, output_file_id=".."))
+    r = cli(BID, "--results", "--base-url", BASE, env={"MKA1_API_KEY": "k"})
+    message = f"error: batch {BID}: file id must be a non-empty printable string other than . and .., not '..'\n"
+    assert (r.returncode, r.stdout, r.stderr) == (1, "", message)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class _Reader:
+    """What _ReadProgress reads of a _FileReader."""
+
+    def __init__(self, file_id: str, lines: int = 0, bytes_read: int = 0, total: Any = None):
+        self.file_id, self.lines, self.bytes_read, self.total = file_id, lines, bytes_read, total
+
+
+@pytest.mark.parametrize(
+    "reader, line",
+    [
+        (_Reader("file-x", 1234, 1258291, 256 * 2**20), "file-x: 1234 lines, 1.2 of 256.0 MiB"),
+        (_Reader("file-x", 1234, 1258291, 1258291), "file-x: 1234 lines, 1.2 of 1.2 MiB"),
+        (_Reader("file-x"), "file-x: 0 lines, 0.0 MiB"),  # no Content-Length
+        (_Reader("file-x", 7, 3 * 2**20, 2**20), "file-x: 7 lines, 3.0 MiB"),  # gzip: decoded bytes overtake it
+        (_Reader("file-\x1b[2J", 1, 10, 20), "file-?[2J: 1 lines, 0.0 of 0.0 MiB"),
+    ],
+)
+def test_cli_read_progress_line(reader, line):
+    assert m._ReadProgress.line(reader) == line
+
+
+def test_cli_read_progress_is_drawn_at_most_10_times_a_second_and_wiped(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    now = [0.0]
+    a, b = _Reader("file-a", total=2**20), _Reader("file-b")
+    with m._ReadProgress(clock=lambda: now[0]) as progress:
+        assert progress.shown
+        # A new file is first drawn 0.1 s after its first line; then at most every 0.1 s.
+        for now[0], reader, lines in [
+            (0.0, a, 1),
+            (0.05, a, 2),
+            (0.12, a, 3),  # drawn
+            (0.2, a, 4),
+            (0.3, a, 5),  # drawn
+            (0.45, b, 1),
+            (0.5, b, 2),
+            (0.6, b, 3),  # drawn
+        ]:
+            reader.lines = lines
+            progress.update(reader)
+        assert "\n" not in terminal.getvalue()
+    assert terminal.getvalue() == (
+        "\r\x1b[Kfile-a: 3 lines, 0.0 of 1.0 MiB\r\x1b[Kfile-a: 5 lines, 0.0 of 1.0 MiB"
+        "\r\x1b[Kfile-b: 3 lines, 0.0 MiB\r\x1b[K"
+    )
+    terminal.truncate(0)
+    with m._ReadProgress(clock=lambda: now[0]) as progress:  # a file read within 0.1 s: nothing at all
+        progress.update(_Reader("file-c", 1))
+        progress.update(_Reader("file-c", 2))
+    assert terminal.getvalue() == ""
+
+
+def test_cli_read_progress_only_when_stderr_alone_is_a_terminal(monkeypatch):
+    """Results written to the terminal that shows the progress would land in the middle of its line."""
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    monkeypatch.setattr(sys, "stdout", _Terminal())
+    assert not m._ReadProgress().shown
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert m._ReadProgress().shown
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert not m._ReadProgress().shown
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pty")
+def test_cli_read_progress_on_a_narrow_real_terminal(gateway):
+    """Through a pty 40 columns wide: redrawn in place, at most 10 times a second, each fitting in 39, then wiped."""
+    env = _cli_env(gateway)
+    args = ["batch_x", "--results", "file-large-16384"]
+    started = time.monotonic()
+    code, written = _run_on_a_pty(args, env, 40, command=READING_CLI, stdout=subprocess.DEVNULL)
+    took = time.monotonic() - started
+    assert code == 0 and "\n" not in written and written.startswith("\r\x1b[K") and written.endswith("\r\x1b[K")
+    draws = written.split("\r\x1b[K")[1:-1]
+    assert 2 <= len(draws) <= took * 10 + 1
+    seen = []
+    for draw in draws:
+        match = re.match(r"file-large-16384: (\d+) lines, (\d+\.\d)", draw)
+        assert match and draw == f"file-large-16384: {match.group(1)} lines, {match.group(2)} of 16.0 MiB"[:39], draw
+        seen.append((int(match.group(1)), float(match.group(2))))
+    assert seen == sorted(seen) and 0 < seen[-1][0] <= 16384 and seen[-1][1] <= 16.0
+    # Ctrl-C mid-file: the line is wiped, then the error line, and nothing else.
+    args = ["batch_x", "--results", "file-large-100000000"]
+    code, written = _run_on_a_pty(args, env, 40, " lines", command=READING_CLI, stdout=subprocess.DEVNULL)
+    assert code == 130 and written.endswith("\r\x1b[K\r\x1b[Kerror: interrupted\n") and written.count("\n") == 1
+    draws = written.split("\r\x1b[K")[1:-2]
+    assert draws and all(len(draw) <= 39 and draw.startswith("file-large-100000000: ") for draw in draws), draws
+
+
+def test_cli_results_reader_gone_is_exit_141_without_a_word(gateway):
+    """As with the batch's JSON: the reader closes its end first, with and without --wait, buffered or not."""
+    kinds = [(wait, unbuffered) for wait in ([], ["--wait"]) for unbuffered in (False, True)] * 2
+    runs = []
+    for wait, unbuffered in kinds:
+        command = [sys.executable, "-m", "mka1_batches", "batch_x", "--results", *wait]
+        p = subprocess.Popen(
+            command, env=_cli_env(gateway, unbuffered), cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        p.stdout.close()
+        runs.append(p)
+    results = []
+    for p in runs:
+        results.append((p.stderr.read().decode(), p.wait(timeout=60)))
+        p.stderr.close()
+    progress = "completed: 2/3 completed, 1 failed, 0s\n"
+    assert results == [("" if not wait else progress, 141) for wait, _ in kinds]
+
+
+def test_cli_results_head_n1_stops_a_large_download_at_once(gateway):
+    """`--results | head -n1` on a file of 100 GB: the first line, then exit 141 within seconds, silently."""
+    command = [*READING_CLI, "batch_x", "--results", "file-large-100000000"]
+    env = _cli_env(gateway, unbuffered=False)
+    p = subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = p.stdout.readline()
+    p.stdout.close()
+    started = time.monotonic()
+    code = p.wait(timeout=60)
+    assert time.monotonic() - started < 10
+    assert (json.loads(first.decode())["custom_id"], code, p.stderr.read()) == ("request-1", 141, b"")
+    p.stderr.close()
+
+
 # --- The stand-in gateway ---------------------------------------------------------------------
 # What the demo, the benchmark and the tests above rely on, checked with plain requests over its socket.
 
@@ -2343,7 +2588,6 @@ def test_demo_shows_each_command_before_it_runs(demo):
     assert batch["status"] == "completed" and "in_progress: 1/3 completed" in demo.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="the CLI has no --results yet: drop this mark when it lands")
 def test_demo_ends_with_the_results(demo):
     _, end = json.JSONDecoder().raw_decode(demo.stdout)
     results = [json.loads(line) for line in demo.stdout[end:].splitlines() if line.strip()]
