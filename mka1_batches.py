@@ -618,6 +618,10 @@ class _Client:
                 with self._open(session, path, accept, attempt, follow) as resp:
                     yield from consume(resp, started + sum(self.timeout))
                 return
+            except InvalidResponseError as exc:
+                # The server's data may echo the key, and the data classes do not know it.
+                exc.args = (self._redact(str(exc)),)
+                raise
             except (APIConnectionError, APIStatusError) as exc:
                 delay = self._retry_delay(exc, attempt)
                 if delay is None:
@@ -653,8 +657,9 @@ class _Client:
                 if not (follow and resp.is_redirect) or hop == _MAX_REDIRECTS:
                     raise self._status_error(resp, request_id)
                 target = urljoin(url, location)
-                if urlsplit(target).scheme != "https" and urlsplit(url).scheme == "https":
-                    raise self._status_error(resp, request_id, "refused: https to http")
+                refused = _refuse_redirect(url, target)
+                if refused:
+                    raise self._status_error(resp, request_id, refused)
                 url = target
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
@@ -713,7 +718,7 @@ class _Client:
         try:
             yield Batch.from_dict(data, request_id)
         except InvalidResponseError as exc:
-            exc.request_id = request_id
+            exc.request_id = request_id  # the data classes do not know it either
             raise
 
     def _read_whole(self, resp: requests.Response, limit: int, deadline: float) -> bytes:
@@ -1019,6 +1024,18 @@ def _retry_error_status(exc: BaseException) -> Optional[int]:
     if isinstance(exc, urllib3.exceptions.ResponseError):
         found = re.search(r"too many (\d{3}) error responses", str(exc))
         return int(found.group(1)) if found else None
+    return None
+
+
+def _refuse_redirect(source: str, target: str) -> Optional[str]:
+    try:
+        scheme = _origin(target)[0]
+    except ValueError:  # a port out of range, or not a number
+        return "refused: not a usable URL"
+    if scheme not in ("http", "https"):
+        return "refused: not an http(s) URL"
+    if scheme == "http" and urlsplit(source).scheme == "https":
+        return "refused: https to http"
     return None
 
 
