@@ -94,6 +94,44 @@ _EXCERPT = 200
 _BATCHES = "/api/v1/llm/batches/"
 _FILES = "/api/v1/llm/files/"
 _USER_AGENT = f"mka1-batches/{__version__} python-requests/{requests.__version__}"
+# What a connection error's chain holds when it timed out. Not urllib3's TimeoutError: its
+# NewConnectionError, a refused connection, is one.
+_TIMEOUTS = (requests.Timeout, socket.timeout, urllib3.exceptions.ReadTimeoutError)
+# A connection error's root cause, in a few words, by the first of these its chain holds.
+_CAUSES: List[Tuple[Any, str]] = [
+    (ConnectionRefusedError, "connection refused"),
+    (socket.gaierror, "name resolution failed"),
+    (requests.ConnectTimeout, "connect timed out"),
+    ((requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError, socket.timeout), "read timed out"),
+    (http.client.RemoteDisconnected, "connection closed without a response"),  # a ConnectionResetError too
+    (ConnectionResetError, "connection reset"),
+]
+# python -m mka1_batches --help ends with this.
+_CLI_EPILOG = """\
+results (--results):
+  One JSON object per line on stdout, ready for jq: the output file's lines, then the error
+  file's. A cancelled or expired batch's partial results are written too, then exit 3.
+    python -m mka1_batches BATCH_ID --wait --results | jq -r 'select(.error) | .custom_id'
+  While a file streams, a terminal's stderr shows the lines and MiB read so far (not when
+  stdout is that terminal too: the results show it).
+
+environment:
+  MKA1_API_KEY       the API key (never taken as an argument: arguments show in ps)
+  MKA1_BEARER_AUTH   used when MKA1_API_KEY is unset; "Bearer <key>" as MKA1's own CLI sets it
+  MKA1_BASE_URL      the gateway, when --base-url is not given
+
+exit codes:
+  0    success (with --wait or --results: the batch ended completed)
+  1    API or network error, or a malformed results file (the results before it are written)
+  2    usage error: bad arguments, no token, an invalid id, --poll-interval or --max-wait without --wait
+  3    --wait or --results: the batch ended failed, expired or cancelled (its JSON, or the results
+       it has, are still written)
+  4    the batch has not finished: with --wait, --max-wait passed first; with --results alone,
+       it is still running (nothing is written)
+  130  interrupted (Ctrl-C)
+  141  stdout or stderr was closed early by its reader, e.g. `| head -n1`; nothing more is written
+       (128 + SIGPIPE, the code a shell shows for a program that a broken pipe stops)
+"""
 _log = logging.getLogger("mka1_batches")
 # Patched by the tests, so that no test sleeps for real.
 _sleep = time.sleep
@@ -582,10 +620,11 @@ class _Client:
 
     def get_batch(self, session: requests.Session, path: str, batch_id: str) -> Batch:
         batch: Batch
+        # Unpacking runs the generator to its end, and so closes the response before returning.
         (batch,) = self._retrying(session, path, "application/json", self._read_batch)
         if batch.id != batch_id:  # a desync or a mixed-up cache must not hand over another batch
             raise InvalidResponseError(
-                f"response is for batch {batch.id!r}, not {batch_id!r}",
+                self._redact(f"response is for batch {batch.id!r}, not {batch_id!r}"),
                 field="id",
                 request_id=batch.request_id,
             )
@@ -821,7 +860,6 @@ class _Client:
             )
             error.__dict__["_final"] = True  # urllib3 has retried already
             return error
-        # Not urllib3's TimeoutError: its NewConnectionError, a refused connection, is one.
         timed_out = any(isinstance(e, _TIMEOUTS) for e in chain)
         final = False
         if cause is None:
@@ -1003,17 +1041,6 @@ def _cause(chain: List[BaseException]) -> Tuple[str, bool]:
             return text, False
     last = chain[-1] if chain else None
     return _excerpt(str(last) or type(last).__name__), False
-
-
-_TIMEOUTS = (requests.Timeout, socket.timeout, urllib3.exceptions.ReadTimeoutError)
-_CAUSES: List[Tuple[Any, str]] = [
-    (ConnectionRefusedError, "connection refused"),
-    (socket.gaierror, "name resolution failed"),
-    (requests.ConnectTimeout, "connect timed out"),
-    ((requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError, socket.timeout), "read timed out"),
-    (http.client.RemoteDisconnected, "connection closed without a response"),  # a ConnectionResetError too
-    (ConnectionResetError, "connection reset"),
-]
 
 
 def _status_class(status: int) -> Type[APIStatusError]:
@@ -1436,33 +1463,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         for stream in (sys.stdout, sys.stderr):
             os.dup2(devnull, stream.fileno())
         return 141
-
-
-_CLI_EPILOG = """\
-results (--results):
-  One JSON object per line on stdout, ready for jq: the output file's lines, then the error
-  file's. A cancelled or expired batch's partial results are written too, then exit 3.
-    python -m mka1_batches BATCH_ID --wait --results | jq -r 'select(.error) | .custom_id'
-  While a file streams, a terminal's stderr shows the lines and MiB read so far (not when
-  stdout is that terminal too: the results show it).
-
-environment:
-  MKA1_API_KEY       the API key (never taken as an argument: arguments show in ps)
-  MKA1_BEARER_AUTH   used when MKA1_API_KEY is unset; "Bearer <key>" as MKA1's own CLI sets it
-  MKA1_BASE_URL      the gateway, when --base-url is not given
-
-exit codes:
-  0    success (with --wait or --results: the batch ended completed)
-  1    API or network error, or a malformed results file (the results before it are written)
-  2    usage error: bad arguments, no token, an invalid id, --poll-interval or --max-wait without --wait
-  3    --wait or --results: the batch ended failed, expired or cancelled (its JSON, or the results
-       it has, are still written)
-  4    the batch has not finished: with --wait, --max-wait passed first; with --results alone,
-       it is still running (nothing is written)
-  130  interrupted (Ctrl-C)
-  141  stdout or stderr was closed early by its reader, e.g. `| head -n1`; nothing more is written
-       (128 + SIGPIPE, the code a shell shows for a program that a broken pipe stops)
-"""
 
 
 if __name__ == "__main__":  # pragma: no cover - run as a subprocess by the tests
