@@ -63,6 +63,20 @@ def sleeps(monkeypatch: pytest.MonkeyPatch) -> List[float]:
 
 
 @pytest.fixture
+def fake_clock(monkeypatch: pytest.MonkeyPatch, sleeps: List[float]) -> List[float]:
+    """The module's monotonic clock stands still but for its sleeps, which are recorded, not slept."""
+    now = [1000.0]
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        now[0] += seconds
+
+    monkeypatch.setattr(m.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(m, "_sleep", sleep)
+    return now
+
+
+@pytest.fixture
 def api():
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         yield mock
@@ -905,13 +919,58 @@ def test_import_does_nothing_it_need_not():
     assert out.stdout == "clean\n", out.stderr
 
 
-def test_public_names():
+def test_all_names_the_public_surface():
+    assert sorted(m.__all__) == [
+        "APIConnectionError",
+        "APIStatusError",
+        "APITimeoutError",
+        "AuthenticationError",
+        "BadRequestError",
+        "Batch",
+        "BatchError",
+        "BatchErrors",
+        "BatchResult",
+        "DEFAULT_BASE_URL",
+        "DEFAULT_TIMEOUT",
+        "InternalServerError",
+        "InvalidResponseError",
+        "MAX_BODY_BYTES",
+        "MAX_LINE_BYTES",
+        "MAX_RETRY_AFTER",
+        "MKA1Error",
+        "NotFoundError",
+        "PermissionDeniedError",
+        "RateLimitError",
+        "RequestCounts",
+        "ResultError",
+        "ResultResponse",
+        "TERMINAL_STATUSES",
+        "UnprocessableEntityError",
+        "WaitTimeoutError",
+        "get_batch",
+        "iter_results",
+        "main",
+        "wait_for_batch",
+    ]
+
+
+def test_every_other_name_defined_here_is_private():
     defined_here = {n for n, v in vars(m).items() if getattr(v, "__module__", None) == m.__name__ or n.isupper()}
-    # mutmut's trampolines add x_<name>__mutmut_<n> functions to the copy it mutates.
-    assert set(m.__all__) == {n for n in defined_here if not n.startswith("_") and "__mutmut_" not in n}
-    assert issubclass(m.APITimeoutError, m.APIConnectionError) and issubclass(m.APITimeoutError, TimeoutError)
-    assert issubclass(m.InvalidResponseError, ValueError) and issubclass(m.WaitTimeoutError, TimeoutError)
-    assert all(issubclass(c, m.APIStatusError) for _, c in STATUS_CLASSES)
+    assert {n for n in defined_here if not n.startswith("_")} == set(m.__all__)
+
+
+@pytest.mark.parametrize(
+    "cls, bases",
+    [
+        (m.APITimeoutError, (m.APIConnectionError, TimeoutError)),
+        (m.InvalidResponseError, (m.MKA1Error, ValueError)),
+        (m.WaitTimeoutError, (m.MKA1Error, TimeoutError)),
+        (m.APIStatusError, (m.MKA1Error,)),
+    ]
+    + [(cls, (m.APIStatusError,)) for _, cls in STATUS_CLASSES],
+)
+def test_error_classes_also_inherit_the_stdlib_type_they_mean(cls, bases):
+    assert all(issubclass(cls, base) for base in bases)
 
 
 # --- Real sockets: the stand-in gateway on 127.0.0.1 -------------------------------------------
@@ -1719,27 +1778,19 @@ def test_status_errors_pickle_with_their_attributes(api, status, cls):
     assert back.body == {"error": {"message": "Something happened", "details": [1, None]}}
 
 
-def _invalid_response(api: Any, monkeypatch: Any) -> Any:
+def _invalid_response(api: Any) -> Any:
     ok(api, dict(EXAMPLE, created_at="yesterday"))
     return raised(get)
 
 
-def _connection_error(api: Any, monkeypatch: Any) -> Any:
+def _connection_error(api: Any) -> Any:
     api.add(responses.GET, URL + BID, body=requests.ConnectionError("reset"))
     return raised(lambda: get(max_retries=0))
 
 
-def _timeout(api: Any, monkeypatch: Any) -> Any:
+def _timeout(api: Any) -> Any:
     api.add(responses.GET, URL + BID, body=requests.ReadTimeout("slow"))
     return raised(lambda: get(max_retries=0))
-
-
-def _wait_timeout(api: Any, monkeypatch: Any) -> Any:
-    clock = [1000.0]
-    monkeypatch.setattr(m.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(m, "_sleep", lambda s: clock.__setitem__(0, clock[0] + s))
-    ok(api, dict(EXAMPLE, status="in_progress"))
-    return raised(lambda: m.wait_for_batch(TOKEN, BID, base_url=BASE, max_wait=5, poll_interval=2))
 
 
 @pytest.mark.parametrize(
@@ -1748,14 +1799,21 @@ def _wait_timeout(api: Any, monkeypatch: Any) -> Any:
         (_invalid_response, m.InvalidResponseError, {"field": "created_at", "request_id": RID}),
         (_connection_error, m.APIConnectionError, {}),
         (_timeout, m.APITimeoutError, {}),
-        (_wait_timeout, m.WaitTimeoutError, {"batch": m.Batch.from_dict(dict(EXAMPLE, status="in_progress"))}),
     ],
 )
-def test_other_errors_pickle_with_their_attributes(api, monkeypatch, make, cls, attributes):
-    e = make(api, monkeypatch)
+def test_other_errors_pickle_with_their_attributes(api, make, cls, attributes):
+    e = make(api)
     back = pickle.loads(pickle.dumps(e))  # noqa: S301 - our own bytes
     assert (type(back), str(back), vars(back)) == (cls, str(e), vars(e))
     assert {name: getattr(back, name) for name in attributes} == attributes
+
+
+def test_wait_timeout_error_pickles_with_its_batch(api, fake_clock):
+    ok(api, dict(EXAMPLE, status="in_progress"))
+    e = raised(lambda: m.wait_for_batch(TOKEN, BID, base_url=BASE, max_wait=5, poll_interval=2))
+    back = pickle.loads(pickle.dumps(e))  # noqa: S301 - our own bytes
+    assert (type(back), str(back), vars(back)) == (m.WaitTimeoutError, str(e), vars(e))
+    assert back.batch.to_dict() == dict(EXAMPLE, status="in_progress")
 
 
 # --- Results: iter_results and BatchResult ------------------------------------------------------
@@ -2782,10 +2840,7 @@ def test_wait_defaults_and_user(api, sleeps):
     assert len(api.calls) == 3  # max_retries defaults to 2
 
 
-def test_wait_deadline_in_a_retry_keeps_the_last_batch(api, monkeypatch):
-    clock = [1000.0]
-    monkeypatch.setattr(m.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(m, "_sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+def test_wait_deadline_in_a_retry_keeps_the_last_batch(api, fake_clock):
     ok(api, dict(EXAMPLE, status="in_progress"))
     fail(api, 429, {"error": "Rate limit exceeded"}, {"Retry-After": "50"})
     with pytest.raises(m.WaitTimeoutError) as info:
@@ -2818,10 +2873,7 @@ def test_wait_deadline_raises_with_last_batch_and_never_oversleeps(gateway, monk
     assert 0.5 <= elapsed < 1.5 and sum(slept) <= 0.5 and max(slept) <= 0.15
 
 
-def test_wait_deadline_cuts_a_retry_sleep(api, sleeps, monkeypatch):
-    clock = [1000.0]
-    monkeypatch.setattr(m.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(m, "_sleep", lambda s: (sleeps.append(s), clock.__setitem__(0, clock[0] + s)))
+def test_wait_deadline_cuts_a_retry_sleep(api, sleeps, fake_clock):
     fail(api, 429, {"error": "Rate limit exceeded"}, {"Retry-After": "50"})
     with pytest.raises(m.WaitTimeoutError) as info:
         m.wait_for_batch(TOKEN, BID, base_url=BASE, max_wait=20)
