@@ -2093,13 +2093,16 @@ def padded_line(custom_id: str, size: int) -> bytes:
 
 # 1000: the line ends inside one read; 100000: it spans reads, and the cap falls between them.
 @pytest.mark.parametrize("cap", [1000, 100_000])
-@pytest.mark.parametrize("over", [0, 1])
-def test_line_cap_is_inclusive_and_a_longer_line_is_refused(api, monkeypatch, cap, over):
+def test_a_line_at_the_cap_is_read(api, monkeypatch, cap):
     monkeypatch.setattr(m, "MAX_LINE_BYTES", cap)
-    add_file(api, "file-out", jsonl(numbered(1)) + padded_line("request-2", cap + over) + b"\n" + jsonl(numbered(3)))
-    if not over:
-        assert custom_ids("file-out") == ["request-1", "request-2", "request-3"]
-        return
+    add_file(api, "file-out", jsonl(numbered(1)) + padded_line("request-2", cap) + b"\n" + jsonl(numbered(3)))
+    assert custom_ids("file-out") == ["request-1", "request-2", "request-3"]
+
+
+@pytest.mark.parametrize("cap", [1000, 100_000])
+def test_a_line_one_byte_over_the_cap_is_refused(api, monkeypatch, cap):
+    monkeypatch.setattr(m, "MAX_LINE_BYTES", cap)
+    add_file(api, "file-out", jsonl(numbered(1)) + padded_line("request-2", cap + 1) + b"\n" + jsonl(numbered(3)))
     seen, error = read_until_error(m.iter_results(TOKEN, "file-out", base_url=BASE), m.InvalidResponseError)
     assert seen == ["request-1"]
     assert (str(error), error.request_id) == (f"file file-out line 2: longer than the {cap}-byte limit", RID)
@@ -2387,31 +2390,23 @@ def test_resuming_is_bounded_by_max_retries(api, sleeps):
     )
 
 
+ECHO = f"invalid key {TOKEN} for you"
+
+
 @pytest.mark.parametrize(
-    "case",
+    "body, kw",
     [
-        "401 body",
-        "503 page",
-        "connection error",
-        "redirect location",
-        "malformed line",
-        "wrong type",
+        (json.dumps({"error": {"message": ECHO}}), {"status": 401}),
+        (f"<html>{ECHO}</html>", {"status": 503}),
+        (requests.ConnectionError(f"proxy said {TOKEN}"), {}),
+        (b"", {"status": 302, "headers": {"Location": f"http://storage.example/?key={TOKEN}"}}),
+        (f'{{"custom_id": "c", "note": "{ECHO}"'.encode(), {}),
+        (jsonl({"custom_id": "c", "response": ECHO}), {}),
     ],
+    ids=["401 body", "503 page", "connection error", "redirect location", "malformed line", "wrong type"],
 )
-def test_the_token_is_never_in_a_file_error(api, case):
-    echo = f"invalid key {TOKEN} for you"
-    if case == "401 body":
-        add_file(api, "file-out", json.dumps({"error": {"message": echo}}), status=401)
-    elif case == "503 page":
-        add_file(api, "file-out", f"<html>{echo}</html>", status=503)
-    elif case == "connection error":
-        add_file(api, "file-out", requests.ConnectionError(f"proxy said {TOKEN}"))
-    elif case == "redirect location":
-        add_file(api, "file-out", status=302, headers={"Location": f"http://storage.example/?key={TOKEN}"})
-    elif case == "malformed line":
-        add_file(api, "file-out", f'{{"custom_id": "c", "note": "{echo}"'.encode())
-    else:
-        add_file(api, "file-out", jsonl({"custom_id": "c", "response": echo}))
+def test_the_token_is_never_in_a_file_error(api, body, kw):
+    add_file(api, "file-out", body, **kw)
     with pytest.raises(m.MKA1Error) as info:
         results("file-out", max_retries=0)
     assert all(TOKEN[3:-3] not in text for text in (str(info.value), repr(info.value)))
@@ -2478,30 +2473,50 @@ def test_the_credentials_follow_a_redirect_only_within_the_gateways_origin(api, 
     assert [credentials(c) for c in api.calls] == [OURS, OURS if ours else {}]
 
 
-@pytest.mark.parametrize("hop", [1, 2])
-def test_a_redirect_from_https_to_http_is_refused(api, hop):
-    target = "http://storage.example/file-out"
-    first = target if hop == 1 else STORAGE
+@pytest.mark.parametrize(
+    "first, message, sent",
+    [
+        (
+            "http://storage.example/file-out",
+            f"302 redirect to 'http://storage.example/file-out' refused: https to http (request {RID})",
+            [FILES + "file-out/content"],
+        ),
+        (
+            STORAGE,
+            "302 redirect to 'http://storage.example/file-out' refused: https to http",
+            [FILES + "file-out/content", STORAGE],
+        ),
+    ],
+    ids=["first hop", "second hop"],
+)
+def test_a_redirect_from_https_to_http_is_refused(api, first, message, sent):
     api.add(responses.GET, FILES + "file-out/content", status=302, headers={"Location": first, "X-Request-ID": RID})
-    redirect(api, STORAGE, target)
-    api.add(responses.GET, target, body=jsonl(numbered(1)))
+    redirect(api, STORAGE, "http://storage.example/file-out")
+    api.add(responses.GET, "http://storage.example/file-out", body=jsonl(numbered(1)))
     with pytest.raises(m.APIStatusError) as info:
         results("file-out")
-    suffix = f" (request {RID})" if hop == 1 else ""
     assert type(info.value) is m.APIStatusError and info.value.status_code == 302
-    assert str(info.value) == f"302 redirect to '{target}' refused: https to http{suffix}"
-    assert target not in [c.request.url for c in api.calls] and len(api.calls) == hop
+    assert str(info.value) == message
+    assert [c.request.url for c in api.calls] == sent
 
 
-@pytest.mark.parametrize("hops", [3, 4])
-def test_redirects_are_followed_at_most_three_hops(api, hops):
+def redirect_hops(api: responses.RequestsMock, hops: int) -> List[str]:
+    """A file redirected ``hops`` times, then its content; the URLs in the order they are asked for."""
     urls = [FILES + "file-out/content"] + [f"https://storage.example/{i}" for i in range(1, hops + 1)]
     for here, there in zip(urls, urls[1:]):
         redirect(api, here, there)
     api.add(responses.GET, urls[-1], body=jsonl(numbered(1)))
-    if hops == 3:
-        assert custom_ids("file-out") == ["request-1"] and len(api.calls) == 4
-        return
+    return urls
+
+
+def test_three_redirect_hops_are_followed(api):
+    urls = redirect_hops(api, 3)
+    assert custom_ids("file-out") == ["request-1"]
+    assert [c.request.url for c in api.calls] == urls
+
+
+def test_a_fourth_redirect_hop_is_not_followed(api):
+    urls = redirect_hops(api, 4)
     with pytest.raises(m.APIStatusError) as info:
         results("file-out")
     assert str(info.value) == "302 redirect to 'https://storage.example/4' not followed"
@@ -2791,17 +2806,21 @@ def test_live_redirect_to_another_origin_gets_no_credentials():
     assert storage_request["Accept-Encoding"] == "identity"
 
 
-@pytest.mark.parametrize("hops", [3, 4])
-def test_live_redirect_hops_are_bounded(hops):
+def test_live_three_redirect_hops_are_followed():
     with Loopback() as storage, Loopback() as gw:
         gw.answers = [moved(storage.url + "/1")]
-        storage.answers = [moved(f"{storage.url}/{i}") for i in range(2, hops + 1)] + [reply(jsonl(numbered(1)))]
-        if hops == 3:
-            assert [r.custom_id for r in live_results(gw.url, "file-out")] == ["request-1"]
-        else:
-            with pytest.raises(m.APIStatusError) as info:
-                list(live_results(gw.url, "file-out"))
-            assert str(info.value) == f"302 redirect to '{storage.url}/4' not followed"
+        storage.answers = [moved(storage.url + "/2"), moved(storage.url + "/3"), reply(jsonl(numbered(1)))]
+        assert [r.custom_id for r in live_results(gw.url, "file-out")] == ["request-1"]
+    assert len(gw.requests) == 1 and [r["path"] for r in storage.requests] == ["/1", "/2", "/3"]
+
+
+def test_live_a_fourth_redirect_hop_is_not_followed():
+    with Loopback() as storage, Loopback() as gw:
+        gw.answers = [moved(storage.url + "/1")]
+        storage.answers = [moved(storage.url + "/2"), moved(storage.url + "/3"), moved(storage.url + "/4")]
+        with pytest.raises(m.APIStatusError) as info:
+            list(live_results(gw.url, "file-out"))
+    assert str(info.value) == f"302 redirect to '{storage.url}/4' not followed"
     assert len(gw.requests) == 1 and [r["path"] for r in storage.requests] == ["/1", "/2", "/3"]
 
 
@@ -2880,13 +2899,18 @@ def test_wait_calls_on_update_only_on_change(api):
     assert updates == [("validating", 0), ("in_progress", 1), ("in_progress", 2), ("completed", 3)]
 
 
-@pytest.mark.parametrize("status", ["failed", "expired", "cancelled"])
-def test_wait_returns_other_terminal_outcomes(gateway, status):
-    bid = "batch_failed" if status == "failed" else f"batch_status_{status}"
-    b = m.wait_for_batch(DEMO_TOKEN, bid, base_url=gateway.base_url)
+@pytest.mark.parametrize(
+    "batch_id, status",
+    [("batch_failed", "failed"), ("batch_status_expired", "expired"), ("batch_status_cancelled", "cancelled")],
+)
+def test_wait_returns_other_terminal_outcomes(gateway, batch_id, status):
+    b = m.wait_for_batch(DEMO_TOKEN, batch_id, base_url=gateway.base_url)
     assert b.status == status and len(gateway.requests) == 1
-    if status == "failed":
-        assert b.errors is not None and b.errors.data[0].code == "invalid_json_line"
+
+
+def test_wait_returns_a_failed_batch_with_its_errors(gateway):
+    b = m.wait_for_batch(DEMO_TOKEN, "batch_failed", base_url=gateway.base_url)
+    assert b.errors is not None and b.errors.data[0].code == "invalid_json_line"
 
 
 def test_wait_sleeps_poll_interval(api, sleeps):
@@ -2897,12 +2921,14 @@ def test_wait_sleeps_poll_interval(api, sleeps):
     assert sleeps == [7.5, 7.5]
 
 
-def test_wait_defaults_and_user(api, sleeps):
+def test_wait_polls_every_2_s_by_default_as_the_user(api, sleeps):
     api.add(responses.GET, URL + BID, json=dict(EXAMPLE, status="in_progress"))
     ok(api)
     m.wait_for_batch(TOKEN, BID, "user_9", base_url=BASE)
     assert sleeps == [2.0] and [c.request.headers["X-On-Behalf-Of"] for c in api.calls] == ["user_9", "user_9"]
-    api.reset()
+
+
+def test_wait_retries_twice_by_default(api):
     fail(api, 503, "busy")
     with pytest.raises(m.InternalServerError):
         m.wait_for_batch(TOKEN, BID, base_url=BASE)
