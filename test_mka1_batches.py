@@ -3072,6 +3072,9 @@ def test_cli_api_error_is_one_line_exit_1_without_token(cli, gateway):
     assert (r.returncode, r.stdout) == (1, "")
     assert r.stderr.startswith("error: 404 Batch not found (request ") and r.stderr.count("\n") == 1
     assert DEMO_TOKEN not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_wrong_key_is_exit_1_without_the_key(cli, gateway):
     r = cli("batch_x", env={"MKA1_API_KEY": "sk-secret-wrong", "MKA1_BASE_URL": gateway.base_url})
     assert r.returncode == 1 and r.stderr.startswith("error: 401 Invalid API key") and "sk-secret-wrong" not in r.stderr
 
@@ -3095,39 +3098,88 @@ def test_cli_network_error_exit_1(cli, gateway):
             {"MKA1_API_KEY": "k"},
             "error: batch_id must be a non-empty printable string other than . and .., not '..'\n",
         ),
-        (["b", "--on-behalf-of", "x" * 151], {"MKA1_API_KEY": "k"}, None),
-        (["b", "--timeout", "-1"], {"MKA1_API_KEY": "k"}, None),
-        (["b", "--max-wait", "0", "--wait"], {"MKA1_API_KEY": "k"}, None),
-        (["b", "--base-url", "ftp://x"], {"MKA1_API_KEY": "k"}, None),
-        (["b", "--timeout", "soon"], {"MKA1_API_KEY": "k"}, None),
-        ([], {"MKA1_API_KEY": "k"}, None),
+        (
+            ["b", "--on-behalf-of", "x" * 151],
+            {"MKA1_API_KEY": "k"},
+            "error: on_behalf_of must be 1-150 printable ASCII characters, not '" + "x" * 151 + "'\n",
+        ),
+        (
+            ["b", "--timeout", "-1"],
+            {"MKA1_API_KEY": "k"},
+            "error: timeout must be seconds > 0, or a (connect, read) pair of them, not -1.0\n",
+        ),
+        (
+            ["b", "--max-wait", "0", "--wait"],
+            {"MKA1_API_KEY": "k"},
+            "error: max_wait must be None or a positive number of seconds, not 0.0\n",
+        ),
+        (
+            ["b", "--base-url", "ftp://x"],
+            {"MKA1_API_KEY": "k"},
+            "error: base_url must be an http(s) URL with no query, such as 'https://apigw.mka1.com'\n",
+        ),
     ],
 )
-def test_cli_usage_errors_exit_2(cli, args, env, message):
+def test_cli_usage_errors_exit_2_with_one_line(cli, args, env, message):
     r = cli(*args, env=env)
-    assert (r.returncode, r.stdout) == (2, "") and "Traceback" not in r.stderr
-    if message is not None:
-        assert r.stderr == message
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", message)
 
 
-def test_cli_wait_progress_and_exit_codes(cli, gateway, monkeypatch):
-    env = {"MKA1_API_KEY": DEMO_TOKEN, "MKA1_BASE_URL": gateway.base_url}
-    r = cli("batch_progress", "--wait", "--poll-interval", "0.01", env=env)
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        (["b", "--timeout", "soon"], "argument --timeout: invalid float value: 'soon'"),
+        ([], "the following arguments are required: batch_id"),
+    ],
+)
+def test_cli_argument_errors_exit_2_with_the_usage(cli, args, error):
+    r = cli(*args, env={"MKA1_API_KEY": "k"})
+    assert (r.returncode, r.stdout) == (2, "") and r.stderr.startswith("usage: python -m mka1_batches ")
+    assert r.stderr.endswith(f"\npython -m mka1_batches: error: {error}\n")
+
+
+def test_cli_wait_writes_a_line_per_change(cli, gateway):
+    r = cli("batch_progress", "--wait", "--poll-interval", "0.01", env=_env(gateway))
     assert r.returncode == 0 and json.loads(r.stdout)["status"] == "completed"
     lines = r.stderr.splitlines()
-    assert [line.split(",")[0] for line in lines] == [f"{s}: {c}/{t} completed" for s, c, _, t in PROGRESS]
-    assert all(line.endswith("s") and f", {f} failed, " in line for line, (_, _, f, _) in zip(lines, PROGRESS))
-    r = cli("nope", "--wait", env=env)
-    assert r.returncode == 1 and r.stderr.startswith("error: 404 Batch not found (request ")
-    r = cli("batch_failed", "--wait", env=env)
+    assert [line.rsplit(", ", 1)[0] for line in lines] == [
+        "validating: 0/0 completed, 0 failed",
+        "in_progress: 0/3 completed, 0 failed",
+        "in_progress: 1/3 completed, 0 failed",
+        "in_progress: 1/3 completed, 1 failed",
+        "finalizing: 2/3 completed, 1 failed",
+        "completed: 2/3 completed, 1 failed",
+    ]
+    assert all(re.fullmatch(r"\d+s", line.rsplit(", ", 1)[1]) for line in lines)
+
+
+def test_cli_wait_on_a_failed_batch_is_exit_3(cli, gateway):
+    r = cli("batch_failed", "--wait", env=_env(gateway))
     assert r.returncode == 3 and json.loads(r.stdout)["status"] == "failed"
     assert r.stderr == "failed: 0/0 completed, 0 failed, 0s\n"
-    r = cli("batch_status_cancelled", "--wait", env=env)
-    assert r.returncode == 3
-    r = cli("batch_status_failed", env=env)  # without --wait a fetched batch is success
-    assert r.returncode == 0
+
+
+@pytest.mark.parametrize(
+    "args, code",
+    [
+        (["batch_status_cancelled", "--wait"], 3),
+        (["batch_status_failed"], 0),  # without --wait a fetched batch is success
+    ],
+)
+def test_cli_exit_code_follows_the_outcome(cli, gateway, args, code):
+    assert cli(*args, env=_env(gateway)).returncode == code
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "terminal"])
+def test_cli_wait_on_a_missing_batch_is_exit_1(cli, gateway, monkeypatch, terminal):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    r = cli("nope", "--wait", env=_env(gateway))
+    assert r.returncode == 1 and r.stderr.startswith("error: 404 Batch not found (request ")
+
+
+def test_cli_wait_past_max_wait_is_exit_4(cli, gateway, monkeypatch):
     monkeypatch.setattr(m, "_sleep", time.sleep)
-    r = cli("batch_status_in_progress", "--wait", "--poll-interval", "0.05", "--max-wait", "0.3", env=env)
+    r = cli("batch_status_in_progress", "--wait", "--poll-interval", "0.05", "--max-wait", "0.3", env=_env(gateway))
     assert (r.returncode, r.stdout) == (4, "")
     assert (
         r.stderr.splitlines()[-1] == "error: batch did not reach a terminal status in time (last status 'in_progress')"
@@ -3136,12 +3188,10 @@ def test_cli_wait_progress_and_exit_codes(cli, gateway, monkeypatch):
 
 def test_cli_progress_redraws_in_place_on_a_terminal(cli, gateway, monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    r = cli("batch_failed", "--wait", env={"MKA1_API_KEY": DEMO_TOKEN, "MKA1_BASE_URL": gateway.base_url})
+    r = cli("batch_failed", "--wait", env=_env(gateway))
     # Drawn when seen, then drawn again to end the line; with no terminal size to read, 80 columns.
     line = "0s failed: 0/0 completed, 0 failed"
     assert r.returncode == 3 and r.stderr == f"\r\x1b[K{line}\r\x1b[K{line}\n"
-    r = cli("nope", "--wait", env={"MKA1_API_KEY": DEMO_TOKEN, "MKA1_BASE_URL": gateway.base_url})
-    assert r.returncode == 1 and r.stderr.startswith("error: 404 Batch not found (request ")
 
 
 def test_cli_progress_ticks_between_changes_on_a_terminal(cli, gateway, monkeypatch):
@@ -3298,7 +3348,9 @@ def test_cli_help_text(cli, monkeypatch):
         assert line in lines
 
 
-def test_cli_passes_options_and_defaults(cli, monkeypatch):
+@pytest.fixture
+def waits(monkeypatch):
+    """The arguments main() gives wait_for_batch, which returns the documented example."""
     seen: Dict[str, Any] = {}
 
     def fake_wait(*args: Any, **kw: Any) -> m.Batch:
@@ -3306,8 +3358,14 @@ def test_cli_passes_options_and_defaults(cli, monkeypatch):
         return m.Batch.from_dict(EXAMPLE)
 
     monkeypatch.setattr(m, "wait_for_batch", fake_wait)
+    return seen
+
+
+def test_cli_passes_defaults_and_prints_the_batch(cli, waits):
     r = cli(BID, "--wait", "--on-behalf-of", "user_5", env={"MKA1_API_KEY": "k"})
-    assert r.returncode == 0 and r.stdout == json.dumps(m.Batch.from_dict(EXAMPLE).to_dict(), indent=2) + "\n"
+    assert r.returncode == 0 and json.loads(r.stdout) == EXAMPLE
+    assert r.stdout.startswith('{\n  "id": "batch_aa87e2b1112a455b8deabed784372198",\n') and r.stdout.endswith("}\n")
+    seen = waits
     assert seen["args"] == ("k", BID, "user_5")
     assert (seen["poll_interval"], seen["max_wait"], seen["timeout"], seen["base_url"]) == (
         2.0,
@@ -3315,8 +3373,11 @@ def test_cli_passes_options_and_defaults(cli, monkeypatch):
         (10.0, 30.0),
         "https://apigw.mka1.com",
     )
-    r = cli(BID, "--wait", "--poll-interval", "0.5", "--max-wait", "9", "--timeout", "3", env={"MKA1_API_KEY": "k"})
-    assert (seen["poll_interval"], seen["max_wait"], seen["timeout"]) == (0.5, 9.0, 3.0)
+
+
+def test_cli_passes_the_wait_options(cli, waits):
+    cli(BID, "--wait", "--poll-interval", "0.5", "--max-wait", "9", "--timeout", "3", env={"MKA1_API_KEY": "k"})
+    assert (waits["poll_interval"], waits["max_wait"], waits["timeout"]) == (0.5, 9.0, 3.0)
 
 
 def test_cli_help_documents_exit_codes_and_environment(cli):
@@ -3471,34 +3532,44 @@ def test_cli_results_after_waiting_are_one_json_object_a_line(cli, gateway):
     ]
 
 
-def test_cli_results_of_a_batch_not_finished_are_exit_4(cli, gateway):
-    for batch_id, status in (("batch_progress", "validating"), ("batch_status_in_progress", "in_progress")):
-        r = cli(batch_id, "--results", env=_env(gateway))
-        message = f"error: batch {batch_id} is {status}, not finished: add --wait\n"
-        assert (r.returncode, r.stdout, r.stderr) == (4, "", message)
-    assert [request["path"] for request in gateway.requests] == [
-        "/api/v1/llm/batches/batch_progress",
-        "/api/v1/llm/batches/batch_status_in_progress",
-    ]
+@pytest.mark.parametrize(
+    "batch_id, message",
+    [
+        ("batch_progress", "error: batch batch_progress is validating, not finished: add --wait\n"),
+        (
+            "batch_status_in_progress",
+            "error: batch batch_status_in_progress is in_progress, not finished: add --wait\n",
+        ),
+    ],
+)
+def test_cli_results_of_a_batch_not_finished_are_exit_4(cli, gateway, batch_id, message):
+    r = cli(batch_id, "--results", env=_env(gateway))
+    assert (r.returncode, r.stdout, r.stderr) == (4, "", message)
+    assert [request["path"] for request in gateway.requests] == ["/api/v1/llm/batches/" + batch_id]
 
 
 @pytest.mark.parametrize(
-    "batch_id, wait, code, custom_ids, stderr",
+    "args, code, custom_ids, stderr",
     [
-        ("batch_x", False, 0, ["request-3", "request-1", "request-2"], ""),
-        ("batch_status_completed", True, 0, ["request-3", "request-1", "request-2"], "completed: 2/3 completed, 1"),
-        ("batch_status_cancelled", False, 3, ["request-3"], ""),
-        ("batch_status_cancelled", True, 3, ["request-3"], "cancelled: 1/3 completed, 0"),
-        ("batch_status_expired", True, 3, ["request-3"], "expired: 1/3 completed, 0"),
-        ("batch_failed", False, 3, [], ""),
-        ("batch_failed", True, 3, [], "failed: 0/0 completed, 0"),
+        (["batch_x"], 0, ["request-3", "request-1", "request-2"], ""),
+        (
+            ["batch_status_completed", "--wait"],
+            0,
+            ["request-3", "request-1", "request-2"],
+            "completed: 2/3 completed, 1 failed, 0s\n",
+        ),
+        (["batch_status_cancelled"], 3, ["request-3"], ""),
+        (["batch_status_cancelled", "--wait"], 3, ["request-3"], "cancelled: 1/3 completed, 0 failed, 0s\n"),
+        (["batch_status_expired", "--wait"], 3, ["request-3"], "expired: 1/3 completed, 0 failed, 0s\n"),
+        (["batch_failed"], 3, [], ""),
+        (["batch_failed", "--wait"], 3, [], "failed: 0/0 completed, 0 failed, 0s\n"),
     ],
 )
-def test_cli_results_exit_codes_and_partial_results(cli, gateway, batch_id, wait, code, custom_ids, stderr):
+def test_cli_results_exit_codes_and_partial_results(cli, gateway, args, code, custom_ids, stderr):
     """A batch that ended other than completed: what it has is written, then exit 3, with or without --wait."""
-    r = cli(batch_id, *(["--wait"] if wait else []), "--results", env=_env(gateway))
+    r = cli(*args, "--results", env=_env(gateway))
     assert (r.returncode, [json.loads(line)["custom_id"] for line in r.stdout.splitlines()]) == (code, custom_ids)
-    assert r.stderr == (stderr and stderr + " failed, 0s\n")
+    assert r.stderr == stderr
 
 
 def test_cli_results_on_a_terminal_show_nothing_for_a_small_file(cli, gateway, monkeypatch):
