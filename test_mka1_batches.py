@@ -3420,23 +3420,32 @@ def _cli_env(gateway: Gateway, unbuffered: bool = True) -> Dict[str, str]:
     return env
 
 
-def test_cli_reader_gone_before_the_json_is_exit_141_without_a_word(gateway):
-    """`| head -n1`, `| grep -q`: the reader may close its end first. Twelve runs over real pipes, three
-    of each kind: with and without --wait, and buffered (the flush fails) or not (the print fails)."""
-    kinds = [(wait, unbuffered) for wait in ([], ["--wait"]) for unbuffered in (False, True)] * 3
-    runs = []
-    for wait, unbuffered in kinds:
-        command = [sys.executable, "-m", "mka1_batches", "batch_x", *wait]
-        env = _cli_env(gateway, unbuffered)
-        p = subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def _with_the_reader_gone(gateway: Gateway, args: List[str], unbuffered: bool, runs: int) -> List[Any]:
+    """Run the CLI ``runs`` times at once, each with its stdout closed before it starts: (stderr, exit code)."""
+    started = []
+    for _ in range(runs):
+        command = [sys.executable, "-m", "mka1_batches", *args]
+        p = subprocess.Popen(
+            command, env=_cli_env(gateway, unbuffered), cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         p.stdout.close()  # long before the child, still starting, writes a byte
-        runs.append(p)
-    results = []
-    for p in runs:
-        results.append((p.stderr.read().decode(), p.wait(timeout=60)))
+        started.append(p)
+    ended = []
+    for p in started:
+        ended.append((p.stderr.read().decode(), p.wait(timeout=60)))
         p.stderr.close()
-    progress = "completed: 2/3 completed, 1 failed, 0s\n"
-    assert results == [("" if not wait else progress, 141) for wait, _ in kinds]
+    return ended
+
+
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["the flush fails", "the print fails"])
+@pytest.mark.parametrize(
+    "args, stderr",
+    [(["batch_x"], ""), (["batch_x", "--wait"], "completed: 2/3 completed, 1 failed, 0s\n")],
+    ids=["get", "wait"],
+)
+def test_cli_reader_gone_before_the_json_is_exit_141_without_a_word(gateway, args, stderr, unbuffered):
+    """`| head -n1`, `| grep -q`: the reader may close its end first. Three runs over real pipes each."""
+    assert _with_the_reader_gone(gateway, args, unbuffered, 3) == [(stderr, 141)] * 3
 
 
 def test_cli_reader_gone_mid_wait_is_exit_141(gateway):
@@ -3507,15 +3516,17 @@ def _env(gateway: Gateway) -> Dict[str, str]:
 
 
 def _as_written(gateway: Gateway, *file_ids: str) -> List[str]:
-    """The files' lines as --results writes them: each a BatchResult's to_dict(), compact."""
+    """The files' lines as --results writes them: compact, custom_id first, then id, response and error."""
     lines = []
     for file_id in file_ids:
         url = f"{gateway.base_url}/api/v1/llm/files/{file_id}/content"
         r = requests.get(url, headers={"Authorization": "Bearer " + DEMO_TOKEN}, timeout=10)
         assert r.status_code == 200
         for line in r.text.splitlines():
-            result = m.BatchResult.from_dict(json.loads(line))
-            lines.append(json.dumps(result.to_dict(), separators=(",", ":")))
+            x = json.loads(line)
+            ordered = {"custom_id": x["custom_id"], "id": x["id"], "response": x["response"], "error": x["error"]}
+            assert ordered == x  # nothing else on the line
+            lines.append(json.dumps(ordered, separators=(",", ":")))
     return lines
 
 
@@ -3652,22 +3663,27 @@ def test_cli_read_progress_is_drawn_at_most_10_times_a_second_and_wiped(monkeypa
         "\r\x1b[Kfile-a: 3 lines, 0.0 of 1.0 MiB\r\x1b[Kfile-a: 5 lines, 0.0 of 1.0 MiB"
         "\r\x1b[Kfile-b: 3 lines, 0.0 MiB\r\x1b[K"
     )
-    terminal.truncate(0)
-    with m._ReadProgress(clock=lambda: now[0]) as progress:  # a file read within 0.1 s: nothing at all
+
+
+def test_cli_read_progress_of_a_file_read_within_a_tenth_of_a_second_is_nothing(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    with m._ReadProgress(clock=lambda: 0.05) as progress:
         progress.update(_Reader("file-c", 1))
         progress.update(_Reader("file-c", 2))
     assert terminal.getvalue() == ""
 
 
-def test_cli_read_progress_only_when_stderr_alone_is_a_terminal(monkeypatch):
+@pytest.mark.parametrize(
+    "stdout, stderr, shown",
+    [(_Terminal, _Terminal, False), (io.StringIO, _Terminal, True), (io.StringIO, io.StringIO, False)],
+)
+def test_cli_read_progress_only_when_stderr_alone_is_a_terminal(monkeypatch, stdout, stderr, shown):
     """Results written to the terminal that shows the progress would land in the middle of its line."""
-    monkeypatch.setattr(sys, "stderr", _Terminal())
-    monkeypatch.setattr(sys, "stdout", _Terminal())
-    assert not m._ReadProgress().shown
-    monkeypatch.setattr(sys, "stdout", io.StringIO())
-    assert m._ReadProgress().shown
-    monkeypatch.setattr(sys, "stderr", io.StringIO())
-    assert not m._ReadProgress().shown
+    monkeypatch.setattr(sys, "stderr", stderr())
+    monkeypatch.setattr(sys, "stdout", stdout())
+    assert m._ReadProgress().shown is shown
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a pty")
@@ -3695,23 +3711,15 @@ def test_cli_read_progress_on_a_narrow_real_terminal(gateway):
     assert draws and all(len(draw) <= 39 and draw.startswith("file-large-100000000: ") for draw in draws), draws
 
 
-def test_cli_results_reader_gone_is_exit_141_without_a_word(gateway):
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["the flush fails", "the print fails"])
+@pytest.mark.parametrize(
+    "args, stderr",
+    [(["batch_x", "--results"], ""), (["batch_x", "--results", "--wait"], "completed: 2/3 completed, 1 failed, 0s\n")],
+    ids=["get", "wait"],
+)
+def test_cli_results_reader_gone_is_exit_141_without_a_word(gateway, args, stderr, unbuffered):
     """As with the batch's JSON: the reader closes its end first, with and without --wait, buffered or not."""
-    kinds = [(wait, unbuffered) for wait in ([], ["--wait"]) for unbuffered in (False, True)] * 2
-    runs = []
-    for wait, unbuffered in kinds:
-        command = [sys.executable, "-m", "mka1_batches", "batch_x", "--results", *wait]
-        p = subprocess.Popen(
-            command, env=_cli_env(gateway, unbuffered), cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        p.stdout.close()
-        runs.append(p)
-    results = []
-    for p in runs:
-        results.append((p.stderr.read().decode(), p.wait(timeout=60)))
-        p.stderr.close()
-    progress = "completed: 2/3 completed, 1 failed, 0s\n"
-    assert results == [("" if not wait else progress, 141) for wait, _ in kinds]
+    assert _with_the_reader_gone(gateway, args, unbuffered, 2) == [(stderr, 141)] * 2
 
 
 def test_cli_results_head_n1_stops_a_large_download_at_once(gateway):
@@ -3792,6 +3800,9 @@ def test_standin_help_prints_usage_and_runs_nothing():
     assert r.stdout.startswith("usage: python standin_gateway.py [-h] [--serve] [--port N]\n")
     for text in ["--serve", "--port N", "'demo-key'", "python -m mka1_batches batch_progress --results\n"]:
         assert text in r.stdout
+
+
+def test_standin_port_out_of_range_is_a_usage_error():
     r = standin("--port", "65536")
     assert r.returncode == 2 and r.stderr.endswith("error: --port must be from 0 to 65535\n")
 
