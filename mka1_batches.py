@@ -1229,11 +1229,9 @@ def _retry_after(value: Optional[str]) -> Optional[float]:
         return None
     if re.fullmatch("[0-9]+", value.strip()):
         return float(value)
-    date = email.utils.parsedate_tz(value)
+    date = email.utils.parsedate_tz(value)  # a date with no zone comes back as GMT
     if date is None:
         return None
-    if date[9] is None:  # no zone: the RFC's dates are GMT
-        date = (*date[:9], 0)
     return max(0.0, email.utils.mktime_tz(date) - time.time())
 
 
