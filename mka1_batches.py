@@ -893,8 +893,8 @@ class _FileReader:
 
     def read(self, resp: requests.Response, deadline: float) -> Iterator[BatchResult]:
         request_id = resp.headers.get("X-Request-ID")
-        encoded = resp.headers.get("Content-Encoding", "identity").strip().lower() not in ("identity", "")
-        self.total = None if encoded else _content_length(resp.headers)  # bytes_read counts decoded bytes
+        # bytes_read counts decoded bytes, so the length of an encoded body is no total for it.
+        self.total = _content_length(resp.headers) if _encoding(resp) == "identity" else None
         number = 0
         skipped = 0
         for line in self._lines(resp, deadline):
@@ -1000,8 +1000,8 @@ def _read1(raw: Any) -> Callable[[int], bytes]:
 
 def _decoder(resp: requests.Response, first: bytes) -> Any:
     """A zlib decoder for a gzip or deflate body, fit to its first bytes; None for an unencoded one."""
-    encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding in ("identity", ""):
+    encoding = _encoding(resp)
+    if encoding == "identity":
         return None
     if encoding in ("gzip", "x-gzip"):
         return zlib.decompressobj(16 + zlib.MAX_WBITS)
@@ -1013,6 +1013,10 @@ def _decoder(resp: requests.Response, first: bytes) -> Any:
         f"response body has an unsupported Content-Encoding {_excerpt(encoding)!r}",
         request_id=resp.headers.get("X-Request-ID"),
     )
+
+
+def _encoding(resp: requests.Response) -> str:
+    return resp.headers.get("Content-Encoding", "").strip().lower() or "identity"
 
 
 def _chain(exc: Optional[BaseException]) -> List[BaseException]:
