@@ -1,35 +1,42 @@
-"""Get a batch from the MKA1 API (MeetKai's LLM gateway), and wait for it to finish.
+# SPDX-License-Identifier: MIT
+# Copyright (c) 2026 the mka1-batches authors. From the mka1-batches project; see its LICENSE.
+"""Get a batch from the MKA1 API (MeetKai's LLM gateway), wait for it to finish, read its results.
 
     >>> import mka1_batches
-    >>> batch = mka1_batches.get_batch(api_key, "batch_aa87e2b1112a455b8deabed784372198")
+    >>> batch = mka1_batches.wait_for_batch(api_key, "batch_aa87e2b1112a455b8deabed784372198")
     >>> batch.status, batch.request_counts.completed, batch.request_id
     ('completed', 3, '0736e48b-3d39-48d8-806c-952c907a1b2c#12')
+    >>> for result in mka1_batches.iter_results(api_key, batch):
+    ...     print(result.custom_id, result.error or result.response.status_code)
 
-From a shell: ``MKA1_API_KEY=... python -m mka1_batches BATCH_ID --wait``.
+From a shell: ``MKA1_API_KEY=... python -m mka1_batches BATCH_ID --wait --results``.
 One file, two dependencies (requests and attrs): copy it into your tree as it is.
 """
 
-from __future__ import annotations
-
 import contextlib
 import email.utils
+import functools
 import http.client
 import json
 import logging
 import random
 import re
 import socket
+import ssl
 import time
-from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Tuple, Union
-from urllib.parse import quote, urlsplit
+import zlib
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from urllib.parse import quote, urljoin, urlsplit
 
 import attr
 import requests
+import urllib3
 
 __all__ = [
     "DEFAULT_BASE_URL",
     "DEFAULT_TIMEOUT",
     "MAX_BODY_BYTES",
+    "MAX_LINE_BYTES",
     "MAX_RETRY_AFTER",
     "TERMINAL_STATUSES",
     "APIConnectionError",
@@ -40,6 +47,7 @@ __all__ = [
     "Batch",
     "BatchError",
     "BatchErrors",
+    "BatchResult",
     "InternalServerError",
     "InvalidResponseError",
     "MKA1Error",
@@ -47,14 +55,17 @@ __all__ = [
     "PermissionDeniedError",
     "RateLimitError",
     "RequestCounts",
+    "ResultError",
+    "ResultResponse",
     "UnprocessableEntityError",
     "WaitTimeoutError",
     "get_batch",
+    "iter_results",
     "main",
     "wait_for_batch",
 ]
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 #: The production gateway; self-hosted and staging gateways use their own.
 DEFAULT_BASE_URL = "https://apigw.mka1.com"
@@ -62,20 +73,27 @@ DEFAULT_BASE_URL = "https://apigw.mka1.com"
 DEFAULT_TIMEOUT = (10.0, 30.0)
 #: Statuses after which a batch never changes again.
 TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
-#: A response body larger than this is refused unread.
+#: A batch body larger than this, once decoded, is refused.
 MAX_BODY_BYTES = 10 * 1024 * 1024
+#: A result line longer than this is refused; an image-generation line holds several MB of base64.
+MAX_LINE_BYTES = 64 * 1024 * 1024
 #: A Retry-After longer than this (seconds) is raised to the caller, not slept.
 MAX_RETRY_AFTER = 60.0
 
 _Timeout = Union[float, Tuple[float, float]]
-
-# Per data class: each known key's kind and position, a blank argument list, the required keys.
-_Spec = Tuple[Dict[str, Tuple[Any, int]], List[Any], FrozenSet[str]]
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _BACKOFF_BASE = 0.5
 _BACKOFF_CAP = 8.0
+# An error body is cut here rather than refused, so that a huge 502 page is still a 502.
+_ERROR_BODY_BYTES = 64 * 1024
+# The most a body read hands over at once, before and after decoding.
+_CHUNK = 64 * 1024
+# File content may be redirected to storage; a batch never is.
+_MAX_REDIRECTS = 3
 _EXCERPT = 200
-_PATH = "/api/v1/llm/batches/"
+_BATCHES = "/api/v1/llm/batches/"
+_FILES = "/api/v1/llm/files/"
+_USER_AGENT = f"mka1-batches/{__version__} python-requests/{requests.__version__}"
 _log = logging.getLogger("mka1_batches")
 # Patched by the tests, so that no test sleeps for real.
 _sleep = time.sleep
@@ -83,6 +101,10 @@ _sleep = time.sleep
 
 class MKA1Error(Exception):
     """Base class of every error this module raises."""
+
+    # Built again from args and attributes: the keyword-only constructors need no arguments here.
+    def __reduce__(self) -> Any:
+        return (type(self).__new__, (type(self), *self.args), self.__dict__)
 
 
 class APIConnectionError(MKA1Error):
@@ -94,7 +116,7 @@ class APITimeoutError(APIConnectionError, TimeoutError):
 
 
 class InvalidResponseError(MKA1Error, ValueError):
-    """A 2xx response whose body is not a usable Batch."""
+    """A 2xx response whose body is not a usable Batch or result line."""
 
     def __init__(self, message: str, *, field: Optional[str] = None, request_id: Optional[str] = None):
         super().__init__(message)
@@ -134,7 +156,7 @@ class PermissionDeniedError(APIStatusError):
 
 
 class NotFoundError(APIStatusError):
-    """404: no such batch for this key and on-behalf-of user."""
+    """404: no such batch or file for this key and on-behalf-of user."""
 
 
 class UnprocessableEntityError(APIStatusError):
@@ -152,7 +174,7 @@ class InternalServerError(APIStatusError):
 class WaitTimeoutError(MKA1Error, TimeoutError):
     """``wait_for_batch`` reached ``max_wait``; ``batch`` is the last one seen."""
 
-    def __init__(self, message: str, batch: Optional[Batch]):
+    def __init__(self, message: str, batch: Optional["Batch"]):
         super().__init__(message)
         self.batch = batch
 
@@ -167,8 +189,6 @@ _STATUS_ERRORS = {
 }
 
 
-# The data classes keep their fields in a __dict__ (no slots): attrs' frozen __init__ then
-# stores each field with a dict write rather than object.__setattr__, twice as fast.
 @attr.s(frozen=True)
 class RequestCounts:
     """How many of a batch's requests there are, and how many have finished."""
@@ -177,16 +197,16 @@ class RequestCounts:
     completed: int = attr.ib()
     failed: int = attr.ib()
     #: Keys the server sent that this version does not know, kept as received.
-    extra: Dict[str, Any] = attr.ib(factory=dict)
+    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "request_counts") -> RequestCounts:
+    def from_dict(cls, data: Any, where: str = "request_counts") -> "RequestCounts":
         """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
-        return cls(*_fields(data, where, _COUNTS_SPEC))
+        return cls(**_fields(data, where, {"total": int, "completed": int, "failed": int}, required=3))
 
     def to_dict(self) -> Dict[str, Any]:
         """The JSON object, unknown keys included."""
-        return {"total": self.total, "completed": self.completed, "failed": self.failed, **self.extra}
+        return _to_dict(self)
 
 
 @attr.s(frozen=True)
@@ -197,16 +217,16 @@ class BatchError:
     message: str = attr.ib()
     param: Optional[str] = attr.ib(default=None)
     line: Optional[int] = attr.ib(default=None)
-    extra: Dict[str, Any] = attr.ib(factory=dict)
+    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "error") -> BatchError:
+    def from_dict(cls, data: Any, where: str = "error") -> "BatchError":
         """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
-        return cls(*_fields(data, where, _ERROR_SPEC))
+        return cls(**_fields(data, where, {"code": str, "message": str, "param": str, "line": int}, required=2))
 
     def to_dict(self) -> Dict[str, Any]:
         """The JSON object, unknown keys included."""
-        return {"code": self.code, "message": self.message, "param": self.param, "line": self.line, **self.extra}
+        return _to_dict(self)
 
 
 @attr.s(frozen=True)
@@ -215,16 +235,16 @@ class BatchErrors:
 
     data: Tuple[BatchError, ...] = attr.ib()
     object: Optional[str] = attr.ib(default=None)
-    extra: Dict[str, Any] = attr.ib(factory=dict)
+    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "errors") -> BatchErrors:
+    def from_dict(cls, data: Any, where: str = "errors") -> "BatchErrors":
         """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
-        return cls(*_fields(data, where, _ERRORS_SPEC))
+        return cls(**_fields(data, where, {"data": _error_list, "object": str}, required=1))
 
     def to_dict(self) -> Dict[str, Any]:
         """The JSON object, unknown keys included."""
-        return {"object": self.object, "data": [e.to_dict() for e in self.data], **self.extra}
+        return _to_dict(self)
 
 
 @attr.s(frozen=True)
@@ -252,9 +272,10 @@ class Batch:
     cancelled_at: Optional[int] = attr.ib(default=None)
     metadata: Optional[Dict[str, str]] = attr.ib(default=None)
     #: Keys the server sent that this version does not know, kept as received.
-    extra: Dict[str, Any] = attr.ib(factory=dict)
-    #: The X-Request-ID of the response this came from; quote it to support.
-    request_id: Optional[str] = attr.ib(default=None, eq=False)
+    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
+    #: The X-Request-ID of the response this came from; quote it to support. Not an attrs
+    #: field, so that two reads of one batch compare equal on every attrs release.
+    request_id: Optional[str] = None
 
     @property
     def is_terminal(self) -> bool:
@@ -262,34 +283,75 @@ class Batch:
         return self.status in TERMINAL_STATUSES
 
     @classmethod
-    def from_dict(cls, data: Any, request_id: Optional[str] = None) -> Batch:
+    def from_dict(cls, data: Any, request_id: Optional[str] = None) -> "Batch":
         """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
-        values = _fields(data, "batch", _BATCH_SPEC)
-        if values[1] != "batch":  # values[1] is the "object" field, already checked to be a string
-            raise _invalid("object", '"batch"', values[1])
-        values.append(request_id)
-        return cls(*values)
+        batch = cls(**_fields(data, "batch", _BATCH_FIELDS, required=8))
+        if batch.object != "batch":
+            raise _invalid("object", '"batch"', batch.object)
+        batch.__dict__["request_id"] = request_id  # frozen: set once, here
+        return batch
 
     def to_dict(self) -> Dict[str, Any]:
         """The JSON object: every field (absent optional ones as None), unknown keys included."""
-        out = {key: getattr(self, key) for key in _BATCH_SPEC[0]}
-        out["request_counts"] = self.request_counts.to_dict()
-        if self.errors is not None:
-            out["errors"] = self.errors.to_dict()
-        if self.metadata is not None:
-            out["metadata"] = dict(self.metadata)
-        out.update(self.extra)
-        return out
+        return _to_dict(self)
 
 
-def _spec(kinds: Dict[str, Any], required: int) -> _Spec:
-    """What _fields needs for a data class whose attributes are ``kinds``, in order, then ``extra``.
+@attr.s(frozen=True)
+class ResultResponse:
+    """The response to one request of a batch."""
 
-    A kind is str or int for a plain field, or the function that checks and builds a nested
-    one. The first ``required`` fields are required; the rest may be absent or null.
-    """
-    indexed = {key: (kind, i) for i, (key, kind) in enumerate(kinds.items())}
-    return indexed, [None] * (len(kinds) + 1), frozenset(list(kinds)[:required])
+    status_code: Optional[int] = attr.ib(default=None)
+    request_id: Optional[str] = attr.ib(default=None)
+    #: The endpoint's JSON response, as received.
+    body: Any = attr.ib(default=None)
+    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "response") -> "ResultResponse":
+        """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
+        return cls(**_fields(data, where, {"status_code": int, "request_id": str, "body": _any}, required=0))
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The JSON object, unknown keys included."""
+        return _to_dict(self)
+
+
+@attr.s(frozen=True)
+class ResultError:
+    """Why one request of a batch failed."""
+
+    code: Optional[str] = attr.ib(default=None)
+    message: Optional[str] = attr.ib(default=None)
+    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "error") -> "ResultError":
+        """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
+        return cls(**_fields(data, where, {"code": str, "message": str}, required=0))
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The JSON object, unknown keys included."""
+        return _to_dict(self)
+
+
+@attr.s(frozen=True)
+class BatchResult:
+    """One line of a batch's output or error file: the outcome of one request, by ``custom_id``."""
+
+    custom_id: str = attr.ib()
+    id: Optional[str] = attr.ib(default=None)
+    response: Optional[ResultResponse] = attr.ib(default=None)
+    error: Optional[ResultError] = attr.ib(default=None)
+    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "result") -> "BatchResult":
+        """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
+        return cls(**_fields(data, where, _RESULT_FIELDS, required=1))
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The JSON object, unknown keys included."""
+        return _to_dict(self)
 
 
 def _error_list(value: Any, path: str) -> Tuple[BatchError, ...]:
@@ -303,33 +365,44 @@ def _metadata(value: Any, path: str) -> Dict[str, str]:
         raise _invalid(path, "an object", value)
     for key, item in value.items():
         if type(item) is not str:
-            raise _invalid(f"{path}.{key}", "a string", item)
+            raise _invalid(path + "." + key, "a string", item)
     return dict(value)
 
 
-# The attributes of each data class in order, and their kinds; see _spec.
-_BATCH_SPEC = _spec(
-    {
-        "id": str,
-        "object": str,
-        "endpoint": str,
-        "input_file_id": str,
-        "completion_window": str,
-        "status": str,
-        "created_at": int,
-        "request_counts": RequestCounts.from_dict,
-        "errors": BatchErrors.from_dict,
-        "output_file_id": str,
-        "error_file_id": str,
-        **dict.fromkeys(("in_progress_at", "expires_at", "finalizing_at", "completed_at"), int),
-        **dict.fromkeys(("failed_at", "expired_at", "cancelling_at", "cancelled_at"), int),
-        "metadata": _metadata,
-    },
-    required=8,
-)
-_COUNTS_SPEC = _spec({"total": int, "completed": int, "failed": int}, required=3)
-_ERRORS_SPEC = _spec({"data": _error_list, "object": str}, required=1)
-_ERROR_SPEC = _spec({"code": str, "message": str, "param": str, "line": int}, required=2)
+def _any(value: Any, path: str) -> Any:
+    return value
+
+
+# Each data class's fields and their kinds: str or int, or a function that checks and builds
+# the value. The first ``required`` of them are required; the rest may be absent or null.
+_BATCH_FIELDS = {
+    "id": str,
+    "object": str,
+    "endpoint": str,
+    "input_file_id": str,
+    "completion_window": str,
+    "status": str,
+    "created_at": int,
+    "request_counts": RequestCounts.from_dict,
+    "errors": BatchErrors.from_dict,
+    "output_file_id": str,
+    "error_file_id": str,
+    "in_progress_at": int,
+    "expires_at": int,
+    "finalizing_at": int,
+    "completed_at": int,
+    "failed_at": int,
+    "expired_at": int,
+    "cancelling_at": int,
+    "cancelled_at": int,
+    "metadata": _metadata,
+}
+_RESULT_FIELDS = {
+    "custom_id": str,
+    "id": str,
+    "response": ResultResponse.from_dict,
+    "error": ResultError.from_dict,
+}
 
 
 def get_batch(
@@ -345,14 +418,21 @@ def get_batch(
     """Fetch one batch by id.
 
     :param token: the MKA1 API key, with or without a leading ``Bearer ``.
+    :param batch_id: the batch's id, such as ``batch_aa87e2b1112a455b8deabed784372198``.
     :param on_behalf_of: the end user this call acts for (``X-On-Behalf-Of``).
+    :param base_url: the gateway, for self-hosted and staging gateways.
     :param timeout: seconds, or ``(connect, read)``; an attempt also ends once their sum has passed.
     :param max_retries: retries after connection errors, timeouts, 408, 429 and 5xx.
     :param session: a ``requests.Session`` to reuse; it is not changed, and left open.
+    :raises APIStatusError: a status other than 2xx, as the subclass for that status.
+    :raises APIConnectionError: the gateway could not be reached in time, or the connection broke.
+    :raises InvalidResponseError: the body is not a Batch, or is another batch than the one asked for.
+    :raises ValueError, TypeError: a bad argument, before any I/O.
     """
-    call = _Call(token, batch_id, on_behalf_of, base_url, timeout, max_retries)
+    client = _Client(token, on_behalf_of, base_url, timeout, max_retries, _sleep)
+    path = _BATCHES + _check_id(batch_id, "batch_id")
     with _session(session) as s:
-        return call.fetch(s)
+        return client.get_batch(s, path, batch_id)
 
 
 def wait_for_batch(
@@ -370,88 +450,183 @@ def wait_for_batch(
 ) -> Batch:
     """Poll a batch until its status is terminal and return it, whatever the outcome.
 
-    :param max_wait: seconds; once they pass, raise WaitTimeoutError with the last Batch seen.
+    One Session, so one kept-alive connection, serves the whole wait.
+
+    :param poll_interval: seconds between polls.
+    :param max_wait: seconds; no sleep, between polls or before a retry, runs past them. Once they
+        have passed, raise WaitTimeoutError with the last Batch seen. A request in flight may
+        still take up to its own timeout.
     :param on_update: called with the first Batch, then whenever status or counts change.
+    :param session: a ``requests.Session`` to reuse; it is not changed, and left open.
+
+    The other parameters, and the errors raised, are those of :func:`get_batch`; and
+    :raises WaitTimeoutError: ``max_wait`` passed first.
     """
-    if not _positive(poll_interval) or not (max_wait is None or _positive(max_wait)):
-        raise ValueError("poll_interval and max_wait must be positive numbers of seconds")
-    call = _Call(token, batch_id, on_behalf_of, base_url, timeout, max_retries)
+    if not _positive(poll_interval):
+        raise ValueError(f"poll_interval must be a positive number of seconds, not {poll_interval!r}")
+    if max_wait is not None and not _positive(max_wait):
+        raise ValueError(f"max_wait must be None or a positive number of seconds, not {max_wait!r}")
     deadline = None if max_wait is None else time.monotonic() + max_wait
     last: Optional[Batch] = None
+
+    def sleep(seconds: float) -> None:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                seen = "nothing seen yet" if last is None else f"last status {last.status!r}"
+                raise WaitTimeoutError(f"batch did not reach a terminal status in time ({seen})", last)
+            seconds = min(seconds, left)
+        _sleep(seconds)
+
+    client = _Client(token, on_behalf_of, base_url, timeout, max_retries, sleep)
+    path = _BATCHES + _check_id(batch_id, "batch_id")
     with _session(session) as s:
         while True:
-            batch = call.fetch(s, deadline, last)
-            if on_update is not None and (
-                last is None or (batch.status, batch.request_counts) != (last.status, last.request_counts)
-            ):
+            batch = client.get_batch(s, path, batch_id)
+            changed = last is None or (batch.status, batch.request_counts) != (last.status, last.request_counts)
+            if on_update is not None and changed:
                 on_update(batch)
             last = batch
             if batch.is_terminal:
                 return batch
-            _sleep(_until(deadline, poll_interval, last))
+            sleep(poll_interval)
+
+
+def iter_results(
+    token: str,
+    batch: Union[Batch, str],
+    on_behalf_of: Optional[str] = None,
+    *,
+    include_errors: bool = True,
+    base_url: str = DEFAULT_BASE_URL,
+    timeout: _Timeout = DEFAULT_TIMEOUT,
+    max_retries: int = 2,
+    session: Optional[requests.Session] = None,
+) -> Iterator[BatchResult]:
+    """Yield a finished batch's results, one per line: its output file's, then its error file's.
+
+    The file streams: memory does not grow with its size. A connection that breaks mid-file is
+    re-requested, and the lines already yielded are skipped.
+
+    :param batch: a terminal Batch (a cancelled or expired one yields its partial results), or
+        the id of one file to read.
+    :param include_errors: also yield the lines of the batch's ``error_file_id``.
+    :param timeout: seconds, or ``(connect, read)``; the next line must come within their sum.
+
+    The other parameters are those of :func:`get_batch`. Errors are raised as the iteration
+    reaches them, and the results before them have been yielded:
+    :raises InvalidResponseError: a malformed line or one over MAX_LINE_BYTES (naming the file
+        and the line), or a file that changed while it was read again.
+    :raises APIStatusError, APIConnectionError: as for :func:`get_batch`.
+    :raises ValueError, TypeError: a bad argument or a batch that is not finished, before any I/O.
+    """
+    client = _Client(token, on_behalf_of, base_url, timeout, max_retries, _sleep)
+    return client.iter_results(session, _file_ids(batch, include_errors))
 
 
 class _BearerAuth(requests.auth.AuthBase):
     """Sets Authorization; passed as ``auth=``, so that ~/.netrc cannot replace it."""
 
-    def __init__(self, token: str):
-        self._header = "Bearer " + token
+    def __init__(self, token: Optional[str]):
+        self._header = None if token is None else "Bearer " + token
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
-        r.headers["Authorization"] = self._header
+        # None: a redirect to another host, which must see neither the key nor the session's.
+        if self._header is None:
+            r.headers.pop("Authorization", None)
+        else:
+            r.headers["Authorization"] = self._header
         return r
 
     def __repr__(self) -> str:
         return "<_BearerAuth>"
 
 
-class _Call:
-    """One checked request: everything a GET needs, validated before any I/O."""
+class _Redirect(Exception):
+    """Raised by a response hook, so that Session.send does not read a redirect's body whole."""
+
+    def __init__(self, response: requests.Response):
+        super().__init__(response.status_code)
+        self.response = response
+
+
+def _stop_at_redirect(response: requests.Response, **kwargs: Any) -> requests.Response:
+    # Session.send, even with allow_redirects=False, reads a redirect's whole body to fill
+    # Response.next: no cap, no deadline. Its response hooks run first.
+    if response.is_redirect:
+        raise _Redirect(response)
+    return response
+
+
+class _Client:
+    """Checked settings, and the one transport: send, retry, map errors, read bodies."""
 
     def __init__(
         self,
         token: str,
-        batch_id: str,
         on_behalf_of: Optional[str],
         base_url: str,
         timeout: _Timeout,
         max_retries: int,
+        sleep: Callable[[float], None],
     ):
         self.token = _check_token(token)
-        self.path = _PATH + _check_batch_id(batch_id)
-        self.url = _check_base_url(base_url) + self.path
+        self.base_url = _check_base_url(base_url)
         self.timeout = _check_timeout(timeout)
         if type(max_retries) is not int or max_retries < 0:
             raise ValueError(f"max_retries must be a non-negative integer, not {max_retries!r}")
         self.max_retries = max_retries
-        self.auth = _BearerAuth(self.token)
-        self.headers = {
-            "Accept": "application/json",
-            # The body is read below urllib3 (see _read_body), so it must come unencoded.
-            "Accept-Encoding": "identity",
-            "User-Agent": _USER_AGENT,
-            # None also removes an X-On-Behalf-Of default that the caller's session may carry.
-            "X-On-Behalf-Of": _check_on_behalf_of(on_behalf_of),
-        }
+        self.sleep = sleep
+        self.on_behalf_of = _check_on_behalf_of(on_behalf_of)
 
-    def fetch(self, session: requests.Session, deadline: Optional[float] = None, last: Optional[Batch] = None) -> Batch:
-        """GET the batch, retrying what is safe to retry, never sleeping past ``deadline``."""
+    def get_batch(self, session: requests.Session, path: str, batch_id: str) -> Batch:
+        batch: Batch
+        (batch,) = self._retrying(session, path, "application/json", self._read_batch)
+        if batch.id != batch_id:  # a desync or a mixed-up cache must not hand over another batch
+            raise InvalidResponseError(
+                f"response is for batch {batch.id!r}, not {batch_id!r}",
+                field="id",
+                request_id=batch.request_id,
+            )
+        return batch
+
+    def iter_results(
+        self,
+        session: Optional[requests.Session],
+        file_ids: List[str],
+        progress: Optional[Callable[["_FileReader"], None]] = None,
+    ) -> Iterator[BatchResult]:
+        with _session(session) as s:
+            for file_id in file_ids:
+                reader = _FileReader(self, file_id, progress)
+                yield from self._retrying(s, reader.path, "*/*", reader.read, follow=True)
+
+    def _retrying(
+        self,
+        session: requests.Session,
+        path: str,
+        accept: str,
+        consume: Callable[[requests.Response, float], Iterator[Any]],
+        follow: bool = False,
+    ) -> Iterator[Any]:
+        """Yield what ``consume`` yields from the response, re-requesting what is safe to retry."""
         attempt = 1
         while True:
+            started = time.monotonic()
             try:
-                return self._attempt(session, attempt)
+                with self._open(session, path, accept, attempt, follow) as resp:
+                    yield from consume(resp, started + sum(self.timeout))
+                return
             except (APIConnectionError, APIStatusError) as exc:
                 delay = self._retry_delay(exc, attempt)
                 if delay is None:
                     raise
-                _log.debug(
-                    "GET %s: retry %d of %d in %.2fs after: %s", self.path, attempt, self.max_retries, delay, exc
-                )
-                _sleep(_until(deadline, delay, last))
+                _log.debug("GET %s: retry %d of %d in %.2fs after: %s", path, attempt, self.max_retries, delay, exc)
+                self.sleep(delay)
             attempt += 1
 
     def _retry_delay(self, exc: MKA1Error, attempt: int) -> Optional[float]:
-        if attempt > self.max_retries:
+        if attempt > self.max_retries or exc.__dict__.get("_final"):
             return None
         if isinstance(exc, APIStatusError):
             if exc.status_code not in _RETRY_STATUSES:
@@ -461,15 +636,52 @@ class _Call:
         # Exponential backoff with full jitter, so that many clients do not retry in step.
         return random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))  # noqa: S311 - not a secret
 
-    def _attempt(self, session: requests.Session, attempt: int) -> Batch:
-        deadline = time.monotonic() + self.timeout[0] + self.timeout[1]
+    def _open(self, session: requests.Session, path: str, accept: str, attempt: int, follow: bool) -> Any:
+        """The response to a GET, once its status is 2xx; otherwise raise the status's error."""
+        url = self.base_url + path
+        for hop in range(_MAX_REDIRECTS + 1):
+            resp = self._send(session, url, accept)
+            request_id = resp.headers.get("X-Request-ID")
+            _log.debug("GET %s -> %d (attempt %d, request %s)", urlsplit(url).path, resp.status_code, attempt, request_id)
+            if 200 <= resp.status_code < 300:
+                return resp
+            with resp:
+                location = resp.headers.get("Location")
+                if not (follow and resp.is_redirect) or hop == _MAX_REDIRECTS:
+                    raise self._status_error(resp, url, request_id, follow)
+                target = urljoin(url, location)
+                if urlsplit(target).scheme != "https" and urlsplit(url).scheme == "https":
+                    raise self._status_error(resp, url, request_id, follow, "refused: https to http")
+                url = target
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _send(self, session: requests.Session, url: str, accept: str) -> requests.Response:
+        # The key and the end user's id go to the gateway only, never to storage it redirects to.
+        ours = _origin(url) == _origin(self.base_url)
+        headers = {
+            "Accept": accept,
+            # Bodies are decoded here, with the caps applied to the decoded size.
+            "Accept-Encoding": "identity",
+            "User-Agent": _USER_AGENT,
+            # None also removes an X-On-Behalf-Of default that the caller's session may carry.
+            "X-On-Behalf-Of": self.on_behalf_of if ours else None,
+        }
+        # The session's response hooks run too: a request's own hooks would replace them.
+        hooks = session.hooks.get("response") or []
+        hooks = [hooks] if callable(hooks) else list(hooks)
+        request = requests.Request(
+            "GET",
+            url,
+            headers,
+            auth=_BearerAuth(self.token if ours else None),
+            hooks={"response": [*hooks, _stop_at_redirect]},
+        )
         try:
-            prepared = session.prepare_request(requests.Request("GET", self.url, self.headers, auth=self.auth))
-            env = session.merge_environment_settings(self.url, {}, True, None, None)
-            # Session.send is passed over on purpose: even with allow_redirects=False it reads
-            # a redirect's whole body (resolve_redirects), past the size cap and the deadline.
-            resp = session.get_adapter(self.url).send(
+            prepared = session.prepare_request(request)
+            env = session.merge_environment_settings(url, {}, True, None, None)
+            return session.send(
                 prepared,
+                allow_redirects=False,
                 stream=True,
                 timeout=self.timeout,
                 # A None here would turn certificate checks off; the session's default is True.
@@ -477,71 +689,112 @@ class _Call:
                 cert=env["cert"],
                 proxies=env["proxies"],
             )
-        except requests.RequestException as exc:
-            raise self._connection_error(exc) from exc
-        with resp:
-            status = resp.status_code
-            request_id = resp.headers.get("X-Request-ID")
-            _log.debug("GET %s -> %d (attempt %d, request %s)", self.path, status, attempt, request_id)
-            ok = 200 <= status < 300
-            length = _content_length(resp)
-            if ok and length is not None and length > MAX_BODY_BYTES:
-                raise InvalidResponseError(_too_big(str(length)), request_id=request_id)
-            body = self._read_body(resp, deadline, MAX_BODY_BYTES if ok else _ERROR_BODY_BYTES, length)
-            if not ok:
-                raise self._status_error(status, resp, body, request_id)
-            if len(body) > MAX_BODY_BYTES:
-                raise InvalidResponseError(_too_big("more than " + str(MAX_BODY_BYTES)), request_id=request_id)
-            try:
-                data = json.loads(body)
-            except (ValueError, RecursionError) as exc:
-                raise InvalidResponseError(f"response is not JSON: {_excerpt(body)!r}", request_id=request_id) from exc
-            try:
-                return Batch.from_dict(data, request_id)
-            except InvalidResponseError as exc:
-                exc.request_id = request_id
-                raise
+        except _Redirect as stop:
+            return stop.response
+        except Exception as exc:  # requests, urllib3, or whatever a mounted adapter raises
+            raise self._connection_error(exc, url) from exc
 
-    def _read_body(self, resp: requests.Response, deadline: float, limit: int, length: Optional[int]) -> bytes:
-        """Up to limit + 1 bytes of the body, read within the attempt's deadline."""
-        # urllib3's read(n) waits for all n bytes, so a server dripping one byte per read
-        # timeout could hold it for hours. http.client's read1 returns after one socket
-        # read, so the deadline is checked after every read.
-        raw: Any = resp.raw
-        fp = raw._fp
+    def _read_batch(self, resp: requests.Response, deadline: float) -> Iterator[Batch]:
+        request_id = resp.headers.get("X-Request-ID")
+        length = _content_length(resp.headers)
+        if length is not None and length > MAX_BODY_BYTES:
+            raise InvalidResponseError(_too_big(str(length)), request_id=request_id)
+        body = self._read_whole(resp, MAX_BODY_BYTES, deadline)
+        if len(body) > MAX_BODY_BYTES:
+            raise InvalidResponseError(_too_big("more than " + str(MAX_BODY_BYTES)), request_id=request_id)
+        try:
+            data = json.loads(body.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:
+            message = f"response is not JSON: {_excerpt(body)!r}"
+            raise InvalidResponseError(message, request_id=request_id) from exc
+        try:
+            yield Batch.from_dict(data, request_id)
+        except InvalidResponseError as exc:
+            exc.request_id = request_id
+            raise
+
+    def _read_whole(self, resp: requests.Response, limit: int, deadline: float) -> bytes:
+        """The decoded body, or its first ``limit`` + 1 bytes, read within the deadline."""
         chunks = []
         size = 0
-        try:
-            while size <= limit:
-                chunk = fp.read1(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-                if time.monotonic() > deadline:
-                    raise socket.timeout(f"body not read within {self.timeout[0] + self.timeout[1]}s")
-        except (OSError, ValueError, http.client.HTTPException) as exc:
-            raise self._connection_error(exc) from exc
-        if size <= limit:
-            if length is not None and size < length:
-                raise APIConnectionError(f"GET {self.path} failed: connection closed after {size} of {length} bytes")
-            # Whole body read: hand the connection back to the pool for the next call.
-            fp.close()
-            raw.release_conn()
+        for chunk in self._body(resp):
+            chunks.append(chunk)
+            size += len(chunk)
+            self._in_time(deadline, resp.url, f"body not read within {sum(self.timeout)}s")
+            if size > limit:
+                break
         return b"".join(chunks)
 
+    def _body(self, resp: requests.Response) -> Iterator[bytes]:
+        """The body as it arrives, decoded; the connection goes back to the pool only once all is read."""
+        read = _read1(resp.raw)
+        length = _content_length(resp.headers)
+        decoder = _decoder(resp)
+        received = 0
+        while True:
+            try:
+                data = read(_CHUNK)
+            except Exception as exc:  # socket, http.client, urllib3, or a stand-in raw's own
+                short = length is not None and any("IncompleteRead" in type(e).__name__ for e in _chain(exc))
+                cause = f"connection closed after {received} of {length} bytes" if short else None
+                raise self._connection_error(exc, resp.url, cause) from exc
+            if not data:
+                break
+            received += len(data)
+            if decoder is None:
+                yield data
+                continue
+            try:
+                while data:  # decoded in bounded pieces, so a small bomb is never inflated whole
+                    piece = decoder.decompress(data, _CHUNK)
+                    data = decoder.unconsumed_tail
+                    yield piece
+            except zlib.error as exc:
+                encoding = resp.headers.get("Content-Encoding")
+                message = f"response body is not valid {encoding}: {exc}"
+                raise InvalidResponseError(message, request_id=resp.headers.get("X-Request-ID")) from exc
+        if length is not None and received < length:
+            raise self._connection_error(None, resp.url, f"connection closed after {received} of {length} bytes")
+        release = getattr(resp.raw, "release_conn", None)
+        if release is not None:
+            release()
+
+    def _in_time(self, deadline: float, url: str, what: str) -> None:
+        if time.monotonic() > deadline:
+            raise self._connection_error(socket.timeout(what), url, what)
+
     def _status_error(
-        self, status: int, resp: requests.Response, body: bytes, request_id: Optional[str]
+        self,
+        resp: requests.Response,
+        url: str,
+        request_id: Optional[str],
+        follow: bool,
+        refused: str = "not followed",
     ) -> APIStatusError:
-        try:
-            data: Any = json.loads(body)
-        except (ValueError, RecursionError):
-            data = body.decode("utf-8", "replace")
-        location = resp.headers.get("Location")
-        if 300 <= status < 400 and location:
-            text = f"redirect to {location!r} not followed"
+        status = resp.status_code
+        if status < 200:
+            # http.client took an interim 1xx for the final response. The real one is still on
+            # the wire: never read it, and never hand this connection back to the pool.
+            text = "interim response taken as final; connection closed"
+            data: Any = None
         else:
-            text = _api_message(data) or _excerpt(body) or resp.reason or "no message"
+            body = b""
+            if not resp.is_redirect:
+                # The status says what happened; a body that breaks off adds nothing.
+                with contextlib.suppress(APIConnectionError, InvalidResponseError):
+                    body = self._read_whole(resp, _ERROR_BODY_BYTES, time.monotonic() + sum(self.timeout))
+            text = body[:_ERROR_BODY_BYTES].decode("utf-8", "replace")
+            text = self._redact(text).replace(json.dumps(self.token)[1:-1], "[token]")
+            try:
+                data = json.loads(text) if text else None
+            except (ValueError, RecursionError):
+                data = text
+            location = resp.headers.get("Location")
+            if 300 <= status < 400 and location:
+                text = f"redirect to {location!r} {refused}"
+            else:
+                text = _api_message(data) or _html_title(text) or _excerpt(text) or resp.reason or "no message"
+                text = re.sub(rf"^{status}\b\W*", "", _excerpt(text)) or "no message"
         message = f"{status} {_excerpt(text)}" + (f" (request {request_id})" if request_id else "")
         cls = _STATUS_ERRORS.get(status, InternalServerError if 500 <= status < 600 else APIStatusError)
         return cls(
@@ -552,18 +805,111 @@ class _Call:
             retry_after=_retry_after(resp.headers.get("Retry-After")),
         )
 
-    def _connection_error(self, exc: BaseException) -> APIConnectionError:
-        timed_out = isinstance(exc, (requests.Timeout, socket.timeout))
-        cls = APITimeoutError if timed_out else APIConnectionError
+    def _connection_error(self, exc: Optional[BaseException], url: str, cause: Optional[str] = None) -> MKA1Error:
+        chain = _chain(exc)
+        status = next((s for s in map(_retry_error_status, chain) if s is not None), None)
+        if status is not None:
+            # The session's own urllib3 Retry gave up on this status: report it as that status.
+            cls = _STATUS_ERRORS.get(status, InternalServerError if 500 <= status < 600 else APIStatusError)
+            error: MKA1Error = cls(f"{status} after the session adapter's own retries", status_code=status)
+            error.__dict__["_final"] = True  # urllib3 has retried already
+            return error
+        # Not urllib3's TimeoutError: its NewConnectionError, a refused connection, is one.
+        timed_out = any(isinstance(e, _TIMEOUTS) for e in chain)
+        final = False
+        if cause is None:
+            cause, final = _cause(chain)
         what = "timed out" if timed_out else "failed"
-        return cls(self._redact(f"GET {self.path} {what}: {_excerpt(str(exc) or type(exc).__name__)}"))
+        message = f"GET {urlsplit(url).path} on {_host(url)} {what}: {cause}"
+        error = (APITimeoutError if timed_out else APIConnectionError)(self._redact(message))
+        if final:
+            error.__dict__["_final"] = True  # a retry cannot change it
+        return error
 
     def _redact(self, text: str) -> str:
         return text.replace(self.token, "[token]")
 
 
-_ERROR_BODY_BYTES = 64 * 1024
-_USER_AGENT = f"mka1-batches/{__version__} python-requests/{requests.__version__}"
+class _FileReader:
+    """Reads one file's JSONL lines as results, and resumes after a break without repeating one."""
+
+    def __init__(self, client: _Client, file_id: str, progress: Optional[Callable[["_FileReader"], None]]):
+        self.client = client
+        self.file_id = file_id
+        self.path = _FILES + _check_id(file_id, "file id") + "/content"
+        self.progress = progress
+        #: Lines yielded so far (blank ones included), and the bytes of those lines.
+        self.lines = 0
+        self.done_bytes = 0
+        self.last_line = b""
+        #: Bytes read in this attempt, and the body's length when the server gave it.
+        self.bytes_read = 0
+        self.total: Optional[int] = None
+
+    def read(self, resp: requests.Response, deadline: float) -> Iterator[BatchResult]:
+        request_id = resp.headers.get("X-Request-ID")
+        self.total = _content_length(resp.headers)
+        number = 0
+        skipped = 0
+        for line in self._lines(resp, deadline):
+            number += 1
+            if number <= self.lines:  # read before the connection broke: check, and skip
+                skipped += len(line) + 1
+                if number == self.lines and (skipped, line) != (self.done_bytes, self.last_line):
+                    raise self._changed(request_id)
+                continue
+            self.lines = number
+            self.done_bytes += len(line) + 1
+            self.last_line = line
+            if self.progress is not None:
+                self.progress(self)
+            if not line.strip():
+                continue
+            try:
+                yield BatchResult.from_dict(json.loads(line.decode("utf-8")))
+            except (ValueError, RecursionError) as exc:  # InvalidResponseError is a ValueError too
+                field = getattr(exc, "field", None)
+                what = str(exc) if field else f"not a JSON object: {_excerpt(line)!r}"
+                raise InvalidResponseError(
+                    f"file {self.file_id} line {number}: {what}", field=field, request_id=request_id
+                ) from exc
+        if number < self.lines:
+            raise self._changed(request_id)
+
+    def _lines(self, resp: requests.Response, deadline: float) -> Iterator[bytes]:
+        """The body's lines, without their newlines, each within the deadline and the size cap."""
+        total = sum(self.client.timeout)
+        parts: List[bytes] = []
+        size = 0
+        self.bytes_read = 0
+        for chunk in self.client._body(resp):
+            self.bytes_read += len(chunk)
+            *lines, tail = chunk.split(b"\n")
+            for line in lines:
+                if parts:
+                    line = b"".join([*parts, line])
+                    parts, size = [], 0
+                self._check_size(len(line), resp)
+                yield line
+                deadline = time.monotonic() + total  # the time the caller spent is not the server's
+            if tail:
+                parts.append(tail)
+                size += len(tail)
+                self._check_size(size, resp)
+            self.client._in_time(deadline, resp.url, f"line {self.lines + 1} not read within {total}s")
+        if parts:
+            yield b"".join(parts)
+
+    def _check_size(self, size: int, resp: requests.Response) -> None:
+        if size > MAX_LINE_BYTES:
+            raise InvalidResponseError(
+                f"file {self.file_id} line {self.lines + 1}: longer than the {MAX_LINE_BYTES}-byte limit",
+                request_id=resp.headers.get("X-Request-ID"),
+            )
+
+    def _changed(self, request_id: Optional[str]) -> InvalidResponseError:
+        message = f"file {self.file_id} changed while it was read again after a broken connection"
+        return InvalidResponseError(message, request_id=request_id)
 
 
 @contextlib.contextmanager
@@ -575,15 +921,103 @@ def _session(session: Optional[requests.Session]) -> Iterator[requests.Session]:
         yield own
 
 
-def _until(deadline: Optional[float], delay: float, last: Optional[Batch]) -> float:
-    """``delay``, cut short at ``deadline``; at the deadline, raise WaitTimeoutError."""
-    if deadline is None:
-        return delay
-    left = deadline - time.monotonic()
-    if left <= 0:
-        status = "nothing seen yet" if last is None else f"last status {last.status!r}"
-        raise WaitTimeoutError(f"batch did not reach a terminal status in time ({status})", last)
-    return min(delay, left)
+def _file_ids(batch: Union[Batch, str], include_errors: bool) -> List[str]:
+    if isinstance(batch, str):
+        _check_id(batch, "file id")
+        return [batch]
+    if not isinstance(batch, Batch):
+        raise TypeError(f"batch must be a Batch or a file id, not {type(batch).__name__}")
+    if not batch.is_terminal:
+        raise ValueError(
+            f"batch {batch.id} is {batch.status}: read its results once it is completed, failed, expired or cancelled"
+        )
+    ids = [i for i in (batch.output_file_id, batch.error_file_id if include_errors else None) if i is not None]
+    for file_id in ids:
+        _check_id(file_id, "file id")
+    return ids
+
+
+def _read1(raw: Any) -> Callable[[int], bytes]:
+    """A read that returns after one socket read, so that the deadline is checked between reads."""
+    # urllib3's read(n) waits for all n bytes: a server dripping a byte per read timeout would hold it.
+    if isinstance(raw, urllib3.response.HTTPResponse):
+        if hasattr(raw, "read1"):  # urllib3 2.2 and later
+            return functools.partial(raw.read1, decode_content=False)
+        # Older urllib3 has no read1: use its http.client response's, the one private road here.
+        fp = getattr(raw, "_fp", None)
+        if isinstance(fp, http.client.HTTPResponse):
+            return fp.read1
+        return functools.partial(raw.read, decode_content=False)
+    read: Callable[[int], bytes] = raw.read  # a test adapter's BytesIO, a recorded response
+    return read
+
+
+def _decoder(resp: requests.Response) -> Any:
+    """A zlib decoder for a gzip or deflate body; None for an unencoded one."""
+    encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding in ("identity", ""):
+        return None
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        return zlib.decompressobj(32 + zlib.MAX_WBITS)  # 32: a gzip or a zlib header, either
+    raise InvalidResponseError(
+        f"response body has an unsupported Content-Encoding {_excerpt(encoding)!r}",
+        request_id=resp.headers.get("X-Request-ID"),
+    )
+
+
+def _chain(exc: Optional[BaseException]) -> List[BaseException]:
+    """An exception and what caused it, outermost first: requests and urllib3 wrap in args and reason."""
+    chain: List[BaseException] = []
+    while exc is not None and exc not in chain and len(chain) < 16:
+        chain.append(exc)
+        inner = getattr(exc, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = next((a for a in exc.args if isinstance(a, BaseException)), None)
+        exc = inner or exc.__cause__ or exc.__context__
+    return chain
+
+
+def _cause(chain: List[BaseException]) -> Tuple[str, bool]:
+    """The root cause of a connection failure in a few words, and whether a retry cannot change it."""
+    for e in chain:
+        if isinstance(e, ssl.SSLError) and e.reason == "CERTIFICATE_VERIFY_FAILED":
+            detail = getattr(e, "verify_message", None)  # Python 3.7 and later
+            return "certificate verify failed" + (": " + detail if detail else ""), True
+        tunnel = re.search(r"Tunnel connection failed: (\d{3})", str(e))
+        if tunnel:
+            return "proxy refused CONNECT: " + tunnel.group(1), tunnel.group(1).startswith("4")
+    for kind, text in _CAUSES:
+        if any(isinstance(e, kind) for e in chain):
+            return text, False
+    last = chain[-1] if chain else None
+    return _excerpt(str(last) or type(last).__name__), False
+
+
+_TIMEOUTS = (requests.Timeout, socket.timeout, urllib3.exceptions.ReadTimeoutError)
+_CAUSES: List[Tuple[Any, str]] = [
+    (ConnectionRefusedError, "connection refused"),
+    (socket.gaierror, "name resolution failed"),
+    (requests.ConnectTimeout, "connect timed out"),
+    ((requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError, socket.timeout), "read timed out"),
+    (http.client.RemoteDisconnected, "connection closed without a response"),  # a ConnectionResetError too
+    (ConnectionResetError, "connection reset"),
+]
+
+
+def _retry_error_status(exc: BaseException) -> Optional[int]:
+    if isinstance(exc, urllib3.exceptions.ResponseError):
+        found = re.search(r"too many (\d{3}) error responses", str(exc))
+        return int(found.group(1)) if found else None
+    return None
+
+
+def _origin(url: str) -> Tuple[str, Optional[str], Optional[int]]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def _host(url: str) -> str:
+    return urlsplit(url).netloc.rpartition("@")[2]
 
 
 def _check_token(token: object) -> str:
@@ -592,18 +1026,19 @@ def _check_token(token: object) -> str:
     scheme, _, rest = token.strip().partition(" ")
     token = rest.strip() if scheme.lower() == "bearer" else token.strip()
     # The message never echoes the token, not even a part of it.
-    if not token or not token.isascii() or not token.isprintable():
+    if not _printable_ascii(token):
         raise ValueError("token must be non-empty printable ASCII, with or without a leading 'Bearer '")
     return token
 
 
-def _check_batch_id(batch_id: object) -> str:
-    if not isinstance(batch_id, str):
-        raise TypeError(f"batch_id must be a string, not {type(batch_id).__name__}")
-    # An empty id would turn the GET into a different endpoint, the list of batches.
-    if not batch_id or batch_id in (".", "..") or not batch_id.isprintable():
-        raise ValueError(f"batch_id must be a non-empty printable string other than . and .., not {batch_id!r}")
-    return quote(batch_id, safe="")
+def _check_id(value: object, name: str) -> str:
+    """The id quoted as one path segment."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, not {type(value).__name__}")
+    # An empty batch id would turn the GET into a different endpoint, the list of batches.
+    if not value or value in (".", "..") or not value.isprintable():
+        raise ValueError(f"{name} must be a non-empty printable string other than . and .., not {value!r}")
+    return quote(value, safe="")
 
 
 def _check_on_behalf_of(value: object) -> Optional[str]:
@@ -611,15 +1046,15 @@ def _check_on_behalf_of(value: object) -> Optional[str]:
         return None
     if not isinstance(value, str):
         raise TypeError(f"on_behalf_of must be a string or None, not {type(value).__name__}")
-    if not 1 <= len(value) <= 150 or not value.isascii() or not value.isprintable() or value.strip() != value:
+    if len(value) > 150 or not _printable_ascii(value) or value.strip() != value:
         raise ValueError(f"on_behalf_of must be 1-150 printable ASCII characters, not {_excerpt(repr(value))}")
     return value
 
 
 def _check_base_url(base_url: object) -> str:
-    if isinstance(base_url, str) and base_url.isprintable():
+    if isinstance(base_url, str) and base_url.isprintable() and not any(c in base_url for c in "?#"):
         parts = urlsplit(base_url)
-        if parts.scheme in ("http", "https") and parts.netloc and not (parts.query or parts.fragment):
+        if parts.scheme in ("http", "https") and parts.netloc:
             return base_url.rstrip("/")
     raise ValueError(f"base_url must be an http(s) URL with no query, such as {DEFAULT_BASE_URL!r}")
 
@@ -631,44 +1066,67 @@ def _check_timeout(timeout: Any) -> Tuple[float, float]:
     return (float(pair[0]), float(pair[1]))
 
 
+def _printable_ascii(text: str) -> bool:
+    return re.fullmatch("[ -~]+", text) is not None
+
+
 def _positive(seconds: Any) -> bool:
     return type(seconds) in (int, float) and 0 < seconds < float("inf")
 
 
-def _fields(data: Any, where: str, spec: _Spec) -> List[Any]:
-    """A data class's positional arguments, checked in one pass; unknown keys go to ``extra``."""
+def _fields(data: Any, where: str, kinds: Dict[str, Any], required: int) -> Dict[str, Any]:
+    """A data class's keyword arguments, checked; unknown keys go to ``extra``."""
     if type(data) is not dict:
         raise _invalid(where, "an object", data)
-    kinds, template, required = spec
-    values = template.copy()
-    extra = {}
+    for key in list(kinds)[:required]:
+        if key not in data:
+            raise InvalidResponseError(f"{where}: missing required field {key!r}", field=_path(where, key))
+    optional = list(kinds)[required:]
+    args: Dict[str, Any] = {"extra": {}}
     for key, value in data.items():
-        kind_index = kinds.get(key)
-        if kind_index is None:
-            extra[key] = value
-            continue
-        kind, index = kind_index
-        if type(value) is kind:  # exact types: a bool is not an int
-            values[index] = value
-        elif value is None and key not in required:
+        kind = kinds.get(key)
+        if kind is None:
+            args["extra"][key] = value
+        elif type(value) is kind:  # exact types: a bool is not an int
+            args[key] = value
+        elif value is None and key in optional:
             continue  # an optional null: the default, None, stands
-        elif kind is str or kind is int:
-            raise _invalid(_path(where, key), "a string" if kind is str else "an integer", value)
-        else:  # _path(where, key), written out: this runs for every nested field of every batch
-            values[index] = kind(value, key if where == "batch" else f"{where}.{key}")
-    if not required <= data.keys():
-        missing = next(key for key in kinds if key in required and key not in data)
-        raise InvalidResponseError(f"{where}: missing required field {missing!r}", field=_path(where, missing))
-    values[-1] = extra
-    return values
+        elif kind is str:
+            raise _invalid(_path(where, key), "a string", value)
+        elif kind is int:
+            raise _invalid(_path(where, key), "an integer", value)
+        else:
+            args[key] = kind(value, _path(where, key))
+    return args
+
+
+def _to_dict(obj: Any) -> Dict[str, Any]:
+    """A data class as its JSON object: nested classes as objects, tuples as lists, extra merged in."""
+    out = {}
+    for field in attr.fields(type(obj)):
+        value = getattr(obj, field.name)
+        if field.name == "extra":
+            out.update(value)
+        elif isinstance(value, tuple):
+            out[field.name] = [item.to_dict() for item in value]
+        elif isinstance(value, dict):
+            out[field.name] = dict(value)
+        else:
+            out[field.name] = value.to_dict() if hasattr(value, "to_dict") else value
+    return out
 
 
 def _path(where: str, key: str) -> str:
-    return key if where == "batch" else f"{where}.{key}"
+    return key if where in ("batch", "result") else where + "." + key
 
 
 def _invalid(field: str, expected: str, value: Any) -> InvalidResponseError:
-    got = "null" if value is None else type(value).__name__ if not isinstance(value, (str, int)) else repr(value)
+    if value is None:
+        got = "null"
+    elif isinstance(value, (str, int)):
+        got = repr(value)
+    else:
+        got = type(value).__name__
     return InvalidResponseError(f"{field}: expected {expected}, got {_excerpt(got)}", field=field)
 
 
@@ -685,6 +1143,11 @@ def _api_message(data: Any) -> Optional[str]:
     return message if type(message) is str and message.strip() else None
 
 
+def _html_title(text: str) -> Optional[str]:
+    found = re.search(r"<title[^>]*>([^<]*)</title>", text, re.IGNORECASE)
+    return found.group(1) if found and found.group(1).strip() else None
+
+
 def _excerpt(text: Union[str, bytes]) -> str:
     """One short line: markup dropped, white space folded, cut at _EXCERPT characters."""
     if isinstance(text, bytes):
@@ -693,9 +1156,12 @@ def _excerpt(text: Union[str, bytes]) -> str:
     return text if len(text) <= _EXCERPT else text[: _EXCERPT - 1] + "…"
 
 
-def _content_length(resp: requests.Response) -> Optional[int]:
-    length = resp.headers.get("Content-Length")
-    return int(length) if length is not None and length.isdigit() else None
+def _content_length(headers: Any) -> Optional[int]:
+    """Content-Length, if it is plain ASCII digits and no Transfer-Encoding overrides it (RFC 9112)."""
+    length = headers.get("Content-Length")
+    if length is None or "Transfer-Encoding" in headers or not re.fullmatch("[0-9]{1,18}", length):
+        return None
+    return int(length)
 
 
 def _too_big(size: str) -> str:
@@ -703,23 +1169,90 @@ def _too_big(size: str) -> str:
 
 
 def _retry_after(value: Optional[str]) -> Optional[float]:
-    """Seconds to wait, from a Retry-After of seconds or of an HTTP date; None if unreadable."""
+    """Seconds to wait, as urllib3 reads Retry-After: digits, else an HTTP date, else None."""
     if value is None:
         return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = email.utils.mktime_tz(email.utils.parsedate_tz(value)) - time.time()  # type: ignore[arg-type]
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return None
-    return None if seconds != seconds else max(0.0, seconds)
+    if re.fullmatch("[0-9]+", value.strip()):
+        return float(value)
+    date = email.utils.parsedate_tz(value)
+    if date is None:
+        return None
+    if date[9] is None:  # no zone: the RFC's dates are GMT
+        date = (*date[:9], 0)
+    return max(0.0, email.utils.mktime_tz(date) - time.time())
+
+
+def _printable(text: str) -> str:
+    """``text`` safe to show on a terminal: control characters, which a server could send, become ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+class _Progress:
+    """``--wait``'s status on stderr: on a terminal one line redrawn every second, else a line per change."""
+
+    def __init__(self) -> None:
+        import sys
+        import threading
+
+        self._stream = sys.stderr
+        self._tty = self._stream.isatty()
+        self._started = time.monotonic()
+        self._batch: Optional[Batch] = None
+        self._lock = threading.Lock()  # the ticker and update() take turns at the line
+        self._done = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, daemon=True)
+
+    def __enter__(self) -> "_Progress":
+        if self._tty:
+            self._ticker.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._tty:
+            self._ticker.join()
+            with self._lock:
+                if self._batch is not None:
+                    self._draw(self._batch, "\n")  # redrawn whole: also wipes a ^C the terminal echoed
+
+    def update(self, batch: Batch) -> None:
+        """The ``on_update`` for wait_for_batch."""
+        with self._lock:
+            self._batch = batch
+            self._draw(batch)
+
+    def _tick(self) -> None:
+        # wait_for_batch reports changes only; in between, this keeps the elapsed time moving.
+        while not self._done.wait(1 - (time.monotonic() - self._started) % 1):
+            with self._lock:
+                if self._batch is not None:
+                    self._draw(self._batch)
+
+    def _draw(self, batch: Batch, end: str = "") -> None:
+        import os
+
+        counts = batch.request_counts
+        status = _printable(f"{batch.status}: {counts.completed}/{counts.total} completed, {counts.failed} failed")
+        seconds = int(time.monotonic() - self._started)
+        if not self._tty:
+            self._stream.write(f"{status}, {seconds}s\n")
+        else:
+            try:
+                width = os.get_terminal_size(self._stream.fileno()).columns or 80
+            except (OSError, ValueError):  # not a real file, as under pytest's capture
+                width = 80
+            # The elapsed time first, so that a narrow terminal still shows the wait is alive. One
+            # column short of the edge: a full line wraps on some terminals, and \r would then
+            # return only to the start of the wrapped part, leaving the rest behind.
+            self._stream.write("\r\x1b[K" + f"{seconds}s {status}"[: width - 1] + end)
+        self._stream.flush()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m mka1_batches``: print a batch as JSON; see ``--help``."""
     import argparse
     import os
+    import platform
     import sys
 
     parser = argparse.ArgumentParser(
@@ -728,14 +1261,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_CLI_EPILOG,
     )
+    versions = f"requests {requests.__version__}, Python {platform.python_version()}"
+    parser.add_argument("--version", action="version", version=f"mka1-batches {__version__} ({versions})")
     parser.add_argument("batch_id")
     parser.add_argument("--on-behalf-of", metavar="ID", help="the end user to act for (X-On-Behalf-Of)")
     parser.add_argument("--base-url", metavar="URL", help=f"default: $MKA1_BASE_URL, else {DEFAULT_BASE_URL}")
     parser.add_argument("--timeout", metavar="S", type=float, help="connect and read timeout (default: 10, 30)")
     parser.add_argument("--wait", action="store_true", help="poll until the batch reaches a terminal status")
-    parser.add_argument("--poll-interval", metavar="S", type=float, default=2.0, help="seconds between polls (2)")
-    parser.add_argument("--max-wait", metavar="S", type=float, help="give up waiting after S seconds (exit 4)")
+    parser.add_argument("--poll-interval", metavar="S", type=float, help="with --wait: seconds between polls (2)")
+    parser.add_argument("--max-wait", metavar="S", type=float, help="with --wait: give up after S seconds (exit 4)")
     args = parser.parse_args(argv)
+    # Refused rather than taken to imply --wait: that would also change what exit 0 means.
+    for option, value in (("--poll-interval", args.poll_interval), ("--max-wait", args.max_wait)):
+        if value is not None and not args.wait:
+            parser.error(f"argument {option}: not allowed without --wait")
 
     token = os.environ.get("MKA1_API_KEY") or os.environ.get("MKA1_BEARER_AUTH") or ""
     if not token.strip():
@@ -745,46 +1284,41 @@ def main(argv: Optional[List[str]] = None) -> int:
         "base_url": args.base_url or os.environ.get("MKA1_BASE_URL") or DEFAULT_BASE_URL,
         "timeout": DEFAULT_TIMEOUT if args.timeout is None else args.timeout,
     }
-    started = time.monotonic()
-    tty = sys.stderr.isatty()
-
-    def progress(batch: Batch) -> None:
-        counts = batch.request_counts
-        line = (
-            f"{batch.status}: {counts.completed}/{counts.total} completed, {counts.failed} failed,"
-            f" {time.monotonic() - started:.0f}s"
-        )
-        # On a terminal the line is redrawn in place; in a log, one line per change.
-        sys.stderr.write(f"\r\x1b[K{line}" if tty else line + "\n")
-        sys.stderr.flush()
-
     try:
-        if args.wait:
-            batch = wait_for_batch(
-                token,
-                args.batch_id,
-                args.on_behalf_of,
-                poll_interval=args.poll_interval,
-                max_wait=args.max_wait,
-                on_update=progress,
-                **options,
-            )
-            if tty:
-                sys.stderr.write("\n")
-        else:
-            batch = get_batch(token, args.batch_id, args.on_behalf_of, **options)
-    except KeyboardInterrupt:
-        print("\nerror: interrupted", file=sys.stderr)
-        return 130
-    except (MKA1Error, ValueError) as exc:
-        # One line, never a traceback. No message holds the token: get_batch redacts its own.
-        message = " ".join(str(exc).split())
-        print(f"\nerror: {message}" if tty and args.wait else f"error: {message}", file=sys.stderr)
-        if isinstance(exc, WaitTimeoutError):
-            return 4
-        return 1 if isinstance(exc, MKA1Error) else 2
-    print(json.dumps(batch.to_dict(), indent=2))
-    return 0 if not args.wait or batch.status == "completed" else 3
+        try:
+            if args.wait:
+                with _Progress() as progress:
+                    batch = wait_for_batch(
+                        token,
+                        args.batch_id,
+                        args.on_behalf_of,
+                        poll_interval=2.0 if args.poll_interval is None else args.poll_interval,
+                        max_wait=args.max_wait,
+                        on_update=progress.update,
+                        **options,
+                    )
+            else:
+                batch = get_batch(token, args.batch_id, args.on_behalf_of, **options)
+        except KeyboardInterrupt:
+            # On a terminal, first wipe the ^C it echoed.
+            print(("\r\x1b[K" if sys.stderr.isatty() else "") + "error: interrupted", file=sys.stderr)
+            return 130
+        except (MKA1Error, ValueError) as exc:
+            # One line, never a traceback. No message holds the token: get_batch redacts its own.
+            print("error: " + _printable(" ".join(str(exc).split())), file=sys.stderr)
+            if isinstance(exc, WaitTimeoutError):
+                return 4
+            return 1 if isinstance(exc, MKA1Error) else 2
+        print(json.dumps(batch.to_dict(), indent=2))
+        sys.stdout.flush()  # here, not at exit, so that a reader gone early is caught below
+        return 0 if not args.wait or batch.status == "completed" else 3
+    except BrokenPipeError:  # pragma: no cover - the tests run this in subprocesses, over real pipes
+        # The reader stopped reading, as `| head -n1` does: no traceback, no error line. The
+        # Python docs' recipe: point the streams at devnull, so the flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            os.dup2(devnull, stream.fileno())
+        return 141
 
 
 _CLI_EPILOG = """\
@@ -796,10 +1330,12 @@ environment:
 exit codes:
   0    success (with --wait: the batch ended completed)
   1    API or network error
-  2    usage error: bad arguments, no token, an invalid id
+  2    usage error: bad arguments, no token, an invalid id, --poll-interval or --max-wait without --wait
   3    --wait: the batch ended failed, expired or cancelled (its JSON is still printed)
   4    --wait: --max-wait passed first
   130  interrupted (Ctrl-C)
+  141  stdout or stderr was closed early by its reader, e.g. `| head -n1`; nothing more is written
+       (128 + SIGPIPE, the code a shell shows for a program that a broken pipe stops)
 """
 
 
