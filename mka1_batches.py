@@ -25,7 +25,7 @@ import socket
 import ssl
 import time
 import zlib
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type, Union
 from urllib.parse import quote, urljoin, urlsplit
 
 import attr
@@ -626,7 +626,7 @@ class _Client:
             attempt += 1
 
     def _retry_delay(self, exc: MKA1Error, attempt: int) -> Optional[float]:
-        if attempt > self.max_retries or exc.__dict__.get("_final"):
+        if attempt > self.max_retries or getattr(exc, "_final", False):
             return None
         if isinstance(exc, APIStatusError):
             if exc.status_code not in _RETRY_STATUSES:
@@ -642,16 +642,18 @@ class _Client:
         for hop in range(_MAX_REDIRECTS + 1):
             resp = self._send(session, url, accept)
             request_id = resp.headers.get("X-Request-ID")
-            _log.debug("GET %s -> %d (attempt %d, request %s)", urlsplit(url).path, resp.status_code, attempt, request_id)
+            _log.debug(
+                "GET %s -> %d (attempt %d, request %s)", urlsplit(url).path, resp.status_code, attempt, request_id
+            )
             if 200 <= resp.status_code < 300:
                 return resp
             with resp:
                 location = resp.headers.get("Location")
                 if not (follow and resp.is_redirect) or hop == _MAX_REDIRECTS:
-                    raise self._status_error(resp, url, request_id, follow)
+                    raise self._status_error(resp, request_id)
                 target = urljoin(url, location)
                 if urlsplit(target).scheme != "https" and urlsplit(url).scheme == "https":
-                    raise self._status_error(resp, url, request_id, follow, "refused: https to http")
+                    raise self._status_error(resp, request_id, "refused: https to http")
                 url = target
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
@@ -753,6 +755,8 @@ class _Client:
                 encoding = resp.headers.get("Content-Encoding")
                 message = f"response body is not valid {encoding}: {exc}"
                 raise InvalidResponseError(message, request_id=resp.headers.get("X-Request-ID")) from exc
+        if decoder is not None:
+            yield decoder.flush()
         if length is not None and received < length:
             raise self._connection_error(None, resp.url, f"connection closed after {received} of {length} bytes")
         release = getattr(resp.raw, "release_conn", None)
@@ -764,12 +768,7 @@ class _Client:
             raise self._connection_error(socket.timeout(what), url, what)
 
     def _status_error(
-        self,
-        resp: requests.Response,
-        url: str,
-        request_id: Optional[str],
-        follow: bool,
-        refused: str = "not followed",
+        self, resp: requests.Response, request_id: Optional[str], refused: str = "not followed"
     ) -> APIStatusError:
         status = resp.status_code
         if status < 200:
@@ -796,8 +795,7 @@ class _Client:
                 text = _api_message(data) or _html_title(text) or _excerpt(text) or resp.reason or "no message"
                 text = re.sub(rf"^{status}\b\W*", "", _excerpt(text)) or "no message"
         message = f"{status} {_excerpt(text)}" + (f" (request {request_id})" if request_id else "")
-        cls = _STATUS_ERRORS.get(status, InternalServerError if 500 <= status < 600 else APIStatusError)
-        return cls(
+        return _status_class(status)(
             self._redact(message),
             status_code=status,
             request_id=request_id,
@@ -810,8 +808,9 @@ class _Client:
         status = next((s for s in map(_retry_error_status, chain) if s is not None), None)
         if status is not None:
             # The session's own urllib3 Retry gave up on this status: report it as that status.
-            cls = _STATUS_ERRORS.get(status, InternalServerError if 500 <= status < 600 else APIStatusError)
-            error: MKA1Error = cls(f"{status} after the session adapter's own retries", status_code=status)
+            error: MKA1Error = _status_class(status)(
+                f"{status} after the session adapter's own retries", status_code=status
+            )
             error.__dict__["_final"] = True  # urllib3 has retried already
             return error
         # Not urllib3's TimeoutError: its NewConnectionError, a refused connection, is one.
@@ -1002,6 +1001,10 @@ _CAUSES: List[Tuple[Any, str]] = [
     (http.client.RemoteDisconnected, "connection closed without a response"),  # a ConnectionResetError too
     (ConnectionResetError, "connection reset"),
 ]
+
+
+def _status_class(status: int) -> Type[APIStatusError]:
+    return _STATUS_ERRORS.get(status, InternalServerError if 500 <= status < 600 else APIStatusError)
 
 
 def _retry_error_status(exc: BaseException) -> Optional[int]:
