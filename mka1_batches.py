@@ -102,9 +102,10 @@ _sleep = time.sleep
 class MKA1Error(Exception):
     """Base class of every error this module raises."""
 
-    # Built again from args and attributes: the keyword-only constructors need no arguments here.
+    # Rebuilt without calling __init__, whose keyword-only arguments pickle cannot pass;
+    # BaseException.__setstate__ then sets args and the attributes.
     def __reduce__(self) -> Any:
-        return (type(self).__new__, (type(self), *self.args), self.__dict__)
+        return (type(self).__new__, (type(self),), dict(self.__dict__, args=self.args))
 
 
 class APIConnectionError(MKA1Error):
@@ -731,7 +732,7 @@ class _Client:
         """The body as it arrives, decoded; the connection goes back to the pool only once all is read."""
         read = _read1(resp.raw)
         length = _content_length(resp.headers)
-        decoder = _decoder(resp)
+        decoder = None
         received = 0
         while True:
             try:
@@ -742,6 +743,8 @@ class _Client:
                 raise self._connection_error(exc, resp.url, cause) from exc
             if not data:
                 break
+            if not received:
+                decoder = _decoder(resp, data)
             received += len(data)
             if decoder is None:
                 yield data
@@ -944,20 +947,24 @@ def _read1(raw: Any) -> Callable[[int], bytes]:
             return functools.partial(raw.read1, decode_content=False)
         # Older urllib3 has no read1: use its http.client response's, the one private road here.
         fp = getattr(raw, "_fp", None)
-        if isinstance(fp, http.client.HTTPResponse):
+        if type(fp) is http.client.HTTPResponse:  # not a subclass: vcrpy's read1 returns nothing
             return fp.read1
         return functools.partial(raw.read, decode_content=False)
     read: Callable[[int], bytes] = raw.read  # a test adapter's BytesIO, a recorded response
     return read
 
 
-def _decoder(resp: requests.Response) -> Any:
-    """A zlib decoder for a gzip or deflate body; None for an unencoded one."""
+def _decoder(resp: requests.Response, first: bytes) -> Any:
+    """A zlib decoder for a gzip or deflate body, fit to its first bytes; None for an unencoded one."""
     encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding in ("identity", ""):
         return None
-    if encoding in ("gzip", "x-gzip", "deflate"):
-        return zlib.decompressobj(32 + zlib.MAX_WBITS)  # 32: a gzip or a zlib header, either
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if encoding == "deflate":
+        # HTTP's deflate has a zlib header; some servers send the raw stream without it.
+        zlib_header = len(first) > 1 and (first[0] << 8 | first[1]) % 31 == 0
+        return zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
     raise InvalidResponseError(
         f"response body has an unsupported Content-Encoding {_excerpt(encoding)!r}",
         request_id=resp.headers.get("X-Request-ID"),
@@ -1162,9 +1169,9 @@ def _excerpt(text: Union[str, bytes]) -> str:
 def _content_length(headers: Any) -> Optional[int]:
     """Content-Length, if it is plain ASCII digits and no Transfer-Encoding overrides it (RFC 9112)."""
     length = headers.get("Content-Length")
-    if length is None or "Transfer-Encoding" in headers or not re.fullmatch("[0-9]{1,18}", length):
+    if length is None or "Transfer-Encoding" in headers or not re.fullmatch("[0-9]+", length):
         return None
-    return int(length)
+    return int(length) if len(length) <= 18 else 10**18  # past every cap; int() refuses 4300 digits
 
 
 def _too_big(size: str) -> str:
@@ -1188,6 +1195,26 @@ def _retry_after(value: Optional[str]) -> Optional[float]:
 def _printable(text: str) -> str:
     """``text`` safe to show on a terminal: control characters, which a server could send, become ``?``."""
     return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _columns(stream: Any) -> int:
+    """The width of the terminal ``stream`` writes to; 80 when it cannot be read."""
+    import os
+
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (OSError, ValueError, AttributeError):  # not a real file, as under pytest's capture
+        return 80
+
+
+def _redraw(stream: Any, text: str, end: str = "") -> None:
+    """Replace the terminal's current line with ``text``, cut to fit.
+
+    One column short of the edge: a full line wraps on some terminals, and \\r would then
+    return only to the start of the wrapped part, leaving the rest behind.
+    """
+    stream.write("\r\x1b[K" + text[: _columns(stream) - 1] + end)
+    stream.flush()
 
 
 class _Progress:
@@ -1232,27 +1259,71 @@ class _Progress:
                     self._draw(self._batch)
 
     def _draw(self, batch: Batch, end: str = "") -> None:
-        import os
-
         counts = batch.request_counts
         status = _printable(f"{batch.status}: {counts.completed}/{counts.total} completed, {counts.failed} failed")
         seconds = int(time.monotonic() - self._started)
         if not self._tty:
             self._stream.write(f"{status}, {seconds}s\n")
+            self._stream.flush()
         else:
-            try:
-                width = os.get_terminal_size(self._stream.fileno()).columns or 80
-            except (OSError, ValueError):  # not a real file, as under pytest's capture
-                width = 80
-            # The elapsed time first, so that a narrow terminal still shows the wait is alive. One
-            # column short of the edge: a full line wraps on some terminals, and \r would then
-            # return only to the start of the wrapped part, leaving the rest behind.
-            self._stream.write("\r\x1b[K" + f"{seconds}s {status}"[: width - 1] + end)
-        self._stream.flush()
+            # The elapsed time first, so that a narrow terminal still shows the wait is alive.
+            _redraw(self._stream, f"{seconds}s {status}", end)
+
+
+class _ReadProgress:
+    """``--results``' progress while a file streams: lines and MiB read, redrawn on a terminal's stderr.
+
+    Shown only when stderr is a terminal and stdout is not: results written to that same
+    terminal would land in the middle of the line. Drawn at most 10 times a second, and only
+    for a file that takes longer than that; wiped when reading ends, however it ends.
+    """
+
+    INTERVAL = 0.1
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        import sys
+
+        self._stream = sys.stderr
+        self.shown = self._stream.isatty() and not sys.stdout.isatty()
+        self._clock = clock
+        self._reader: Optional[_FileReader] = None
+        self._next = 0.0
+        self._drawn = False
+
+    def __enter__(self) -> "_ReadProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._drawn:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+
+    def update(self, reader: "_FileReader") -> None:
+        """The progress hook of _Client.iter_results, called once per line."""
+        now = self._clock()
+        if reader is not self._reader:  # a new file: its first draw waits like any other
+            self._reader = reader
+            self._next = now + self.INTERVAL
+        elif now >= self._next:
+            self._next = now + self.INTERVAL
+            self._drawn = True
+            _redraw(self._stream, self.line(reader))
+
+    @staticmethod
+    def line(reader: "_FileReader") -> str:
+        """``file-abc: 1234 lines, 1.2 of 256.0 MiB``; the total only when the server sent a length.
+
+        A gzip-encoded file's Content-Length counts encoded bytes, which the decoded ones read
+        overtake: then the total is left out rather than shown smaller than what was read.
+        """
+        read = f"{reader.bytes_read / 2**20:.1f}"
+        if reader.total is not None and reader.bytes_read <= reader.total:
+            read += f" of {reader.total / 2**20:.1f}"
+        return _printable(f"{reader.file_id}: {reader.lines} lines, {read} MiB")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m mka1_batches``: print a batch as JSON; see ``--help``."""
+    """``python -m mka1_batches``: print a batch as JSON, or its results as JSON lines; see ``--help``."""
     import argparse
     import os
     import platform
@@ -1260,7 +1331,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m mka1_batches",
-        description="Print an MKA1 batch as JSON on stdout; with --wait, wait for it to finish first.",
+        description="Print an MKA1 batch as JSON on stdout, or with --results its results as JSON lines;"
+        " with --wait, wait for it to finish first.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_CLI_EPILOG,
     )
@@ -1273,6 +1345,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--wait", action="store_true", help="poll until the batch reaches a terminal status")
     parser.add_argument("--poll-interval", metavar="S", type=float, help="with --wait: seconds between polls (2)")
     parser.add_argument("--max-wait", metavar="S", type=float, help="with --wait: give up after S seconds (exit 4)")
+    parser.add_argument(
+        "--results", action="store_true", help="write the finished batch's results, one JSON object per line"
+    )
     args = parser.parse_args(argv)
     # Refused rather than taken to imply --wait: that would also change what exit 0 means.
     for option, value in (("--poll-interval", args.poll_interval), ("--max-wait", args.max_wait)):
@@ -1283,38 +1358,59 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not token.strip():
         print("error: set MKA1_API_KEY (or MKA1_BEARER_AUTH) to your MKA1 API key", file=sys.stderr)
         return 2
-    options: Dict[str, Any] = {
-        "base_url": args.base_url or os.environ.get("MKA1_BASE_URL") or DEFAULT_BASE_URL,
-        "timeout": DEFAULT_TIMEOUT if args.timeout is None else args.timeout,
-    }
+    base_url = args.base_url or os.environ.get("MKA1_BASE_URL") or DEFAULT_BASE_URL
+    timeout: _Timeout = DEFAULT_TIMEOUT if args.timeout is None else args.timeout
     try:
         try:
-            if args.wait:
-                with _Progress() as progress:
-                    batch = wait_for_batch(
-                        token,
-                        args.batch_id,
-                        args.on_behalf_of,
-                        poll_interval=2.0 if args.poll_interval is None else args.poll_interval,
-                        max_wait=args.max_wait,
-                        on_update=progress.update,
-                        **options,
-                    )
-            else:
-                batch = get_batch(token, args.batch_id, args.on_behalf_of, **options)
+            # One session, so one kept-alive connection, from the first poll to the last result.
+            with requests.Session() as session:
+                options: Dict[str, Any] = {"base_url": base_url, "timeout": timeout, "session": session}
+                if args.wait:
+                    with _Progress() as progress:
+                        batch = wait_for_batch(
+                            token,
+                            args.batch_id,
+                            args.on_behalf_of,
+                            poll_interval=2.0 if args.poll_interval is None else args.poll_interval,
+                            max_wait=args.max_wait,
+                            on_update=progress.update,
+                            **options,
+                        )
+                else:
+                    batch = get_batch(token, args.batch_id, args.on_behalf_of, **options)
+                if not args.results:
+                    print(json.dumps(batch.to_dict(), indent=2))
+                elif not batch.is_terminal:
+                    status = _printable(batch.status)
+                    print(f"error: batch {args.batch_id} is {status}, not finished: add --wait", file=sys.stderr)
+                    return 4
+                else:
+                    # The public iter_results has no progress hook; this module's CLI may use the one inside.
+                    client = _Client(token, args.on_behalf_of, base_url, timeout, 2, _sleep)
+                    try:
+                        file_ids = _file_ids(batch, True)
+                    except ValueError as exc:  # a file id no path can hold: the server's fault, not the user's
+                        raise InvalidResponseError(f"batch {batch.id}: {exc}", request_id=batch.request_id) from exc
+                    with _ReadProgress() as shown:
+                        hook = shown.update if shown.shown else None
+                        results: Any = client.iter_results(session, file_ids, hook)  # a generator
+                        with contextlib.closing(results):  # a reader gone early: the download stops here
+                            for result in results:
+                                sys.stdout.write(json.dumps(result.to_dict(), separators=(",", ":")) + "\n")
         except KeyboardInterrupt:
             # On a terminal, first wipe the ^C it echoed.
             print(("\r\x1b[K" if sys.stderr.isatty() else "") + "error: interrupted", file=sys.stderr)
+            sys.stdout.flush()
             return 130
         except (MKA1Error, ValueError) as exc:
             # One line, never a traceback. No message holds the token: get_batch redacts its own.
             print("error: " + _printable(" ".join(str(exc).split())), file=sys.stderr)
+            sys.stdout.flush()  # the results before a bad line, or a broken connection, are kept
             if isinstance(exc, WaitTimeoutError):
                 return 4
             return 1 if isinstance(exc, MKA1Error) else 2
-        print(json.dumps(batch.to_dict(), indent=2))
         sys.stdout.flush()  # here, not at exit, so that a reader gone early is caught below
-        return 0 if not args.wait or batch.status == "completed" else 3
+        return 0 if not (args.wait or args.results) or batch.status == "completed" else 3
     except BrokenPipeError:  # pragma: no cover - the tests run this in subprocesses, over real pipes
         # The reader stopped reading, as `| head -n1` does: no traceback, no error line. The
         # Python docs' recipe: point the streams at devnull, so the flush at exit cannot fail again.
@@ -1325,17 +1421,26 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 _CLI_EPILOG = """\
+results (--results):
+  One JSON object per line on stdout, ready for jq: the output file's lines, then the error
+  file's. A cancelled or expired batch's partial results are written too, then exit 3.
+    python -m mka1_batches BATCH_ID --wait --results | jq -r 'select(.error) | .custom_id'
+  While a file streams, a terminal's stderr shows the lines and MiB read so far (not when
+  stdout is that terminal too: the results show it).
+
 environment:
   MKA1_API_KEY       the API key (never taken as an argument: arguments show in ps)
   MKA1_BEARER_AUTH   used when MKA1_API_KEY is unset; "Bearer <key>" as MKA1's own CLI sets it
   MKA1_BASE_URL      the gateway, when --base-url is not given
 
 exit codes:
-  0    success (with --wait: the batch ended completed)
-  1    API or network error
+  0    success (with --wait or --results: the batch ended completed)
+  1    API or network error, or a malformed results file (the results before it are written)
   2    usage error: bad arguments, no token, an invalid id, --poll-interval or --max-wait without --wait
-  3    --wait: the batch ended failed, expired or cancelled (its JSON is still printed)
-  4    --wait: --max-wait passed first
+  3    --wait or --results: the batch ended failed, expired or cancelled (its JSON, or the results
+       it has, are still written)
+  4    the batch has not finished: with --wait, --max-wait passed first; with --results alone,
+       it is still running (nothing is written)
   130  interrupted (Ctrl-C)
   141  stdout or stderr was closed early by its reader, e.g. `| head -n1`; nothing more is written
        (128 + SIGPIPE, the code a shell shows for a program that a broken pipe stops)

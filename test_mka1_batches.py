@@ -1,5 +1,6 @@
 """Tests for mka1_batches: the model, input checks, the HTTP surface, real sockets, waiting and the CLI."""
 
+import contextlib
 import copy
 import email.utils
 import gzip
@@ -7,19 +8,28 @@ import io
 import json
 import logging
 import os
+import pickle
 import re
+import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import tracemalloc
+import zlib
 from typing import Any, Dict, List
+from urllib.parse import unquote
 
 import attr
 import pytest
 import requests
+import requests_mock
 import responses
+import trustme
+import urllib3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -1002,6 +1012,752 @@ def test_live_threads_share_one_session(gateway):
     assert gateway.connections <= 10  # the pool holds 10 connections; they are reused
 
 
+# --- The transport: ecosystem tools, TLS, proxies and framing over real sockets ---
+# Loopback servers on 127.0.0.1 that count connections, so that a test can prove what reached a
+# socket, how often, and on which connection. Every socket has a timeout; every thread is a daemon.
+
+
+class Received:
+    """One request head as a loopback server read it; header names are lower-cased."""
+
+    def __init__(self, head: bytes, number: int):
+        self.raw = head
+        self.number = number  # 1 for the first request the server saw
+        lines = head.decode("latin-1").split("\r\n")
+        self.method, self.target, _ = lines[0].split(" ", 2)
+        self.headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        self.batch_id = unquote(self.target.rsplit("/", 1)[-1])
+
+
+class Loopback:
+    """A threaded TCP server on 127.0.0.1; ``handle(conn)`` serves one connection."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self._stop = threading.Event()
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self._listener.settimeout(0.05)
+        self.port = self._listener.getsockname()[1]
+        self._open: List[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+
+    def __enter__(self) -> Any:
+        self._threads[0].start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._threads[0].join(5)
+        self._listener.close()
+        for sock in list(self._open):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a handler blocked in recv
+        for thread in self._threads[1:]:
+            thread.join(5)
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            self.connections += 1
+            conn.settimeout(5)
+            self._open.append(conn)
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            self.handle(conn)
+        except (OSError, ValueError):  # a client that went away, a TLS handshake refused
+            pass
+        finally:
+            conn.close()
+
+    def _read_head(self, conn: socket.socket, buffer: bytes) -> Any:
+        """(head, rest) of the next request, or (None, b"") when the client closed."""
+        while b"\r\n\r\n" not in buffer:
+            data = conn.recv(65536)
+            if not data:
+                return None, b""
+            buffer += data
+        head, _, rest = buffer.partition(b"\r\n\r\n")
+        return head, rest
+
+
+class RawServer(Loopback):
+    """An HTTP/1.1 server whose answers are scripted byte for byte, over TLS if given a context.
+
+    ``script(request)`` returns the parts to send; before each part after the first, the server
+    waits (up to 2 s) for the client to move: to send more, or to close. After an answer that
+    says ``Connection: close``, the server closes; otherwise it waits for the next request.
+    """
+
+    def __init__(self, script: Any = None, context: Any = None):
+        super().__init__()
+        self.script = script or answer
+        self.context = context
+        self.requests: List[Received] = []
+        self.handshakes = 0
+        self.peer_certs: List[Any] = []
+        self.base_url = f"{'https' if context else 'http'}://127.0.0.1:{self.port}"
+
+    def handle(self, conn: socket.socket) -> None:
+        if self.context is not None:
+            conn = self.context.wrap_socket(conn, server_side=True)
+            self._open.append(conn)
+            self.handshakes += 1
+            self.peer_certs.append(conn.getpeercert())
+        with conn:
+            buffer = b""
+            while True:
+                head, buffer = self._read_head(conn, buffer)
+                if head is None:
+                    return
+                request = Received(head, len(self.requests) + 1)
+                self.requests.append(request)
+                parts = self.script(request)
+                for i, part in enumerate(parts):
+                    if i:
+                        select.select([conn], [], [], 2)
+                    conn.sendall(part)
+                if any(b"\r\nConnection: close\r\n" in part for part in parts):
+                    return
+
+
+class Proxy(Loopback):
+    """A forward proxy to 127.0.0.1 only: CONNECT tunnels, and absolute-form plain HTTP relayed.
+
+    ``seen`` holds every byte outside tunnels, ``tunnelled`` every byte inside them.
+    With ``refuse`` (a status line's code and reason), it answers each CONNECT with that.
+    """
+
+    def __init__(self, refuse: str = ""):
+        super().__init__()
+        self.refuse = refuse
+        self.connects = 0
+        self.seen = bytearray()
+        self.tunnelled = bytearray()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def handle(self, conn: socket.socket) -> None:
+        head, rest = self._read_head(conn, b"")
+        if head is None:
+            return
+        request = Received(head, 0)
+        self.seen += head + b"\r\n\r\n" + rest
+        authority = request.target if request.method == "CONNECT" else request.target.split("/")[2]
+        if request.method == "CONNECT":
+            self.connects += 1
+            if self.refuse:
+                conn.sendall(reply(b"", self.refuse, {"Proxy-Authenticate": 'Basic realm="proxy"'}))
+                return
+        upstream = socket.create_connection(("127.0.0.1", int(authority.rpartition(":")[2])), timeout=5)
+        self._open.append(upstream)
+        with upstream:
+            if request.method == "CONNECT":
+                conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                self._relay(conn, upstream, self.tunnelled)
+            else:
+                upstream.sendall(head + b"\r\n\r\n" + rest)
+                self._relay(conn, upstream, self.seen)
+
+    def _relay(self, client: socket.socket, upstream: socket.socket, record: bytearray) -> None:
+        while True:
+            ready, _, _ = select.select([client, upstream], [], [], 5)
+            if not ready:
+                return
+            for sock in ready:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                (upstream if sock is client else client).sendall(data)
+                record += data
+
+
+def reply(body: bytes = b"", status: str = "200 OK", headers: Any = None) -> bytes:
+    """One HTTP/1.1 response; Content-Length is added unless the headers frame the body themselves."""
+    fields = dict(headers or {})
+    if not {"content-length", "transfer-encoding"} & {name.lower() for name in fields}:
+        fields["Content-Length"] = str(len(body))
+    lines = ["HTTP/1.1 " + status] + [f"{name}: {value}" for name, value in fields.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def batch_body(batch_id: str) -> bytes:
+    return json.dumps(dict(EXAMPLE, id=batch_id)).encode()
+
+
+def answer(request: Received) -> List[bytes]:
+    """The documented example, under the id asked for."""
+    return [reply(batch_body(request.batch_id), headers={"Content-Type": "application/json", "X-Request-ID": RID})]
+
+
+def chunked(body: bytes, size: int = 100) -> bytes:
+    pieces = [body[i : i + size] for i in range(0, len(body), size)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
+
+
+def compress(data: bytes, wbits: int, repeat: int = 1) -> bytes:
+    """``data * repeat`` as gzip (wbits 31), zlib (15) or raw deflate (-15)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    return b"".join([packer.compress(data) for _ in range(repeat)] + [packer.flush()])
+
+
+def get_from(server: RawServer, batch_id: str, **kw: Any) -> m.Batch:
+    return m.get_batch(TOKEN, batch_id, base_url=server.base_url, **kw)
+
+
+def raised(call: Any) -> Any:
+    with pytest.raises(m.MKA1Error) as info:
+        call()
+    return info.value
+
+
+@pytest.fixture
+def plain_env(monkeypatch):
+    """No proxy and no CA-bundle settings from the environment this suite runs in."""
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy") or name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def start(plain_env):
+    """Start a loopback server for this test; it stops after the test."""
+    servers: List[Loopback] = []
+
+    def started(server: Any) -> Any:
+        servers.append(server.__enter__())
+        return server
+
+    yield started
+    for server in reversed(servers):
+        server.__exit__(None, None, None)
+
+
+class PKI:
+    """A throwaway CA from trustme, a server certificate for 127.0.0.1, a client certificate's files."""
+
+    def __init__(self, folder: Any):
+        self.ca = trustme.CA()
+        self.server_cert = self.ca.issue_cert("127.0.0.1")
+        client = self.ca.issue_cert("client.example.test")
+        self.ca_pem = str(folder / "ca.pem")
+        self.client_cert = str(folder / "client.pem")
+        self.client_key = str(folder / "client.key")
+        self.ca.cert_pem.write_to_path(self.ca_pem)
+        client.cert_chain_pems[0].write_to_path(self.client_cert)
+        client.private_key_pem.write_to_path(self.client_key)
+
+    def context(self, client_cert_required: bool = False) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.server_cert.configure_cert(context)
+        if client_cert_required:
+            context.verify_mode = ssl.CERT_REQUIRED
+            self.ca.configure_trust(context)
+        return context
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return PKI(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def tls_server(start, pki):
+    return start(RawServer(context=pki.context()))
+
+
+def test_requests_mock_catches_the_call_and_no_socket_is_opened(start):
+    server = start(RawServer())
+    with requests_mock.Mocker() as mocker:
+        mocker.get(
+            server.base_url + "/api/v1/llm/batches/batch_rm",
+            json=dict(EXAMPLE, id="batch_rm", status="in_progress"),
+            headers={"X-Request-ID": RID},
+        )
+        b = get_from(server, "batch_rm")
+    assert (b.id, b.status, b.request_id) == ("batch_rm", "in_progress", RID)
+    assert mocker.call_count == 1 and mocker.last_request.headers["Authorization"] == "Bearer " + TOKEN
+    assert server.connections == 0
+
+
+class TracedSession(requests.Session):
+    """How OpenTelemetry-style instrumentation sees a call: by overriding send."""
+
+    def send(self, request: Any, **kwargs: Any) -> Any:
+        request.headers["traceparent"] = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        return super().send(request, **kwargs)
+
+
+def test_session_subclass_overriding_send_sees_the_call(start):
+    server = start(RawServer())
+    with TracedSession() as s:
+        assert get_from(server, "batch_traced", session=s).id == "batch_traced"
+    assert server.requests[0].headers["traceparent"] == "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def test_session_response_hooks_still_run(start):
+    server = start(RawServer())
+    seen: List[Any] = []
+    with requests.Session() as s:
+        s.hooks["response"].append(lambda r, **kw: seen.append((r.status_code, r.url)))
+        get_from(server, "batch_hook", session=s)
+    assert seen == [(200, server.base_url + "/api/v1/llm/batches/batch_hook")]
+
+
+@pytest.mark.parametrize("status, headers", [(404, {}), (302, {"Location": "https://elsewhere.example/"})])
+def test_session_response_hooks_see_error_responses_too(start, status, headers):
+    server = start(RawServer(lambda r: [reply(b'{"error": "no"}', f"{status} Whatever", headers)]))
+    seen: List[Any] = []
+    with requests.Session() as s:
+        s.hooks["response"].append(lambda r, **kw: seen.append((r.status_code, r.url)))
+        with pytest.raises(m.APIStatusError):
+            get_from(server, "batch_hook", session=s, max_retries=0)
+    assert seen == [(status, server.base_url + "/api/v1/llm/batches/batch_hook")]
+    assert len(server.requests) == 1
+
+
+class ReadOnly:
+    """A file-like raw body with nothing but read(amt) and close()."""
+
+    def __init__(self, data: bytes):
+        self._data = io.BytesIO(data)
+
+    def read(self, amt: int = -1) -> bytes:
+        return self._data.read(amt)
+
+    def close(self) -> None:
+        self._data.close()
+
+
+class CannedAdapter(requests.adapters.BaseAdapter):
+    """A test adapter as users write them: a Response built by hand, its raw a file-like object."""
+
+    def __init__(self, raw: Any):
+        super().__init__()
+        self.raw = raw
+        self.sent: List[Any] = []
+
+    def send(self, request: Any, **kwargs: Any) -> requests.Response:
+        self.sent.append(request)
+        resp = requests.Response()
+        resp.status_code, resp.reason, resp.url, resp.request = 200, "OK", request.url, request
+        resp.headers["Content-Type"] = "application/json"
+        resp.headers["X-Request-ID"] = RID
+        resp.raw = self.raw
+        return resp
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("wrap", [io.BytesIO, ReadOnly])
+def test_mounted_adapter_with_a_file_like_raw_gives_the_batch(wrap):
+    adapter = CannedAdapter(wrap(json.dumps(EXAMPLE).encode()))
+    with requests.Session() as s:
+        s.mount(BASE, adapter)
+        b = get(session=s)
+    assert b == m.Batch.from_dict(EXAMPLE) and b.request_id == RID
+    assert [r.headers["Authorization"] for r in adapter.sent] == ["Bearer " + TOKEN]
+
+
+def test_vcrpy_records_then_replays_without_the_server(tmp_path):
+    vcr = pytest.importorskip("vcr")
+    recorder = vcr.VCR(cassette_library_dir=str(tmp_path), filter_headers=["authorization"])
+    with Gateway() as gw, recorder.use_cassette("batch.yaml", record_mode="once"):
+        recorded = live(gw, "batch_vcr")
+    with recorder.use_cassette("batch.yaml", record_mode="none"):
+        replayed = live(gw, "batch_vcr")  # the gateway has stopped: only the cassette can answer
+    assert (replayed, replayed.request_id) == (recorded, recorded.request_id)
+    assert recorded.id == "batch_vcr" and len(gw.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "cause",
+    [
+        pytest.param(
+            "certificate verify failed: unable to get local issuer certificate",
+            marks=pytest.mark.skipif(sys.version_info < (3, 7), reason="Python 3.7 and later name the reason"),
+        ),
+        pytest.param(
+            "certificate verify failed",
+            marks=pytest.mark.skipif(sys.version_info >= (3, 7), reason="Python 3.6 gives no reason"),
+        ),
+    ],
+)
+def test_tls_verification_is_on_by_default_and_a_failure_is_one_attempt(tls_server, sleeps, cause):
+    with pytest.raises(m.APIConnectionError) as info:
+        get_from(tls_server, "batch_tls", max_retries=2)
+    assert type(info.value) is m.APIConnectionError
+    assert str(info.value) == f"GET /api/v1/llm/batches/batch_tls on 127.0.0.1:{tls_server.port} failed: {cause}"
+    assert isinstance(info.value.__cause__, requests.exceptions.SSLError)
+    assert (tls_server.connections, tls_server.handshakes, sleeps) == (1, 0, [])
+
+
+def test_tls_requests_ca_bundle_is_trusted(tls_server, pki, monkeypatch):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", pki.ca_pem)
+    assert get_from(tls_server, "batch_tls").id == "batch_tls"
+    assert tls_server.handshakes == 1
+
+
+def test_tls_session_verify_path_is_trusted(tls_server, pki):
+    with requests.Session() as s:
+        s.verify = pki.ca_pem
+        assert get_from(tls_server, "batch_tls", session=s).id == "batch_tls"
+    assert tls_server.handshakes == 1
+
+
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+def test_tls_session_verify_false_skips_the_check(tls_server):
+    with requests.Session() as s:
+        s.verify = False
+        assert get_from(tls_server, "batch_tls", session=s).id == "batch_tls"
+    assert tls_server.handshakes == 1
+
+
+def test_tls_client_certificate_is_presented(start, pki):
+    server = start(RawServer(context=pki.context(client_cert_required=True)))
+    with requests.Session() as s:
+        s.verify, s.cert = pki.ca_pem, (pki.client_cert, pki.client_key)
+        assert get_from(server, "batch_mtls", session=s).id == "batch_mtls"
+    assert [c["subjectAltName"] for c in server.peer_certs] == [(("DNS", "client.example.test"),)]
+
+
+def test_tls_missing_client_certificate_is_a_connection_error(start, pki):
+    server = start(RawServer(context=pki.context(client_cert_required=True)))
+    with requests.Session() as s:
+        s.verify = pki.ca_pem
+        with pytest.raises(m.APIConnectionError) as info:
+            get_from(server, "batch_mtls", session=s, max_retries=0)
+    assert type(info.value) is m.APIConnectionError and "\n" not in str(info.value)
+    assert str(info.value).startswith(f"GET /api/v1/llm/batches/batch_mtls on 127.0.0.1:{server.port} failed: ")
+    assert (server.handshakes, server.requests) == (0, [])
+
+
+def test_https_proxy_env_tunnels_with_connect(start, tls_server, pki, monkeypatch):
+    proxy = start(Proxy())
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", pki.ca_pem)
+    assert get_from(tls_server, "batch_proxied").id == "batch_proxied"
+    assert bytes(proxy.seen).startswith(b"CONNECT 127.0.0.1:%d HTTP/1." % tls_server.port)  # 1.0 before 3.12
+    assert (proxy.connects, tls_server.connections, tls_server.handshakes) == (1, 1, 1)
+
+
+def test_token_never_reaches_the_proxy_in_clear_text(start, tls_server, pki, monkeypatch):
+    proxy = start(Proxy())
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", pki.ca_pem)
+    get_from(tls_server, "batch_secret")
+    assert tls_server.requests[0].headers["authorization"] == "Bearer " + TOKEN  # the server had it
+    assert proxy.tunnelled[:1] == b"\x16"  # a TLS handshake record: the tunnel carried TLS
+    assert TOKEN.encode() not in bytes(proxy.seen) + bytes(proxy.tunnelled)
+
+
+def test_no_proxy_env_bypasses_the_proxy(start, tls_server, pki, monkeypatch):
+    proxy = start(Proxy())
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", pki.ca_pem)
+    assert get_from(tls_server, "batch_direct").id == "batch_direct"
+    assert (proxy.connections, tls_server.connections) == (0, 1)
+
+
+def test_http_proxy_env_gets_plain_http_in_absolute_form(start, monkeypatch):
+    server = start(RawServer())
+    proxy = start(Proxy())
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    assert get_from(server, "batch_plain").id == "batch_plain"
+    assert bytes(proxy.seen).startswith(
+        b"GET %s/api/v1/llm/batches/batch_plain HTTP/1.1\r\n" % server.base_url.encode()
+    )
+    assert (proxy.connects, proxy.connections, server.connections) == (0, 1, 1)
+
+
+def test_proxy_407_on_connect_is_one_attempt_naming_the_status(start, tls_server, sleeps, monkeypatch):
+    proxy = start(Proxy(refuse="407 Proxy Authentication Required"))
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+    with pytest.raises(m.APIConnectionError) as info:
+        get_from(tls_server, "batch_p", max_retries=2)
+    assert type(info.value) is m.APIConnectionError
+    assert str(info.value) == (
+        f"GET /api/v1/llm/batches/batch_p on 127.0.0.1:{tls_server.port} failed: proxy refused CONNECT: 407"
+    )
+    assert isinstance(info.value.__cause__, requests.exceptions.ProxyError)
+    assert (proxy.connects, tls_server.connections, sleeps) == (1, 0, [])
+
+
+def test_connection_refused_names_the_host_and_the_cause(plain_env):
+    with socket.socket() as probe:  # a port that was free a moment ago, and is closed now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(m.APIConnectionError) as info:
+        m.get_batch(TOKEN, "batch_x", base_url=f"http://127.0.0.1:{port}", max_retries=0)
+    assert type(info.value) is m.APIConnectionError
+    assert str(info.value) == f"GET /api/v1/llm/batches/batch_x on 127.0.0.1:{port} failed: connection refused"
+    assert isinstance(info.value.__cause__, requests.ConnectionError)
+
+
+def test_name_resolution_failure_names_the_host_and_the_cause(plain_env, monkeypatch):
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    with pytest.raises(m.APIConnectionError) as info:
+        m.get_batch(TOKEN, "batch_x", base_url="http://gw.example.test:8080", max_retries=0)
+    assert type(info.value) is m.APIConnectionError
+    assert str(info.value) == "GET /api/v1/llm/batches/batch_x on gw.example.test:8080 failed: name resolution failed"
+    assert isinstance(info.value.__cause__, requests.ConnectionError)
+
+
+def test_read_timeout_is_one_line_naming_the_host(start):
+    server = start(RawServer(lambda r: []))  # reads the request, never answers
+    with pytest.raises(m.APITimeoutError) as info:
+        get_from(server, "batch_slow", timeout=(1, 0.3), max_retries=0)
+    assert str(info.value).startswith(f"GET /api/v1/llm/batches/batch_slow on 127.0.0.1:{server.port} timed out: ")
+    assert "\n" not in str(info.value) and isinstance(info.value.__cause__, requests.Timeout)
+
+
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n"
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["one-write", "200-after-the-client-moves"])
+def test_interim_1xx_taken_as_final_closes_the_connection(start, together):
+    def script(request: Received) -> List[bytes]:
+        if request.number > 1:
+            return answer(request)
+        (ok_,) = answer(request)
+        return [EARLY_HINTS + ok_] if together else [EARLY_HINTS, ok_]
+
+    server = start(RawServer(script))
+    with requests.Session() as s:
+        with pytest.raises(m.APIStatusError) as info:
+            get_from(server, "batch_first", session=s, max_retries=0)
+        assert type(info.value) is m.APIStatusError and info.value.status_code == 103
+        assert get_from(server, "batch_second", session=s, max_retries=0).id == "batch_second"
+    assert [r.batch_id for r in server.requests] == ["batch_first", "batch_second"]
+    assert server.connections == 2
+
+
+def test_a_batch_with_another_id_is_refused_naming_both(api):
+    ok(api, dict(EXAMPLE, id="batch_someone_else"))
+    with pytest.raises(m.InvalidResponseError) as info:
+        get(max_retries=0)
+    assert (info.value.field, info.value.request_id) == ("id", RID)
+    assert BID in str(info.value) and "batch_someone_else" in str(info.value)
+
+
+def test_an_id_that_needs_encoding_matches_itself(start):
+    server = start(RawServer())
+    assert get_from(server, "batch/ü x?#").id == "batch/ü x?#"
+    assert server.requests[0].target == "/api/v1/llm/batches/batch%2F%C3%BC%20x%3F%23"
+
+
+@pytest.mark.parametrize("encoding, wbits", [("gzip", 31), ("deflate", 15), ("deflate", -15)])
+def test_compressed_body_is_decoded(start, encoding, wbits):
+    headers = {"Content-Encoding": encoding, "X-Request-ID": RID}
+    server = start(RawServer(lambda r: [reply(compress(batch_body(r.batch_id), wbits), headers=headers)]))
+    b = get_from(server, "batch_gz")
+    assert b == m.Batch.from_dict(dict(EXAMPLE, id="batch_gz")) and b.request_id == RID
+    assert server.requests[0].headers["accept-encoding"] == "identity"
+
+
+@pytest.mark.parametrize("encoding, wbits", [("gzip", 31), ("deflate", 15)])
+def test_compressed_error_body_is_decoded(start, encoding, wbits):
+    body = compress(b'{"error": {"message": "Batch not found", "details": null}}', wbits)
+    headers = {"Content-Encoding": encoding, "X-Request-ID": RID}
+    server = start(RawServer(lambda r: [reply(body, "404 Not Found", headers)]))
+    with pytest.raises(m.NotFoundError) as info:
+        get_from(server, "batch_gz")
+    assert str(info.value) == f"404 Batch not found (request {RID})"
+    assert info.value.body == {"error": {"message": "Batch not found", "details": None}}
+
+
+@pytest.mark.parametrize("encoding, wbits", [("gzip", 31), ("deflate", 15)])
+def test_compression_bomb_is_refused_without_inflating_it(start, encoding, wbits):
+    bomb = compress(b" " * 2**20, wbits, 50)  # 50 MiB of spaces in about 50 KiB
+    server = start(RawServer(lambda r: [reply(bomb, headers={"Content-Encoding": encoding, "X-Request-ID": RID})]))
+    tracemalloc.start()
+    try:
+        with pytest.raises(m.InvalidResponseError, match=r"over the 10485760-byte limit$") as info:
+            get_from(server, "batch_bomb")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 * 2**20 and info.value.request_id == RID
+
+
+@pytest.mark.parametrize("length", ["1", "100000", "99999999999", "abc"])
+def test_chunked_body_ignores_content_length(start, length):
+    headers = {"Transfer-Encoding": "chunked", "Content-Length": length, "X-Request-ID": RID}
+    server = start(RawServer(lambda r: [reply(chunked(batch_body(r.batch_id)), headers=headers)]))
+    with requests.Session() as s:
+        ids = [get_from(server, b, session=s, max_retries=0).id for b in ("batch_c1", "batch_c2")]
+    assert ids == ["batch_c1", "batch_c2"]  # the second call would read leftovers if the length were followed
+
+
+@pytest.mark.parametrize(
+    "value, outcome",
+    [
+        ("²", m.Batch),  # '²'.isdigit() is True, and int('²') raises
+        ("-1", m.Batch),
+        ("abc", m.Batch),
+        ("{n}, {n}", m.Batch),  # a list of one length, repeated
+        ("99999999999999999999", m.InvalidResponseError),
+        ("10, 11", m.MKA1Error),  # urllib3 raises InvalidHeader; requests before 2.28 lets it through
+        ("10, 10", (m.Batch, m.MKA1Error)),  # urllib3 takes it as 10, http.client ignores it: either may read
+    ],
+)
+def test_odd_content_length_gives_a_batch_or_a_documented_error(start, value, outcome):
+    def script(request: Received) -> List[bytes]:
+        body = batch_body(request.batch_id)
+        headers = {"Content-Length": value.format(n=len(body)), "Connection": "close", "X-Request-ID": RID}
+        return [reply(body, headers=headers)]
+
+    server = start(RawServer(script))
+    try:
+        got: Any = get_from(server, "batch_cl", max_retries=0)
+    except m.MKA1Error as exc:
+        got = exc
+    assert isinstance(got, outcome)
+    assert not isinstance(got, m.Batch) or got.id == "batch_cl"
+
+
+HALF_READ = {
+    # name: (first answer, the error it gives)
+    "2xx over the cap": (
+        reply(chunked(b" " * 300_000, 8192), headers={"Transfer-Encoding": "chunked"}),
+        m.InvalidResponseError,
+    ),
+    "Content-Length over the cap": (reply(b" " * 300_000), m.InvalidResponseError),
+    "error body over its cap": (reply(b"x" * 2**20, "404 Not Found"), m.NotFoundError),
+    "read timeout mid-body": (reply(b" " * 1000)[:-500], m.APITimeoutError),
+}
+
+
+@pytest.mark.parametrize("case", list(HALF_READ))
+def test_half_read_connection_is_never_reused(start, monkeypatch, case):
+    monkeypatch.setattr(m, "MAX_BODY_BYTES", 100_000)
+    first, error = HALF_READ[case]
+    server = start(RawServer(lambda r: [first] if r.number == 1 else answer(r)))
+    with requests.Session() as s:
+        with pytest.raises(error):
+            get_from(server, "batch_first", session=s, timeout=(1, 0.3), max_retries=0)
+        assert get_from(server, "batch_next", session=s, max_retries=0).id == "batch_next"
+    assert [r.batch_id for r in server.requests] == ["batch_first", "batch_next"]
+    assert server.connections == 2
+
+
+def test_mounted_urllib3_retry_exhausted_on_503_is_a_status_error(start):
+    server = start(RawServer(lambda r: [reply(b"busy", "503 Service Unavailable", {"X-Request-ID": RID})]))
+    retry = urllib3.Retry(total=2, status_forcelist=[503], backoff_factor=0)
+    with requests.Session() as s:
+        s.mount("http://", requests.adapters.HTTPAdapter(max_retries=retry))
+        with pytest.raises(m.APIStatusError) as info:
+            get_from(server, "batch_busy", session=s, max_retries=0)
+    assert type(info.value) is m.InternalServerError and info.value.status_code == 503
+    assert len(server.requests) == 3  # urllib3's three tries, inside one attempt of ours
+
+
+NGINX_502 = (
+    "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center>"
+    "<hr><center>nginx</center></body></html>"
+)
+
+
+@pytest.mark.parametrize(
+    "headers, message", [({}, "502 Bad Gateway"), ({"X-Request-ID": RID}, f"502 Bad Gateway (request {RID})")]
+)
+def test_proxy_html_error_page_says_its_status_once(api, headers, message):
+    api.add(responses.GET, URL + BID, status=502, body=NGINX_502, content_type="text/html", headers=headers)
+    with pytest.raises(m.InternalServerError) as info:
+        get(max_retries=0)
+    assert str(info.value) == message and info.value.body == NGINX_502
+
+
+@pytest.mark.parametrize(
+    "body, redacted",
+    [
+        (
+            {"error": {"message": f"invalid key {TOKEN}", "details": {"key": TOKEN, "seen": [TOKEN, 1]}}},
+            {"error": {"message": "invalid key [token]", "details": {"key": "[token]", "seen": ["[token]", 1]}}},
+        ),
+        (f"<html>bad key {TOKEN}</html>", "<html>bad key [token]</html>"),
+    ],
+)
+def test_status_error_body_has_the_token_redacted(api, body, redacted):
+    fail(api, 401, body)
+    with pytest.raises(m.AuthenticationError) as info:
+        get()
+    assert info.value.body == redacted
+
+
+@pytest.mark.parametrize(
+    "base_url", ["http://gw.example.test?", "http://gw.example.test#", "https://gw.example.test/v1?"]
+)
+def test_empty_query_or_fragment_marker_in_base_url_is_refused(api, base_url):
+    with pytest.raises(ValueError, match=r"^base_url must be an http\(s\) URL with no query"):
+        m.get_batch(TOKEN, BID, base_url=base_url)
+    assert not api.calls
+
+
+@pytest.mark.parametrize("status, cls", [(status, cls) for status, cls in STATUS_CLASSES if status >= 400])
+def test_status_errors_pickle_with_their_attributes(api, status, cls):
+    fail(api, status, {"error": {"message": "Something happened", "details": [1, None]}}, {"Retry-After": "7"})
+    e = raised(lambda: get(max_retries=0))
+    back = pickle.loads(pickle.dumps(e))  # noqa: S301 - our own bytes
+    assert (type(back), str(back), vars(back)) == (cls, str(e), vars(e))
+    assert (back.status_code, back.request_id, back.retry_after) == (status, RID, 7.0)
+    assert back.body == {"error": {"message": "Something happened", "details": [1, None]}}
+
+
+def _invalid_response(api: Any, monkeypatch: Any) -> Any:
+    ok(api, dict(EXAMPLE, created_at="yesterday"))
+    return raised(get)
+
+
+def _connection_error(api: Any, monkeypatch: Any) -> Any:
+    api.add(responses.GET, URL + BID, body=requests.ConnectionError("reset"))
+    return raised(lambda: get(max_retries=0))
+
+
+def _timeout(api: Any, monkeypatch: Any) -> Any:
+    api.add(responses.GET, URL + BID, body=requests.ReadTimeout("slow"))
+    return raised(lambda: get(max_retries=0))
+
+
+def _wait_timeout(api: Any, monkeypatch: Any) -> Any:
+    clock = [1000.0]
+    monkeypatch.setattr(m.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(m, "_sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    ok(api, dict(EXAMPLE, status="in_progress"))
+    return raised(lambda: m.wait_for_batch(TOKEN, BID, base_url=BASE, max_wait=5, poll_interval=2))
+
+
+@pytest.mark.parametrize(
+    "make, cls, attributes",
+    [
+        (_invalid_response, m.InvalidResponseError, {"field": "created_at", "request_id": RID}),
+        (_connection_error, m.APIConnectionError, {}),
+        (_timeout, m.APITimeoutError, {}),
+        (_wait_timeout, m.WaitTimeoutError, {"batch": m.Batch.from_dict(dict(EXAMPLE, status="in_progress"))}),
+    ],
+)
+def test_other_errors_pickle_with_their_attributes(api, monkeypatch, make, cls, attributes):
+    e = make(api, monkeypatch)
+    back = pickle.loads(pickle.dumps(e))  # noqa: S301 - our own bytes
+    assert (type(back), str(back), vars(back)) == (cls, str(e), vars(e))
+    assert {name: getattr(back, name) for name in attributes} == attributes
+
+
 # --- wait_for_batch --------------------------------------------------------------------------
 
 
@@ -1308,8 +2064,18 @@ def test_cli_shows_no_control_characters_from_the_server(cli, monkeypatch):
     assert r.stderr == f"\r\x1b[K{line}\r\x1b[K{line}\nerror: reset by ?[2Jpeer\n"
 
 
-def _run_on_a_pty(args: List[str], env: Dict[str, str], columns: int, interrupt_on: str = "") -> Any:
-    """Run the CLI with stderr on a pty ``columns`` wide; return its exit code and all it wrote there."""
+def _run_on_a_pty(
+    args: List[str],
+    env: Dict[str, str],
+    columns: int,
+    interrupt_on: str = "",
+    command: Any = None,
+    stdout: Any = subprocess.PIPE,
+) -> Any:
+    """Run the CLI with stderr on a pty ``columns`` wide; return its exit code and all it wrote there.
+
+    ``command`` replaces ``python -m mka1_batches``; ``stdout`` is where its stdout goes.
+    """
     import fcntl
     import pty
     import select
@@ -1320,8 +2086,8 @@ def _run_on_a_pty(args: List[str], env: Dict[str, str], columns: int, interrupt_
     master, slave = pty.openpty()
     tty.setraw(slave)  # no newline translation: read back exactly what was written
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
-    command = [sys.executable, "-m", "mka1_batches", *args]
-    p = subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=slave)
+    command = [*(command or [sys.executable, "-m", "mka1_batches"]), *args]
+    p = subprocess.Popen(command, env=env, cwd=HERE, stdout=stdout, stderr=slave)
     os.close(slave)
     written = b""
     deadline = time.monotonic() + 30
@@ -1340,8 +2106,9 @@ def _run_on_a_pty(args: List[str], env: Dict[str, str], columns: int, interrupt_
                 written += chunk
     finally:
         os.close(master)
-        p.stdout.read()
-        p.stdout.close()
+        if p.stdout is not None:
+            p.stdout.read()
+            p.stdout.close()
         p.wait(timeout=10)
     return p.returncode, written.decode()
 
@@ -1404,8 +2171,9 @@ def test_cli_help_text(cli, monkeypatch):
     r = cli("--help")
     assert r.stdout.startswith(
         "usage: python -m mka1_batches [-h] [--version] [--on-behalf-of ID] [--base-url URL] [--timeout S] [--wait]"
-        " [--poll-interval S] [--max-wait S] batch_id\n\n"
-        "Print an MKA1 batch as JSON on stdout; with --wait, wait for it to finish first.\n"
+        " [--poll-interval S] [--max-wait S] [--results] batch_id\n\n"
+        "Print an MKA1 batch as JSON on stdout, or with --results its results as JSON lines;"
+        " with --wait, wait for it to finish first.\n"
     )
     lines = [" ".join(line.split()) for line in r.stdout.splitlines()]
     for line in [
@@ -1415,6 +2183,7 @@ def test_cli_help_text(cli, monkeypatch):
         "--wait poll until the batch reaches a terminal status",
         "--poll-interval S with --wait: seconds between polls (2)",
         "--max-wait S with --wait: give up after S seconds (exit 4)",
+        "--results write the finished batch's results, one JSON object per line",
         "--version show program's version number and exit",
     ]:
         assert line in lines
@@ -1547,6 +2316,238 @@ def test_module_runs_from_a_lone_copy(gateway, tmp_path):
     assert r.stdout == "batch_vendored completed\n", r.stderr
 
 
+# --results: the batch's results as JSON lines, their progress on a terminal, and closed pipes.
+
+#: request-2's line of the scripted error files, as --results writes it.
+ERROR_LINE = (
+    '{"custom_id":"request-2","id":"batch_req_2","response":null,'
+    '"error":{"code":"processing_error","message":"The request could not be processed."}}'
+)
+#: ``python -m mka1_batches`` with every batch's results read from the file id given last:
+#: no scripted batch names a large file.
+READING_CLI = [
+    sys.executable,
+    "-c",
+    "import sys, mka1_batches as m; f = sys.argv.pop(); m._file_ids = lambda b, e: [f]; sys.exit(m.main())",
+]
+
+
+def _env(gateway: Gateway) -> Dict[str, str]:
+    return {"MKA1_API_KEY": DEMO_TOKEN, "MKA1_BASE_URL": gateway.base_url}
+
+
+def _as_written(gateway: Gateway, *file_ids: str) -> List[str]:
+    """The files' lines as --results writes them: each a BatchResult's to_dict(), compact."""
+    lines = []
+    for file_id in file_ids:
+        url = f"{gateway.base_url}/api/v1/llm/files/{file_id}/content"
+        r = requests.get(url, headers={"Authorization": "Bearer " + DEMO_TOKEN}, timeout=10)
+        assert r.status_code == 200
+        for line in r.text.splitlines():
+            result = m.BatchResult.from_dict(json.loads(line))
+            lines.append(json.dumps(result.to_dict(), separators=(",", ":")))
+    return lines
+
+
+def test_cli_results_after_waiting_are_one_json_object_a_line(cli, gateway):
+    r = cli("batch_progress", "--wait", "--poll-interval", "0.01", "--results", env=_env(gateway))
+    assert (r.returncode, gateway.connections) == (0, 1)  # one connection: the polls, then both files
+    lines = r.stdout.splitlines()
+    assert r.stdout.endswith("\n") and lines[2] == ERROR_LINE
+    assert lines == _as_written(gateway, "file-batch_progress-output", "file-batch_progress-errors")
+    assert [json.loads(line)["custom_id"] for line in lines] == ["request-3", "request-1", "request-2"]
+    # stderr is the wait's, as without --results: not a terminal, so a line per change.
+    assert [line.split(",")[0] for line in r.stderr.splitlines()] == [
+        f"{s}: {c}/{t} completed" for s, c, _, t in PROGRESS
+    ]
+
+
+def test_cli_results_of_a_batch_not_finished_are_exit_4(cli, gateway):
+    for batch_id, status in (("batch_progress", "validating"), ("batch_status_in_progress", "in_progress")):
+        r = cli(batch_id, "--results", env=_env(gateway))
+        message = f"error: batch {batch_id} is {status}, not finished: add --wait\n"
+        assert (r.returncode, r.stdout, r.stderr) == (4, "", message)
+    assert [request["path"] for request in gateway.requests] == [
+        "/api/v1/llm/batches/batch_progress",
+        "/api/v1/llm/batches/batch_status_in_progress",
+    ]
+
+
+@pytest.mark.parametrize(
+    "batch_id, wait, code, custom_ids, stderr",
+    [
+        ("batch_x", False, 0, ["request-3", "request-1", "request-2"], ""),
+        ("batch_status_completed", True, 0, ["request-3", "request-1", "request-2"], "completed: 2/3 completed, 1"),
+        ("batch_status_cancelled", False, 3, ["request-3"], ""),
+        ("batch_status_cancelled", True, 3, ["request-3"], "cancelled: 1/3 completed, 0"),
+        ("batch_status_expired", True, 3, ["request-3"], "expired: 1/3 completed, 0"),
+        ("batch_failed", False, 3, [], ""),
+        ("batch_failed", True, 3, [], "failed: 0/0 completed, 0"),
+    ],
+)
+def test_cli_results_exit_codes_and_partial_results(cli, gateway, batch_id, wait, code, custom_ids, stderr):
+    """A batch that ended other than completed: what it has is written, then exit 3, with or without --wait."""
+    r = cli(batch_id, *(["--wait"] if wait else []), "--results", env=_env(gateway))
+    assert (r.returncode, [json.loads(line)["custom_id"] for line in r.stdout.splitlines()]) == (code, custom_ids)
+    assert r.stderr == (stderr and stderr + " failed, 0s\n")
+
+
+def test_cli_results_on_a_terminal_show_nothing_for_a_small_file(cli, gateway, monkeypatch):
+    """The progress shows only once a file has taken 0.1 s; the three lines here take far less."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    r = cli("batch_x", "--results", env=_env(gateway))
+    assert (r.returncode, r.stderr) == (0, "") and r.stdout.splitlines() == _as_written(
+        gateway, "file-batch_x-output", "file-batch_x-errors"
+    )
+
+
+def test_cli_results_stop_at_a_malformed_line_after_writing_those_before(cli, api):
+    api.add(responses.GET, URL + BID, json=dict(EXAMPLE, output_file_id="file-out"))
+    body = b'{"custom_id": "a"}\nnot json\n{"custom_id": "b"}\n'
+    api.add(responses.GET, BASE + "/api/v1/llm/files/file-out/content", body=body)
+    r = cli(BID, "--results", "--base-url", BASE, env={"MKA1_API_KEY": "k"})
+    assert (r.returncode, r.stdout, r.stderr) == (
+        1,
+        '{"custom_id":"a","id":null,"response":null,"error":null}\n',
+        "error: file file-out line 2: not a JSON object: 'not json'\n",
+    )
+
+
+def test_cli_results_refuse_a_file_id_that_is_no_id_as_the_servers_error(cli, api):
+    api.add(responses.GET, URL + BID, json=dict(EXAMPLE, output_file_id=".."))
+    r = cli(BID, "--results", "--base-url", BASE, env={"MKA1_API_KEY": "k"})
+    message = f"error: batch {BID}: file id must be a non-empty printable string other than . and .., not '..'\n"
+    assert (r.returncode, r.stdout, r.stderr) == (1, "", message)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class _Reader:
+    """What _ReadProgress reads of a _FileReader."""
+
+    def __init__(self, file_id: str, lines: int = 0, bytes_read: int = 0, total: Any = None):
+        self.file_id, self.lines, self.bytes_read, self.total = file_id, lines, bytes_read, total
+
+
+@pytest.mark.parametrize(
+    "reader, line",
+    [
+        (_Reader("file-x", 1234, 1258291, 256 * 2**20), "file-x: 1234 lines, 1.2 of 256.0 MiB"),
+        (_Reader("file-x", 1234, 1258291, 1258291), "file-x: 1234 lines, 1.2 of 1.2 MiB"),
+        (_Reader("file-x"), "file-x: 0 lines, 0.0 MiB"),  # no Content-Length
+        (_Reader("file-x", 7, 3 * 2**20, 2**20), "file-x: 7 lines, 3.0 MiB"),  # gzip: decoded bytes overtake it
+        (_Reader("file-\x1b[2J", 1, 10, 20), "file-?[2J: 1 lines, 0.0 of 0.0 MiB"),
+    ],
+)
+def test_cli_read_progress_line(reader, line):
+    assert m._ReadProgress.line(reader) == line
+
+
+def test_cli_read_progress_is_drawn_at_most_10_times_a_second_and_wiped(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    now = [0.0]
+    a, b = _Reader("file-a", total=2**20), _Reader("file-b")
+    with m._ReadProgress(clock=lambda: now[0]) as progress:
+        assert progress.shown
+        # A new file is first drawn 0.1 s after its first line; then at most every 0.1 s.
+        for now[0], reader, lines in [
+            (0.0, a, 1),
+            (0.05, a, 2),
+            (0.12, a, 3),  # drawn
+            (0.2, a, 4),
+            (0.3, a, 5),  # drawn
+            (0.45, b, 1),
+            (0.5, b, 2),
+            (0.6, b, 3),  # drawn
+        ]:
+            reader.lines = lines
+            progress.update(reader)
+        assert "\n" not in terminal.getvalue()
+    assert terminal.getvalue() == (
+        "\r\x1b[Kfile-a: 3 lines, 0.0 of 1.0 MiB\r\x1b[Kfile-a: 5 lines, 0.0 of 1.0 MiB"
+        "\r\x1b[Kfile-b: 3 lines, 0.0 MiB\r\x1b[K"
+    )
+    terminal.truncate(0)
+    with m._ReadProgress(clock=lambda: now[0]) as progress:  # a file read within 0.1 s: nothing at all
+        progress.update(_Reader("file-c", 1))
+        progress.update(_Reader("file-c", 2))
+    assert terminal.getvalue() == ""
+
+
+def test_cli_read_progress_only_when_stderr_alone_is_a_terminal(monkeypatch):
+    """Results written to the terminal that shows the progress would land in the middle of its line."""
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    monkeypatch.setattr(sys, "stdout", _Terminal())
+    assert not m._ReadProgress().shown
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert m._ReadProgress().shown
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert not m._ReadProgress().shown
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pty")
+def test_cli_read_progress_on_a_narrow_real_terminal(gateway):
+    """Through a pty 40 columns wide: redrawn in place, at most 10 times a second, each fitting in 39, then wiped."""
+    env = _cli_env(gateway)
+    args = ["batch_x", "--results", "file-large-16384"]
+    started = time.monotonic()
+    code, written = _run_on_a_pty(args, env, 40, command=READING_CLI, stdout=subprocess.DEVNULL)
+    took = time.monotonic() - started
+    assert code == 0 and "\n" not in written and written.startswith("\r\x1b[K") and written.endswith("\r\x1b[K")
+    draws = written.split("\r\x1b[K")[1:-1]
+    assert 2 <= len(draws) <= took * 10 + 1
+    seen = []
+    for draw in draws:
+        match = re.match(r"file-large-16384: (\d+) lines, (\d+\.\d)", draw)
+        assert match and draw == f"file-large-16384: {match.group(1)} lines, {match.group(2)} of 16.0 MiB"[:39], draw
+        seen.append((int(match.group(1)), float(match.group(2))))
+    assert seen == sorted(seen) and 0 < seen[-1][0] <= 16384 and seen[-1][1] <= 16.0
+    # Ctrl-C mid-file: the line is wiped, then the error line, and nothing else.
+    args = ["batch_x", "--results", "file-large-100000000"]
+    code, written = _run_on_a_pty(args, env, 40, " lines", command=READING_CLI, stdout=subprocess.DEVNULL)
+    assert code == 130 and written.endswith("\r\x1b[K\r\x1b[Kerror: interrupted\n") and written.count("\n") == 1
+    draws = written.split("\r\x1b[K")[1:-2]
+    assert draws and all(len(draw) <= 39 and draw.startswith("file-large-100000000: ") for draw in draws), draws
+
+
+def test_cli_results_reader_gone_is_exit_141_without_a_word(gateway):
+    """As with the batch's JSON: the reader closes its end first, with and without --wait, buffered or not."""
+    kinds = [(wait, unbuffered) for wait in ([], ["--wait"]) for unbuffered in (False, True)] * 2
+    runs = []
+    for wait, unbuffered in kinds:
+        command = [sys.executable, "-m", "mka1_batches", "batch_x", "--results", *wait]
+        p = subprocess.Popen(
+            command, env=_cli_env(gateway, unbuffered), cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        p.stdout.close()
+        runs.append(p)
+    results = []
+    for p in runs:
+        results.append((p.stderr.read().decode(), p.wait(timeout=60)))
+        p.stderr.close()
+    progress = "completed: 2/3 completed, 1 failed, 0s\n"
+    assert results == [("" if not wait else progress, 141) for wait, _ in kinds]
+
+
+def test_cli_results_head_n1_stops_a_large_download_at_once(gateway):
+    """`--results | head -n1` on a file of 100 GB: the first line, then exit 141 within seconds, silently."""
+    command = [*READING_CLI, "batch_x", "--results", "file-large-100000000"]
+    env = _cli_env(gateway, unbuffered=False)
+    p = subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = p.stdout.readline()
+    p.stdout.close()
+    started = time.monotonic()
+    code = p.wait(timeout=60)
+    assert time.monotonic() - started < 10
+    assert (json.loads(first.decode())["custom_id"], code, p.stderr.read()) == ("request-1", 141, b"")
+    p.stderr.close()
+
+
 # --- The stand-in gateway ---------------------------------------------------------------------
 # What the demo, the benchmark and the tests above rely on, checked with plain requests over its socket.
 
@@ -1587,7 +2588,6 @@ def test_demo_shows_each_command_before_it_runs(demo):
     assert batch["status"] == "completed" and "in_progress: 1/3 completed" in demo.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="the CLI has no --results yet: drop this mark when it lands")
 def test_demo_ends_with_the_results(demo):
     _, end = json.JSONDecoder().raw_decode(demo.stdout)
     results = [json.loads(line) for line in demo.stdout[end:].splitlines() if line.strip()]
