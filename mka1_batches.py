@@ -850,7 +850,8 @@ class _FileReader:
 
     def read(self, resp: requests.Response, deadline: float) -> Iterator[BatchResult]:
         request_id = resp.headers.get("X-Request-ID")
-        self.total = _content_length(resp.headers)
+        encoded = resp.headers.get("Content-Encoding", "identity").strip().lower() not in ("identity", "")
+        self.total = None if encoded else _content_length(resp.headers)  # bytes_read counts decoded bytes
         number = 0
         skipped = 0
         for line in self._lines(resp, deadline):
