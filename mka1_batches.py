@@ -94,6 +94,44 @@ _EXCERPT = 200
 _BATCHES = "/api/v1/llm/batches/"
 _FILES = "/api/v1/llm/files/"
 _USER_AGENT = f"mka1-batches/{__version__} python-requests/{requests.__version__}"
+# What a connection error's chain holds when it timed out. Not urllib3's TimeoutError: its
+# NewConnectionError, a refused connection, is one.
+_TIMEOUTS = (requests.Timeout, socket.timeout, urllib3.exceptions.ReadTimeoutError)
+# A connection error's root cause, in a few words, by the first of these its chain holds.
+_CAUSES: List[Tuple[Any, str]] = [
+    (ConnectionRefusedError, "connection refused"),
+    (socket.gaierror, "name resolution failed"),
+    (requests.ConnectTimeout, "connect timed out"),
+    ((requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError, socket.timeout), "read timed out"),
+    (http.client.RemoteDisconnected, "connection closed without a response"),  # a ConnectionResetError too
+    (ConnectionResetError, "connection reset"),
+]
+# python -m mka1_batches --help ends with this.
+_CLI_EPILOG = """\
+results (--results):
+  One JSON object per line on stdout, ready for jq: the output file's lines, then the error
+  file's. A cancelled or expired batch's partial results are written too, then exit 3.
+    python -m mka1_batches BATCH_ID --wait --results | jq -r 'select(.error) | .custom_id'
+  While a file streams, a terminal's stderr shows the lines and MiB read so far (not when
+  stdout is that terminal too: the results show it).
+
+environment:
+  MKA1_API_KEY       the API key (never taken as an argument: arguments show in ps)
+  MKA1_BEARER_AUTH   used when MKA1_API_KEY is unset; "Bearer <key>" as MKA1's own CLI sets it
+  MKA1_BASE_URL      the gateway, when --base-url is not given
+
+exit codes:
+  0    success (with --wait or --results: the batch ended completed)
+  1    API or network error, or a malformed results file (the results before it are written)
+  2    usage error: bad arguments, no token, an invalid id, --poll-interval or --max-wait without --wait
+  3    --wait or --results: the batch ended failed, expired or cancelled (its JSON, or the results
+       it has, are still written)
+  4    the batch has not finished: with --wait, --max-wait passed first; with --results alone,
+       it is still running (nothing is written)
+  130  interrupted (Ctrl-C)
+  141  stdout or stderr was closed early by its reader, e.g. `| head -n1`; nothing more is written
+       (128 + SIGPIPE, the code a shell shows for a program that a broken pipe stops)
+"""
 _log = logging.getLogger("mka1_batches")
 # Patched by the tests, so that no test sleeps for real.
 _sleep = time.sleep
@@ -582,10 +620,11 @@ class _Client:
 
     def get_batch(self, session: requests.Session, path: str, batch_id: str) -> Batch:
         batch: Batch
+        # Unpacking runs the generator to its end, and so closes the response before returning.
         (batch,) = self._retrying(session, path, "application/json", self._read_batch)
         if batch.id != batch_id:  # a desync or a mixed-up cache must not hand over another batch
             raise InvalidResponseError(
-                f"response is for batch {batch.id!r}, not {batch_id!r}",
+                self._redact(f"response is for batch {batch.id!r}, not {batch_id!r}"),
                 field="id",
                 request_id=batch.request_id,
             )
@@ -618,6 +657,10 @@ class _Client:
                 with self._open(session, path, accept, attempt, follow) as resp:
                     yield from consume(resp, started + sum(self.timeout))
                 return
+            except InvalidResponseError as exc:
+                # The server's data may echo the key, and the data classes do not know it.
+                exc.args = (self._redact(str(exc)),)
+                raise
             except (APIConnectionError, APIStatusError) as exc:
                 delay = self._retry_delay(exc, attempt)
                 if delay is None:
@@ -653,8 +696,9 @@ class _Client:
                 if not (follow and resp.is_redirect) or hop == _MAX_REDIRECTS:
                     raise self._status_error(resp, request_id)
                 target = urljoin(url, location)
-                if urlsplit(target).scheme != "https" and urlsplit(url).scheme == "https":
-                    raise self._status_error(resp, request_id, "refused: https to http")
+                refused = _refuse_redirect(url, target)
+                if refused:
+                    raise self._status_error(resp, request_id, refused)
                 url = target
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
@@ -713,7 +757,7 @@ class _Client:
         try:
             yield Batch.from_dict(data, request_id)
         except InvalidResponseError as exc:
-            exc.request_id = request_id
+            exc.request_id = request_id  # the data classes do not know it either
             raise
 
     def _read_whole(self, resp: requests.Response, limit: int, deadline: float) -> bytes:
@@ -816,7 +860,6 @@ class _Client:
             )
             error.__dict__["_final"] = True  # urllib3 has retried already
             return error
-        # Not urllib3's TimeoutError: its NewConnectionError, a refused connection, is one.
         timed_out = any(isinstance(e, _TIMEOUTS) for e in chain)
         final = False
         if cause is None:
@@ -944,13 +987,13 @@ def _read1(raw: Any) -> Callable[[int], bytes]:
     """A read that returns after one socket read, so that the deadline is checked between reads."""
     # urllib3's read(n) waits for all n bytes: a server dripping a byte per read timeout would hold it.
     if isinstance(raw, urllib3.response.HTTPResponse):
-        if hasattr(raw, "read1"):  # urllib3 2.2 and later
-            return functools.partial(raw.read1, decode_content=False)
-        # Older urllib3 has no read1: use its http.client response's, the one private road here.
-        fp = getattr(raw, "_fp", None)
-        if type(fp) is http.client.HTTPResponse:  # not a subclass: vcrpy's read1 returns nothing
-            return fp.read1
-        return functools.partial(raw.read, decode_content=False)
+        if not hasattr(raw, "read1"):  # pragma: no cover - urllib3 before 2.2, run by the older CI jobs
+            # Then use its http.client response's read1: the one private road in this module.
+            fp = getattr(raw, "_fp", None)
+            if type(fp) is http.client.HTTPResponse:  # not a subclass: vcrpy's read1 returns nothing
+                return fp.read1
+            return functools.partial(raw.read, decode_content=False)
+        return functools.partial(raw.read1, decode_content=False)
     read: Callable[[int], bytes] = raw.read  # a test adapter's BytesIO, a recorded response
     return read
 
@@ -1000,17 +1043,6 @@ def _cause(chain: List[BaseException]) -> Tuple[str, bool]:
     return _excerpt(str(last) or type(last).__name__), False
 
 
-_TIMEOUTS = (requests.Timeout, socket.timeout, urllib3.exceptions.ReadTimeoutError)
-_CAUSES: List[Tuple[Any, str]] = [
-    (ConnectionRefusedError, "connection refused"),
-    (socket.gaierror, "name resolution failed"),
-    (requests.ConnectTimeout, "connect timed out"),
-    ((requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError, socket.timeout), "read timed out"),
-    (http.client.RemoteDisconnected, "connection closed without a response"),  # a ConnectionResetError too
-    (ConnectionResetError, "connection reset"),
-]
-
-
 def _status_class(status: int) -> Type[APIStatusError]:
     return _STATUS_ERRORS.get(status, InternalServerError if 500 <= status < 600 else APIStatusError)
 
@@ -1019,6 +1051,18 @@ def _retry_error_status(exc: BaseException) -> Optional[int]:
     if isinstance(exc, urllib3.exceptions.ResponseError):
         found = re.search(r"too many (\d{3}) error responses", str(exc))
         return int(found.group(1)) if found else None
+    return None
+
+
+def _refuse_redirect(source: str, target: str) -> Optional[str]:
+    try:
+        scheme = _origin(target)[0]
+    except ValueError:  # a port out of range, or not a number
+        return "refused: not a usable URL"
+    if scheme not in ("http", "https"):
+        return "refused: not an http(s) URL"
+    if scheme == "http" and urlsplit(source).scheme == "https":
+        return "refused: https to http"
     return None
 
 
@@ -1419,33 +1463,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         for stream in (sys.stdout, sys.stderr):
             os.dup2(devnull, stream.fileno())
         return 141
-
-
-_CLI_EPILOG = """\
-results (--results):
-  One JSON object per line on stdout, ready for jq: the output file's lines, then the error
-  file's. A cancelled or expired batch's partial results are written too, then exit 3.
-    python -m mka1_batches BATCH_ID --wait --results | jq -r 'select(.error) | .custom_id'
-  While a file streams, a terminal's stderr shows the lines and MiB read so far (not when
-  stdout is that terminal too: the results show it).
-
-environment:
-  MKA1_API_KEY       the API key (never taken as an argument: arguments show in ps)
-  MKA1_BEARER_AUTH   used when MKA1_API_KEY is unset; "Bearer <key>" as MKA1's own CLI sets it
-  MKA1_BASE_URL      the gateway, when --base-url is not given
-
-exit codes:
-  0    success (with --wait or --results: the batch ended completed)
-  1    API or network error, or a malformed results file (the results before it are written)
-  2    usage error: bad arguments, no token, an invalid id, --poll-interval or --max-wait without --wait
-  3    --wait or --results: the batch ended failed, expired or cancelled (its JSON, or the results
-       it has, are still written)
-  4    the batch has not finished: with --wait, --max-wait passed first; with --results alone,
-       it is still running (nothing is written)
-  130  interrupted (Ctrl-C)
-  141  stdout or stderr was closed early by its reader, e.g. `| head -n1`; nothing more is written
-       (128 + SIGPIPE, the code a shell shows for a program that a broken pipe stops)
-"""
 
 
 if __name__ == "__main__":  # pragma: no cover - run as a subprocess by the tests
