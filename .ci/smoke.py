@@ -60,6 +60,17 @@ def a_completed_batch(gw):
 
 
 @check
+def the_results_stream_and_resume(gw):
+    batch = mka1_batches.get_batch(DEMO_TOKEN, "batch_x", base_url=gw.base_url)
+    results = list(mka1_batches.iter_results(DEMO_TOKEN, batch, base_url=gw.base_url))
+    assert [r.custom_id for r in results] == ["request-3", "request-1", "request-2"], results
+    assert results[2].response is None and results[2].error.code == "processing_error", results[2]
+    # file-cut-N breaks mid-way on the first read: every line once, in order, none skipped.
+    ids = [r.custom_id for r in mka1_batches.iter_results(DEMO_TOKEN, "file-cut-200", base_url=gw.base_url)]
+    assert ids == [f"request-{i}" for i in range(1, 201)], ids[:3]
+
+
+@check
 def a_404_is_not_found_error(gw):
     # The stand-in answers 404 for any id not starting with "batch_".
     e = raises(mka1_batches.NotFoundError, mka1_batches.get_batch, DEMO_TOKEN, "nope", base_url=gw.base_url)
