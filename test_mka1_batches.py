@@ -3195,17 +3195,19 @@ def test_cli_progress_redraws_in_place_on_a_terminal(cli, gateway, monkeypatch):
 
 
 def test_cli_progress_ticks_between_changes_on_a_terminal(cli, gateway, monkeypatch):
-    """The status never changes here: only the ticker moves the elapsed time, at 1 s; --max-wait ends it at 1.5 s."""
+    """The status never changes here: only the ticker moves the elapsed time; --max-wait ends it at 2.5 s."""
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     monkeypatch.setattr(m, "_sleep", time.sleep)
     env = {"MKA1_API_KEY": DEMO_TOKEN, "MKA1_BASE_URL": gateway.base_url}
-    r = cli("batch_status_in_progress", "--wait", "--poll-interval", "5", "--max-wait", "1.5", env=env)
-    line = "in_progress: 1/3 completed, 0 failed"
+    r = cli("batch_status_in_progress", "--wait", "--poll-interval", "5", "--max-wait", "2.5", env=env)
     assert (r.returncode, r.stdout) == (4, "")
-    assert r.stderr == (
-        f"\r\x1b[K0s {line}\r\x1b[K1s {line}\r\x1b[K1s {line}\n"
-        "error: batch did not reach a terminal status in time (last status 'in_progress')\n"
-    )
+    progress, error = r.stderr.split("\n", 1)
+    assert error == "error: batch did not reach a terminal status in time (last status 'in_progress')\n"
+    draws = progress.split("\r\x1b[K")
+    assert draws[0] == "" and all(re.fullmatch(r"\ds in_progress: 1/3 completed, 0 failed", d) for d in draws[1:])
+    seconds = [int(d[0]) for d in draws[1:]]
+    # One poll only, so 1s and 2s come from the ticker; a loaded machine may be late, never early.
+    assert seconds[0] <= 1 and {1, 2} <= set(seconds) and seconds == sorted(seconds), seconds
 
 
 def test_cli_shows_no_control_characters_from_the_server(cli, monkeypatch):
@@ -3285,7 +3287,8 @@ def test_cli_progress_on_a_narrow_real_terminal(gateway):
     draws = written[:-1].split("\r\x1b[K")[1:]
     assert all(len(draw) <= 29 for draw in draws), draws
     seconds = [int(re.match(r"(\d+)s ", draw).group(1)) for draw in draws]
-    assert seconds[0] == 0 and seconds[-1] >= 6 and all(0 <= b - a <= 1 for a, b in zip(seconds, seconds[1:]))
+    # A redraw every second; a loaded machine may run a tick late, so allow one missed second.
+    assert seconds[0] <= 1 and seconds[-1] >= 6 and all(0 <= b - a <= 2 for a, b in zip(seconds, seconds[1:]))
     shown = [(status, f"{c}/{t}") for status, c, _, t in PROGRESS]
     for draw, second in zip(draws, seconds):
         assert any(draw == f"{second}s {s}: {n} completed, 0 failed"[:29] for s, n in shown), draw
