@@ -1108,7 +1108,9 @@ def test_live_slow_drip_is_cut_at_the_attempt_deadline():
         with pytest.raises(m.APITimeoutError, match=r"timed out: body not read within 1\.1s$"):
             live(gw, "fault_drip", timeout=(0.6, 0.5), max_retries=0)
         elapsed = time.monotonic() - start
-    assert 1.1 <= elapsed < 2.1  # the deadline (connect + read timeout), plus at most one read timeout
+    # The deadline (connect + read timeout), plus at most one read timeout; a loaded machine may
+    # add a little. The whole drip would take a minute.
+    assert 1.1 <= elapsed < 4
 
 
 def test_live_threads_share_one_session(gateway):
@@ -2703,7 +2705,7 @@ def test_live_a_stalled_file_is_resumed_after_the_read_timeout(sleeps):
         got = [r.custom_id for r in live_results(server.url, "file-x", timeout=(0.3, 0.3))]
         elapsed = time.monotonic() - start
     assert got == requests_up_to(4) and len(server.requests) == 2 and len(sleeps) == 1
-    assert 0.3 <= elapsed < 1.5
+    assert 0.3 <= elapsed < 4  # one read timeout, not the server's 10 s stall
 
 
 def test_live_gzip_file_is_decoded(gateway):
@@ -2773,7 +2775,7 @@ def test_live_a_line_dripping_past_the_deadline_times_out_naming_it(sleeps):
     host = server.url[len("http://") :]
     assert seen == ["request-1"]
     assert str(error) == f"GET /api/v1/llm/files/file-slow/content on {host} timed out: line 2 not read within 0.8s"
-    assert 0.8 <= elapsed < 1.5
+    assert 0.8 <= elapsed < 4  # the line's deadline, not the whole drip
 
 
 def test_live_the_deadline_is_per_line_not_per_file(sleeps):
@@ -2965,7 +2967,7 @@ def test_wait_deadline_raises_with_last_batch_and_never_oversleeps(gateway, monk
     elapsed = time.monotonic() - start
     assert info.value.batch is not None and info.value.batch.status == "in_progress"
     assert str(info.value) == "batch did not reach a terminal status in time (last status 'in_progress')"
-    assert 0.5 <= elapsed < 1.5 and sum(slept) <= 0.5 and max(slept) <= 0.15
+    assert 0.5 <= elapsed < 3 and sum(slept) <= 0.5 and max(slept) <= 0.15
 
 
 def test_wait_deadline_cuts_a_retry_sleep(api, sleeps, fake_clock):
