@@ -275,6 +275,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--only", action="append", choices=["call", "cli", "import", "files"], help="run only these measures"
     )
     args = parser.parse_args(argv)
+    load = os.getloadavg()[0]  # other work on the machine inflates every figure, and blurs the ratios
     quick = args.quick
     only = set(args.only or ["call", "cli", "import", "files"])
     module_dir = os.path.abspath(args.module)
@@ -315,6 +316,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         + ("" if module_dir == HERE else f"; module: {module_dir}")
         + ("" if args.only is None else f"; only: {', '.join(sorted(only))}")
     )
+    print(f"load average (1 min): {load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
     print(f"{'measure':<46} {'A (ours)':>12} {'B (baseline)':>14} {'figure':>11} {'target':>10}  verdict")
     rows = [  # key, name, unit, scale
         ("call", "1 CPU per get_batch call, shared Session", "us", 1e6),
