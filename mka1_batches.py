@@ -25,7 +25,7 @@ import socket
 import ssl
 import time
 import zlib
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type, Union
 from urllib.parse import quote, urljoin, urlsplit
 
 import attr
@@ -94,6 +94,44 @@ _EXCERPT = 200
 _BATCHES = "/api/v1/llm/batches/"
 _FILES = "/api/v1/llm/files/"
 _USER_AGENT = f"mka1-batches/{__version__} python-requests/{requests.__version__}"
+# What a connection error's chain holds when it timed out. Not urllib3's TimeoutError: its
+# NewConnectionError, a refused connection, is one.
+_TIMEOUTS = (requests.Timeout, socket.timeout, urllib3.exceptions.ReadTimeoutError)
+# A connection error's root cause, in a few words, by the first of these its chain holds.
+_CAUSES: List[Tuple[Any, str]] = [
+    (ConnectionRefusedError, "connection refused"),
+    (socket.gaierror, "name resolution failed"),
+    (requests.ConnectTimeout, "connect timed out"),
+    ((requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError, socket.timeout), "read timed out"),
+    (http.client.RemoteDisconnected, "connection closed without a response"),  # a ConnectionResetError too
+    (ConnectionResetError, "connection reset"),
+]
+# python -m mka1_batches --help ends with this.
+_CLI_EPILOG = """\
+results (--results):
+  One JSON object per line on stdout, ready for jq: the output file's lines, then the error
+  file's. A cancelled or expired batch's partial results are written too, then exit 3.
+    python -m mka1_batches BATCH_ID --wait --results | jq -r 'select(.error) | .custom_id'
+  While a file streams, a terminal's stderr shows the lines and MiB read so far (not when
+  stdout is that terminal too: the results show it).
+
+environment:
+  MKA1_API_KEY       the API key (never taken as an argument: arguments show in ps)
+  MKA1_BEARER_AUTH   used when MKA1_API_KEY is unset; "Bearer <key>" as MKA1's own CLI sets it
+  MKA1_BASE_URL      the gateway, when --base-url is not given
+
+exit codes:
+  0    success (with --wait or --results: the batch ended completed)
+  1    API or network error, or a malformed results file (the results before it are written)
+  2    usage error: bad arguments, no token, an invalid id, --poll-interval or --max-wait without --wait
+  3    --wait or --results: the batch ended failed, expired or cancelled (its JSON, or the results
+       it has, are still written)
+  4    the batch has not finished: with --wait, --max-wait passed first; with --results alone,
+       it is still running (nothing is written)
+  130  interrupted (Ctrl-C)
+  141  stdout or stderr was closed early by its reader, e.g. `| head -n1`; nothing more is written
+       (128 + SIGPIPE, the code a shell shows for a program that a broken pipe stops)
+"""
 _log = logging.getLogger("mka1_batches")
 # Patched by the tests, so that no test sleeps for real.
 _sleep = time.sleep
@@ -102,9 +140,10 @@ _sleep = time.sleep
 class MKA1Error(Exception):
     """Base class of every error this module raises."""
 
-    # Built again from args and attributes: the keyword-only constructors need no arguments here.
+    # Rebuilt without calling __init__, whose keyword-only arguments pickle cannot pass;
+    # BaseException.__setstate__ then sets args and the attributes.
     def __reduce__(self) -> Any:
-        return (type(self).__new__, (type(self), *self.args), self.__dict__)
+        return (type(self).__new__, (type(self),), dict(self.__dict__, args=self.args))
 
 
 class APIConnectionError(MKA1Error):
@@ -581,10 +620,11 @@ class _Client:
 
     def get_batch(self, session: requests.Session, path: str, batch_id: str) -> Batch:
         batch: Batch
+        # Unpacking runs the generator to its end, and so closes the response before returning.
         (batch,) = self._retrying(session, path, "application/json", self._read_batch)
         if batch.id != batch_id:  # a desync or a mixed-up cache must not hand over another batch
             raise InvalidResponseError(
-                f"response is for batch {batch.id!r}, not {batch_id!r}",
+                self._redact(f"response is for batch {batch.id!r}, not {batch_id!r}"),
                 field="id",
                 request_id=batch.request_id,
             )
@@ -617,6 +657,10 @@ class _Client:
                 with self._open(session, path, accept, attempt, follow) as resp:
                     yield from consume(resp, started + sum(self.timeout))
                 return
+            except InvalidResponseError as exc:
+                # The server's data may echo the key, and the data classes do not know it.
+                exc.args = (self._redact(str(exc)),)
+                raise
             except (APIConnectionError, APIStatusError) as exc:
                 delay = self._retry_delay(exc, attempt)
                 if delay is None:
@@ -626,7 +670,7 @@ class _Client:
             attempt += 1
 
     def _retry_delay(self, exc: MKA1Error, attempt: int) -> Optional[float]:
-        if attempt > self.max_retries or exc.__dict__.get("_final"):
+        if attempt > self.max_retries or getattr(exc, "_final", False):
             return None
         if isinstance(exc, APIStatusError):
             if exc.status_code not in _RETRY_STATUSES:
@@ -642,16 +686,19 @@ class _Client:
         for hop in range(_MAX_REDIRECTS + 1):
             resp = self._send(session, url, accept)
             request_id = resp.headers.get("X-Request-ID")
-            _log.debug("GET %s -> %d (attempt %d, request %s)", urlsplit(url).path, resp.status_code, attempt, request_id)
+            _log.debug(
+                "GET %s -> %d (attempt %d, request %s)", urlsplit(url).path, resp.status_code, attempt, request_id
+            )
             if 200 <= resp.status_code < 300:
                 return resp
             with resp:
                 location = resp.headers.get("Location")
                 if not (follow and resp.is_redirect) or hop == _MAX_REDIRECTS:
-                    raise self._status_error(resp, url, request_id, follow)
+                    raise self._status_error(resp, request_id)
                 target = urljoin(url, location)
-                if urlsplit(target).scheme != "https" and urlsplit(url).scheme == "https":
-                    raise self._status_error(resp, url, request_id, follow, "refused: https to http")
+                refused = _refuse_redirect(url, target)
+                if refused:
+                    raise self._status_error(resp, request_id, refused)
                 url = target
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
@@ -710,7 +757,7 @@ class _Client:
         try:
             yield Batch.from_dict(data, request_id)
         except InvalidResponseError as exc:
-            exc.request_id = request_id
+            exc.request_id = request_id  # the data classes do not know it either
             raise
 
     def _read_whole(self, resp: requests.Response, limit: int, deadline: float) -> bytes:
@@ -729,7 +776,7 @@ class _Client:
         """The body as it arrives, decoded; the connection goes back to the pool only once all is read."""
         read = _read1(resp.raw)
         length = _content_length(resp.headers)
-        decoder = _decoder(resp)
+        decoder = None
         received = 0
         while True:
             try:
@@ -740,6 +787,8 @@ class _Client:
                 raise self._connection_error(exc, resp.url, cause) from exc
             if not data:
                 break
+            if not received:
+                decoder = _decoder(resp, data)
             received += len(data)
             if decoder is None:
                 yield data
@@ -753,6 +802,8 @@ class _Client:
                 encoding = resp.headers.get("Content-Encoding")
                 message = f"response body is not valid {encoding}: {exc}"
                 raise InvalidResponseError(message, request_id=resp.headers.get("X-Request-ID")) from exc
+        if decoder is not None:
+            yield decoder.flush()
         if length is not None and received < length:
             raise self._connection_error(None, resp.url, f"connection closed after {received} of {length} bytes")
         release = getattr(resp.raw, "release_conn", None)
@@ -764,12 +815,7 @@ class _Client:
             raise self._connection_error(socket.timeout(what), url, what)
 
     def _status_error(
-        self,
-        resp: requests.Response,
-        url: str,
-        request_id: Optional[str],
-        follow: bool,
-        refused: str = "not followed",
+        self, resp: requests.Response, request_id: Optional[str], refused: str = "not followed"
     ) -> APIStatusError:
         status = resp.status_code
         if status < 200:
@@ -796,8 +842,7 @@ class _Client:
                 text = _api_message(data) or _html_title(text) or _excerpt(text) or resp.reason or "no message"
                 text = re.sub(rf"^{status}\b\W*", "", _excerpt(text)) or "no message"
         message = f"{status} {_excerpt(text)}" + (f" (request {request_id})" if request_id else "")
-        cls = _STATUS_ERRORS.get(status, InternalServerError if 500 <= status < 600 else APIStatusError)
-        return cls(
+        return _status_class(status)(
             self._redact(message),
             status_code=status,
             request_id=request_id,
@@ -810,11 +855,11 @@ class _Client:
         status = next((s for s in map(_retry_error_status, chain) if s is not None), None)
         if status is not None:
             # The session's own urllib3 Retry gave up on this status: report it as that status.
-            cls = _STATUS_ERRORS.get(status, InternalServerError if 500 <= status < 600 else APIStatusError)
-            error: MKA1Error = cls(f"{status} after the session adapter's own retries", status_code=status)
+            error: MKA1Error = _status_class(status)(
+                f"{status} after the session adapter's own retries", status_code=status
+            )
             error.__dict__["_final"] = True  # urllib3 has retried already
             return error
-        # Not urllib3's TimeoutError: its NewConnectionError, a refused connection, is one.
         timed_out = any(isinstance(e, _TIMEOUTS) for e in chain)
         final = False
         if cause is None:
@@ -848,7 +893,8 @@ class _FileReader:
 
     def read(self, resp: requests.Response, deadline: float) -> Iterator[BatchResult]:
         request_id = resp.headers.get("X-Request-ID")
-        self.total = _content_length(resp.headers)
+        encoded = resp.headers.get("Content-Encoding", "identity").strip().lower() not in ("identity", "")
+        self.total = None if encoded else _content_length(resp.headers)  # bytes_read counts decoded bytes
         number = 0
         skipped = 0
         for line in self._lines(resp, deadline):
@@ -941,24 +987,28 @@ def _read1(raw: Any) -> Callable[[int], bytes]:
     """A read that returns after one socket read, so that the deadline is checked between reads."""
     # urllib3's read(n) waits for all n bytes: a server dripping a byte per read timeout would hold it.
     if isinstance(raw, urllib3.response.HTTPResponse):
-        if hasattr(raw, "read1"):  # urllib3 2.2 and later
-            return functools.partial(raw.read1, decode_content=False)
-        # Older urllib3 has no read1: use its http.client response's, the one private road here.
-        fp = getattr(raw, "_fp", None)
-        if isinstance(fp, http.client.HTTPResponse):
-            return fp.read1
-        return functools.partial(raw.read, decode_content=False)
+        if not hasattr(raw, "read1"):  # pragma: no cover - urllib3 before 2.2, run by the older CI jobs
+            # Then use its http.client response's read1: the one private road in this module.
+            fp = getattr(raw, "_fp", None)
+            if type(fp) is http.client.HTTPResponse:  # not a subclass: vcrpy's read1 returns nothing
+                return fp.read1
+            return functools.partial(raw.read, decode_content=False)
+        return functools.partial(raw.read1, decode_content=False)
     read: Callable[[int], bytes] = raw.read  # a test adapter's BytesIO, a recorded response
     return read
 
 
-def _decoder(resp: requests.Response) -> Any:
-    """A zlib decoder for a gzip or deflate body; None for an unencoded one."""
+def _decoder(resp: requests.Response, first: bytes) -> Any:
+    """A zlib decoder for a gzip or deflate body, fit to its first bytes; None for an unencoded one."""
     encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding in ("identity", ""):
         return None
-    if encoding in ("gzip", "x-gzip", "deflate"):
-        return zlib.decompressobj(32 + zlib.MAX_WBITS)  # 32: a gzip or a zlib header, either
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if encoding == "deflate":
+        # HTTP's deflate has a zlib header; some servers send the raw stream without it.
+        zlib_header = len(first) > 1 and (first[0] << 8 | first[1]) % 31 == 0
+        return zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
     raise InvalidResponseError(
         f"response body has an unsupported Content-Encoding {_excerpt(encoding)!r}",
         request_id=resp.headers.get("X-Request-ID"),
@@ -993,21 +1043,26 @@ def _cause(chain: List[BaseException]) -> Tuple[str, bool]:
     return _excerpt(str(last) or type(last).__name__), False
 
 
-_TIMEOUTS = (requests.Timeout, socket.timeout, urllib3.exceptions.ReadTimeoutError)
-_CAUSES: List[Tuple[Any, str]] = [
-    (ConnectionRefusedError, "connection refused"),
-    (socket.gaierror, "name resolution failed"),
-    (requests.ConnectTimeout, "connect timed out"),
-    ((requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError, socket.timeout), "read timed out"),
-    (http.client.RemoteDisconnected, "connection closed without a response"),  # a ConnectionResetError too
-    (ConnectionResetError, "connection reset"),
-]
+def _status_class(status: int) -> Type[APIStatusError]:
+    return _STATUS_ERRORS.get(status, InternalServerError if 500 <= status < 600 else APIStatusError)
 
 
 def _retry_error_status(exc: BaseException) -> Optional[int]:
     if isinstance(exc, urllib3.exceptions.ResponseError):
         found = re.search(r"too many (\d{3}) error responses", str(exc))
         return int(found.group(1)) if found else None
+    return None
+
+
+def _refuse_redirect(source: str, target: str) -> Optional[str]:
+    try:
+        scheme = _origin(target)[0]
+    except ValueError:  # a port out of range, or not a number
+        return "refused: not a usable URL"
+    if scheme not in ("http", "https"):
+        return "refused: not an http(s) URL"
+    if scheme == "http" and urlsplit(source).scheme == "https":
+        return "refused: https to http"
     return None
 
 
@@ -1159,9 +1214,9 @@ def _excerpt(text: Union[str, bytes]) -> str:
 def _content_length(headers: Any) -> Optional[int]:
     """Content-Length, if it is plain ASCII digits and no Transfer-Encoding overrides it (RFC 9112)."""
     length = headers.get("Content-Length")
-    if length is None or "Transfer-Encoding" in headers or not re.fullmatch("[0-9]{1,18}", length):
+    if length is None or "Transfer-Encoding" in headers or not re.fullmatch("[0-9]+", length):
         return None
-    return int(length)
+    return int(length) if len(length) <= 18 else 10**18  # past every cap; int() refuses 4300 digits
 
 
 def _too_big(size: str) -> str:
@@ -1185,6 +1240,26 @@ def _retry_after(value: Optional[str]) -> Optional[float]:
 def _printable(text: str) -> str:
     """``text`` safe to show on a terminal: control characters, which a server could send, become ``?``."""
     return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _columns(stream: Any) -> int:
+    """The width of the terminal ``stream`` writes to; 80 when it cannot be read."""
+    import os
+
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (OSError, ValueError, AttributeError):  # not a real file, as under pytest's capture
+        return 80
+
+
+def _redraw(stream: Any, text: str, end: str = "") -> None:
+    """Replace the terminal's current line with ``text``, cut to fit.
+
+    One column short of the edge: a full line wraps on some terminals, and \\r would then
+    return only to the start of the wrapped part, leaving the rest behind.
+    """
+    stream.write("\r\x1b[K" + text[: _columns(stream) - 1] + end)
+    stream.flush()
 
 
 class _Progress:
@@ -1229,27 +1304,71 @@ class _Progress:
                     self._draw(self._batch)
 
     def _draw(self, batch: Batch, end: str = "") -> None:
-        import os
-
         counts = batch.request_counts
         status = _printable(f"{batch.status}: {counts.completed}/{counts.total} completed, {counts.failed} failed")
         seconds = int(time.monotonic() - self._started)
         if not self._tty:
             self._stream.write(f"{status}, {seconds}s\n")
+            self._stream.flush()
         else:
-            try:
-                width = os.get_terminal_size(self._stream.fileno()).columns or 80
-            except (OSError, ValueError):  # not a real file, as under pytest's capture
-                width = 80
-            # The elapsed time first, so that a narrow terminal still shows the wait is alive. One
-            # column short of the edge: a full line wraps on some terminals, and \r would then
-            # return only to the start of the wrapped part, leaving the rest behind.
-            self._stream.write("\r\x1b[K" + f"{seconds}s {status}"[: width - 1] + end)
-        self._stream.flush()
+            # The elapsed time first, so that a narrow terminal still shows the wait is alive.
+            _redraw(self._stream, f"{seconds}s {status}", end)
+
+
+class _ReadProgress:
+    """``--results``' progress while a file streams: lines and MiB read, redrawn on a terminal's stderr.
+
+    Shown only when stderr is a terminal and stdout is not: results written to that same
+    terminal would land in the middle of the line. Drawn at most 10 times a second, and only
+    for a file that takes longer than that; wiped when reading ends, however it ends.
+    """
+
+    INTERVAL = 0.1
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        import sys
+
+        self._stream = sys.stderr
+        self.shown = self._stream.isatty() and not sys.stdout.isatty()
+        self._clock = clock
+        self._reader: Optional[_FileReader] = None
+        self._next = 0.0
+        self._drawn = False
+
+    def __enter__(self) -> "_ReadProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._drawn:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+
+    def update(self, reader: "_FileReader") -> None:
+        """The progress hook of _Client.iter_results, called once per line."""
+        now = self._clock()
+        if reader is not self._reader:  # a new file: its first draw waits like any other
+            self._reader = reader
+            self._next = now + self.INTERVAL
+        elif now >= self._next:
+            self._next = now + self.INTERVAL
+            self._drawn = True
+            _redraw(self._stream, self.line(reader))
+
+    @staticmethod
+    def line(reader: "_FileReader") -> str:
+        """``file-abc: 1234 lines, 1.2 of 256.0 MiB``; the total only when the server sent a length.
+
+        A gzip-encoded file's Content-Length counts encoded bytes, which the decoded ones read
+        overtake: then the total is left out rather than shown smaller than what was read.
+        """
+        read = f"{reader.bytes_read / 2**20:.1f}"
+        if reader.total is not None and reader.bytes_read <= reader.total:
+            read += f" of {reader.total / 2**20:.1f}"
+        return _printable(f"{reader.file_id}: {reader.lines} lines, {read} MiB")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m mka1_batches``: print a batch as JSON; see ``--help``."""
+    """``python -m mka1_batches``: print a batch as JSON, or its results as JSON lines; see ``--help``."""
     import argparse
     import os
     import platform
@@ -1257,7 +1376,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m mka1_batches",
-        description="Print an MKA1 batch as JSON on stdout; with --wait, wait for it to finish first.",
+        description="Print an MKA1 batch as JSON on stdout, or with --results its results as JSON lines;"
+        " with --wait, wait for it to finish first.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_CLI_EPILOG,
     )
@@ -1270,6 +1390,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--wait", action="store_true", help="poll until the batch reaches a terminal status")
     parser.add_argument("--poll-interval", metavar="S", type=float, help="with --wait: seconds between polls (2)")
     parser.add_argument("--max-wait", metavar="S", type=float, help="with --wait: give up after S seconds (exit 4)")
+    parser.add_argument(
+        "--results", action="store_true", help="write the finished batch's results, one JSON object per line"
+    )
     args = parser.parse_args(argv)
     # Refused rather than taken to imply --wait: that would also change what exit 0 means.
     for option, value in (("--poll-interval", args.poll_interval), ("--max-wait", args.max_wait)):
@@ -1280,38 +1403,59 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not token.strip():
         print("error: set MKA1_API_KEY (or MKA1_BEARER_AUTH) to your MKA1 API key", file=sys.stderr)
         return 2
-    options: Dict[str, Any] = {
-        "base_url": args.base_url or os.environ.get("MKA1_BASE_URL") or DEFAULT_BASE_URL,
-        "timeout": DEFAULT_TIMEOUT if args.timeout is None else args.timeout,
-    }
+    base_url = args.base_url or os.environ.get("MKA1_BASE_URL") or DEFAULT_BASE_URL
+    timeout: _Timeout = DEFAULT_TIMEOUT if args.timeout is None else args.timeout
     try:
         try:
-            if args.wait:
-                with _Progress() as progress:
-                    batch = wait_for_batch(
-                        token,
-                        args.batch_id,
-                        args.on_behalf_of,
-                        poll_interval=2.0 if args.poll_interval is None else args.poll_interval,
-                        max_wait=args.max_wait,
-                        on_update=progress.update,
-                        **options,
-                    )
-            else:
-                batch = get_batch(token, args.batch_id, args.on_behalf_of, **options)
+            # One session, so one kept-alive connection, from the first poll to the last result.
+            with requests.Session() as session:
+                options: Dict[str, Any] = {"base_url": base_url, "timeout": timeout, "session": session}
+                if args.wait:
+                    with _Progress() as progress:
+                        batch = wait_for_batch(
+                            token,
+                            args.batch_id,
+                            args.on_behalf_of,
+                            poll_interval=2.0 if args.poll_interval is None else args.poll_interval,
+                            max_wait=args.max_wait,
+                            on_update=progress.update,
+                            **options,
+                        )
+                else:
+                    batch = get_batch(token, args.batch_id, args.on_behalf_of, **options)
+                if not args.results:
+                    print(json.dumps(batch.to_dict(), indent=2))
+                elif not batch.is_terminal:
+                    status = _printable(batch.status)
+                    print(f"error: batch {args.batch_id} is {status}, not finished: add --wait", file=sys.stderr)
+                    return 4
+                else:
+                    # The public iter_results has no progress hook; this module's CLI may use the one inside.
+                    client = _Client(token, args.on_behalf_of, base_url, timeout, 2, _sleep)
+                    try:
+                        file_ids = _file_ids(batch, True)
+                    except ValueError as exc:  # a file id no path can hold: the server's fault, not the user's
+                        raise InvalidResponseError(f"batch {batch.id}: {exc}", request_id=batch.request_id) from exc
+                    with _ReadProgress() as shown:
+                        hook = shown.update if shown.shown else None
+                        results: Any = client.iter_results(session, file_ids, hook)  # a generator
+                        with contextlib.closing(results):  # a reader gone early: the download stops here
+                            for result in results:
+                                sys.stdout.write(json.dumps(result.to_dict(), separators=(",", ":")) + "\n")
         except KeyboardInterrupt:
             # On a terminal, first wipe the ^C it echoed.
             print(("\r\x1b[K" if sys.stderr.isatty() else "") + "error: interrupted", file=sys.stderr)
+            sys.stdout.flush()
             return 130
         except (MKA1Error, ValueError) as exc:
             # One line, never a traceback. No message holds the token: get_batch redacts its own.
             print("error: " + _printable(" ".join(str(exc).split())), file=sys.stderr)
+            sys.stdout.flush()  # the results before a bad line, or a broken connection, are kept
             if isinstance(exc, WaitTimeoutError):
                 return 4
             return 1 if isinstance(exc, MKA1Error) else 2
-        print(json.dumps(batch.to_dict(), indent=2))
         sys.stdout.flush()  # here, not at exit, so that a reader gone early is caught below
-        return 0 if not args.wait or batch.status == "completed" else 3
+        return 0 if not (args.wait or args.results) or batch.status == "completed" else 3
     except BrokenPipeError:  # pragma: no cover - the tests run this in subprocesses, over real pipes
         # The reader stopped reading, as `| head -n1` does: no traceback, no error line. The
         # Python docs' recipe: point the streams at devnull, so the flush at exit cannot fail again.
@@ -1319,24 +1463,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         for stream in (sys.stdout, sys.stderr):
             os.dup2(devnull, stream.fileno())
         return 141
-
-
-_CLI_EPILOG = """\
-environment:
-  MKA1_API_KEY       the API key (never taken as an argument: arguments show in ps)
-  MKA1_BEARER_AUTH   used when MKA1_API_KEY is unset; "Bearer <key>" as MKA1's own CLI sets it
-  MKA1_BASE_URL      the gateway, when --base-url is not given
-
-exit codes:
-  0    success (with --wait: the batch ended completed)
-  1    API or network error
-  2    usage error: bad arguments, no token, an invalid id, --poll-interval or --max-wait without --wait
-  3    --wait: the batch ended failed, expired or cancelled (its JSON is still printed)
-  4    --wait: --max-wait passed first
-  130  interrupted (Ctrl-C)
-  141  stdout or stderr was closed early by its reader, e.g. `| head -n1`; nothing more is written
-       (128 + SIGPIPE, the code a shell shows for a program that a broken pipe stops)
-"""
 
 
 if __name__ == "__main__":  # pragma: no cover - run as a subprocess by the tests
