@@ -611,6 +611,7 @@ class _Client:
     ):
         self.token = _check_token(token)
         self.base_url = _check_base_url(base_url)
+        self.origin = _origin(self.base_url)
         self.timeout = _check_timeout(timeout)
         if type(max_retries) is not int or max_retries < 0:
             raise ValueError(f"max_retries must be a non-negative integer, not {max_retries!r}")
@@ -683,12 +684,12 @@ class _Client:
     def _open(self, session: requests.Session, path: str, accept: str, attempt: int, follow: bool) -> Any:
         """The response to a GET, once its status is 2xx; otherwise raise the status's error."""
         url = self.base_url + path
+        ours = True  # the gateway's own origin, until a redirect says otherwise
         for hop in range(_MAX_REDIRECTS + 1):
-            resp = self._send(session, url, accept)
+            resp = self._send(session, url, accept, ours)
             request_id = resp.headers.get("X-Request-ID")
-            _log.debug(
-                "GET %s -> %d (attempt %d, request %s)", urlsplit(url).path, resp.status_code, attempt, request_id
-            )
+            # The path only: a storage URL's query may hold a signature.
+            _log.debug("GET %s -> %d (attempt %d, request %s)", path, resp.status_code, attempt, request_id)
             if 200 <= resp.status_code < 300:
                 return resp
             with resp:
@@ -699,12 +700,12 @@ class _Client:
                 refused = _refuse_redirect(url, target)
                 if refused:
                     raise self._status_error(resp, request_id, refused)
-                url = target
+                url, path = target, urlsplit(target).path
+                ours = _origin(url) == self.origin
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
-    def _send(self, session: requests.Session, url: str, accept: str) -> requests.Response:
+    def _send(self, session: requests.Session, url: str, accept: str, ours: bool) -> requests.Response:
         # The key and the end user's id go to the gateway only, never to storage it redirects to.
-        ours = _origin(url) == _origin(self.base_url)
         headers = {
             "Accept": accept,
             # Bodies are decoded here, with the caps applied to the decoded size.
@@ -1113,8 +1114,9 @@ def _check_on_behalf_of(value: object) -> Optional[str]:
 def _check_base_url(base_url: object) -> str:
     if isinstance(base_url, str) and base_url.isprintable() and not any(c in base_url for c in "?#"):
         parts = urlsplit(base_url)
-        if parts.scheme in ("http", "https") and parts.netloc:
-            return base_url.rstrip("/")
+        with contextlib.suppress(ValueError):  # a port out of range, or not a number
+            if parts.scheme in ("http", "https") and parts.hostname and parts.port != 0:
+                return base_url.rstrip("/")
     raise ValueError(f"base_url must be an http(s) URL with no query, such as {DEFAULT_BASE_URL!r}")
 
 

@@ -461,6 +461,9 @@ def test_on_behalf_of_must_be_a_string(api):
         "http://gw.example.test?",
         "http://gw.example.test#",
         "https://gw.example.test/v1?",
+        "https://gw.example.test:99999",
+        "https://gw.example.test:port",
+        "https://gw.example.test:0",
     ],
 )
 def test_bad_base_url_is_refused(api, base_url):
