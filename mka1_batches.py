@@ -460,8 +460,12 @@ def get_batch(
     :param batch_id: the batch's id, such as ``batch_aa87e2b1112a455b8deabed784372198``.
     :param on_behalf_of: the end user this call acts for (``X-On-Behalf-Of``).
     :param base_url: the gateway, for self-hosted and staging gateways.
-    :param timeout: seconds, or ``(connect, read)``; an attempt also ends once their sum has passed.
-    :param max_retries: retries after connection errors, timeouts, 408, 429 and 5xx.
+    :param timeout: seconds, or ``(connect, read)``; always sent. An attempt also ends once their
+        sum has passed, while connecting or reading the body. The status line and headers are
+        bounded only by the read timeout per socket read and http.client's own line-length and
+        header-count limits.
+    :param max_retries: retries after connection errors, timeouts, 408, 429 and 5xx. A urllib3
+        ``Retry`` mounted on the session's adapter runs first, inside each attempt.
     :param session: a ``requests.Session`` to reuse; it is not changed, and left open.
     :raises APIStatusError: a status other than 2xx, as the subclass for that status.
     :raises APIConnectionError: the gateway could not be reached in time, or the connection broke.
