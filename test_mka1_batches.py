@@ -2019,6 +2019,26 @@ def test_result_custom_id_is_a_required_string(line, message):
 
 
 @pytest.mark.parametrize(
+    "cls, data, message, field",
+    [
+        (m.ResultResponse, [], "response: expected an object, got list", "response"),
+        (
+            m.ResultResponse,
+            {"status_code": "200"},
+            "response.status_code: expected an integer, got '200'",
+            "response.status_code",
+        ),
+        (m.ResultError, None, "error: expected an object, got null", "error"),
+        (m.ResultError, {"code": 5}, "error.code: expected a string, got 5", "error.code"),
+    ],
+)
+def test_result_parts_refuse_bad_data_on_their_own(cls, data, message, field):
+    with pytest.raises(m.InvalidResponseError) as info:
+        cls.from_dict(data)
+    assert (str(info.value), info.value.field) == (message, field)
+
+
+@pytest.mark.parametrize(
     "bad, message",
     [
         ({"id": "batch_req_3"}, "result: missing required field 'custom_id'"),
@@ -2684,10 +2704,14 @@ def test_live_cut_file_without_retries_is_a_connection_error_after_the_whole_lin
 )
 def test_live_a_file_that_changed_when_read_again_is_refused(sleeps, again):
     whole = jsonl(*[numbered(i) for i in range(1, 5)])
-    with ScriptedServer(cut(whole, whole.index(b'{"id": "batch_req_4"') + 10), reply(again)) as server:
+    changed = reply(again, headers={"X-Request-ID": "req-again"})
+    with ScriptedServer(cut(whole, whole.index(b'{"id": "batch_req_4"') + 10), changed) as server:
         seen, error = read_until_error(live_results(server.url, "file-x"), m.InvalidResponseError)
     assert seen == requests_up_to(3)
-    assert str(error) == "file file-x changed while it was read again after a broken connection"
+    assert (str(error), error.request_id) == (
+        "file file-x changed while it was read again after a broken connection",
+        "req-again",  # the answer that changed
+    )
     assert len(server.requests) == 2 and len(sleeps) == 1
 
 
@@ -2994,6 +3018,19 @@ def test_wait_refuses_bad_intervals(api, kw):
     with pytest.raises(ValueError, match=rf"^{name} must be (None or )?a positive number of seconds, not {value!r}$"):
         m.wait_for_batch(TOKEN, BID, base_url=BASE, **kw)
     assert not api.calls
+
+
+@pytest.mark.parametrize(
+    "batch_id, error, message",
+    [
+        ("", ValueError, "batch_id must be a non-empty printable string other than . and .., not ''"),
+        (123, TypeError, "batch_id must be a string, not int"),
+    ],
+)
+def test_wait_refuses_a_bad_batch_id_naming_it(api, batch_id, error, message):
+    with pytest.raises(error) as info:
+        m.wait_for_batch(TOKEN, batch_id, base_url=BASE)
+    assert str(info.value) == message and not api.calls
 
 
 # --- The command line --------------------------------------------------------------------------
