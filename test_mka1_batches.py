@@ -658,6 +658,14 @@ def test_html_502_gives_a_short_excerpt(api):
     assert info.value.request_id is None and info.value.body == html[: 64 * 1024]
 
 
+def test_html_title_in_upper_case_is_read_too(api):
+    html = "<HTML><HEAD><TITLE>503 Service Unavailable</TITLE></HEAD><BODY>x</BODY></HTML>"
+    api.add(responses.GET, URL + BID, status=503, body=html, content_type="text/html")
+    with pytest.raises(m.InternalServerError) as info:
+        get(max_retries=0)
+    assert str(info.value) == "503 Service Unavailable"
+
+
 @pytest.mark.parametrize(
     "body, text",
     [
@@ -2153,6 +2161,45 @@ def test_a_long_line_is_refused_without_reading_it_whole(api, monkeypatch):
     assert raw.served <= len(raw.head) + 100_000 + 2 * 65536
 
 
+class Pieces(io.RawIOBase):
+    """A body served in the pieces given, one a read, as the network may split it."""
+
+    def __init__(self, body: bytes, *cuts: int) -> None:
+        ends = [*cuts, len(body)]
+        self.pieces = [body[start:end] for start, end in zip([0, *cuts], ends)]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        piece = self.pieces.pop(0) if self.pieces else b""
+        buf[: len(piece)] = piece  # each piece is far smaller than a read asks for
+        return len(piece)
+
+
+LINE_1 = jsonl(numbered(1))
+#: request-2's line is exactly at the cap of 1000 bytes; request-3's ends the body without a newline.
+#: The last cut falls inside its closing ``null``, so that a line put together wrong is no JSON.
+SPLIT_BODY = LINE_1 + padded_line("request-2", 1000) + b"\n" + json.dumps(numbered(3)).encode()
+
+
+@pytest.mark.parametrize(
+    "cuts",
+    [[], [len(LINE_1) + 1000], [10, len(LINE_1) + 1000], [len(SPLIT_BODY) - 3], [10, 1500, len(SPLIT_BODY) - 3]],
+    ids=[
+        "one read",
+        "a line at the cap, its newline in the next read",
+        "the same after a line that spanned reads",
+        "a last line without a newline across reads",
+        "all of them",
+    ],
+)
+def test_lines_are_the_same_however_the_reads_split_them(api, monkeypatch, cuts):
+    monkeypatch.setattr(m, "MAX_LINE_BYTES", 1000)
+    add_file(api, "file-out", io.BufferedReader(Pieces(SPLIT_BODY, *cuts)))
+    assert custom_ids("file-out") == ["request-1", "request-2", "request-3"]
+
+
 def test_a_line_with_several_mb_of_base64_is_read_at_the_default_cap(api):
     image = "QUJD" * (6 * 1024 * 1024 // 4)  # 6 MiB of base64, as an image-generation result carries
     line = {"custom_id": "image-1", "response": {"status_code": 200, "body": {"data": [{"b64_json": image}]}}}
@@ -2336,6 +2383,13 @@ def test_file_retries_are_bounded(api, sleeps, retries):
     with pytest.raises(m.InternalServerError, match=r"^503 down \(request "):
         results("file-out", max_retries=retries)
     assert len(api.calls) == retries + 1 and len(sleeps) == retries
+
+
+def test_file_retries_twice_by_default(api, sleeps):
+    add_file(api, "file-out", "<html>down</html>", status=503)
+    with pytest.raises(m.InternalServerError):
+        results("file-out")
+    assert len(api.calls) == 3 and len(sleeps) == 2
 
 
 def deflated(data: bytes) -> bytes:
