@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import email.utils
+import functools
 import gzip
 import io
 import json
@@ -3314,6 +3315,44 @@ def test_cli_shows_no_control_characters_from_the_server(cli, monkeypatch):
     assert r.stderr == f"\r\x1b[K{line}\r\x1b[K{line}\nerror: reset by ?[2Jpeer\n"
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pty")
+@pytest.mark.parametrize(
+    "columns, shown",
+    [
+        (30, "0s queued_behind_other_batche"),
+        (0, "0s queued_behind_other_batches_while_the_region_scales_up_its_capacity_for_this"),  # a size of 0: 80
+        (None, "0s queued_behind_other_batches_while_the_region_scales_up_its_capacity_for_this"),  # no size: 80
+    ],
+    ids=["30 columns", "0 columns", "no size"],
+)
+def test_cli_progress_is_cut_one_column_short_of_the_terminal(cli, monkeypatch, columns, shown):
+    """A line as wide as the terminal wraps on some, and \\r would then leave its first part behind."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    def fake_wait(*args: Any, on_update: Any, **kw: Any) -> m.Batch:
+        batch = m.Batch.from_dict(
+            dict(EXAMPLE, status="queued_behind_other_batches_while_the_region_scales_up_its_capacity_for_this_model")
+        )
+        on_update(batch)
+        return batch
+
+    monkeypatch.setattr(m, "wait_for_batch", fake_wait)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    master, slave = pty.openpty()
+    try:
+        if columns is not None:
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+            monkeypatch.setattr(sys.stderr, "fileno", lambda: slave)
+        r = cli(BID, "--wait", env={"MKA1_API_KEY": "k"})
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert (r.returncode, r.stderr) == (3, f"\r\x1b[K{shown}\r\x1b[K{shown}\n")
+
+
 def _run_on_a_pty(
     args: List[str],
     env: Dict[str, str],
@@ -3388,13 +3427,21 @@ def test_cli_progress_on_a_narrow_real_terminal(gateway):
     assert (code, written) == (130, f"\r\x1b[K{line}\r\x1b[K{line}\n\r\x1b[Kerror: interrupted\n")
 
 
-def test_cli_interrupt_in_process_exits_130(cli, monkeypatch):
+@pytest.mark.parametrize(
+    "terminal, stderr",
+    [(False, "error: interrupted\n"), (True, "\r\x1b[Kerror: interrupted\n")],
+    ids=["pipe", "terminal"],
+)
+def test_cli_interrupt_in_process_exits_130(cli, monkeypatch, terminal, stderr):
+    """On a terminal, the line is wiped first: it holds the ^C the terminal echoed."""
+
     def interrupted(*args: Any, **kw: Any) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(m, "get_batch", interrupted)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
     r = cli("batch_x", env={"MKA1_API_KEY": "k"})
-    assert (r.returncode, r.stdout, r.stderr) == (130, "", "error: interrupted\n")
+    assert (r.returncode, r.stdout, r.stderr) == (130, "", stderr)
 
 
 def test_cli_ctrl_c_exits_130(gateway):
@@ -3556,6 +3603,28 @@ def test_cli_reader_gone_mid_wait_is_exit_141(gateway):
     assert len(gateway.requests) == 2  # the second state was fetched, its line failed, and no more polls
 
 
+def test_cli_reader_gone_in_process_leaves_both_streams_writing_nowhere(api, monkeypatch):
+    """Exit 141 without a word; stdout and stderr then go to devnull, so that the flush at exit cannot fail again."""
+    ok(api)
+    out_read, out_write = os.pipe()
+    err_read, err_write = os.pipe()
+    os.close(out_read)  # the reader is gone before the JSON is written
+    os.set_blocking(err_read, False)
+    for key in [k for k in os.environ if k.startswith("MKA1_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MKA1_API_KEY", TOKEN)
+    try:
+        with open(out_write, "w") as stdout, open(err_write, "w") as stderr:
+            monkeypatch.setattr(sys, "stdout", stdout)
+            monkeypatch.setattr(sys, "stderr", stderr)
+            code = m.main([BID, "--base-url", BASE])
+            after = (os.write(stdout.fileno(), b"more"), os.write(stderr.fileno(), b"more"))
+        said = os.read(err_read, 100)  # b"": no error line, and the pipe's last writer is gone
+    finally:
+        os.close(err_read)
+    assert (code, after, said) == (141, (4, 4), b"")
+
+
 def test_module_runs_from_a_lone_copy(gateway, tmp_path):
     """Vendoring: the one file, beside only requests, attrs and what they need, and nothing of this repo."""
     import importlib.util
@@ -3702,6 +3771,62 @@ def test_cli_results_refuse_a_file_id_that_is_no_id_as_the_servers_error(cli, ap
     assert (r.returncode, r.stdout, r.stderr) == (1, "", message)
 
 
+def test_cli_results_are_read_as_the_end_user_given(cli, gateway):
+    r = cli("batch_private", "--on-behalf-of", "user_123", "--results", env=_env(gateway))
+    assert (r.returncode, [json.loads(line)["custom_id"] for line in r.stdout.splitlines()]) == (
+        0,
+        ["request-3", "request-1", "request-2"],
+    )
+    assert [(request["path"], request.get("X-On-Behalf-Of")) for request in gateway.requests] == [
+        ("/api/v1/llm/batches/batch_private", "user_123"),
+        ("/api/v1/llm/files/file-batch_private-output/content", "user_123"),
+        ("/api/v1/llm/files/file-batch_private-errors/content", "user_123"),
+    ]
+
+
+def test_cli_results_retry_a_file_twice_as_the_api_does(cli, api, sleeps):
+    api.add(responses.GET, URL + BID, json=dict(EXAMPLE, output_file_id="file-out"))
+    add_file(api, "file-out", "<html>down</html>", status=503)
+    r = cli(BID, "--results", "--base-url", BASE, env={"MKA1_API_KEY": "k"})
+    assert (r.returncode, r.stdout, r.stderr) == (1, "", f"error: 503 down (request {RID})\n")
+    assert (len(api.calls), len(sleeps)) == (4, 2)  # the batch, then the file three times
+
+
+#: Two lines of 512 KiB, 1 MiB in all.
+MIB_FILE = padded_line("request-1", 2**19 - 1) + b"\n" + padded_line("request-2", 2**19 - 1) + b"\n"
+
+
+@pytest.mark.parametrize(
+    "terminal, body, encoding, stderr",
+    [
+        (True, MIB_FILE, "identity", "\r\x1b[Kfile-out: 2 lines, 1.0 of 1.0 MiB\r\x1b[K"),
+        # Stored, not compressed: the encoded length is even larger than what is read, and still no total.
+        (True, gzip.compress(MIB_FILE, compresslevel=0), "gzip", "\r\x1b[Kfile-out: 2 lines, 1.0 MiB\r\x1b[K"),
+        (False, MIB_FILE, "identity", ""),
+    ],
+    ids=["terminal", "terminal, gzip", "no terminal"],
+)
+def test_cli_results_progress_of_a_slow_file(cli, api, monkeypatch, terminal, body, encoding, stderr):
+    """Each line takes a second: the second line is drawn, with the total only when the length counts what is read."""
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += 1.0
+        return now[0]
+
+    monkeypatch.setattr(m, "_ReadProgress", functools.partial(m._ReadProgress, clock=clock))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    api.add(responses.GET, URL + BID, json=dict(EXAMPLE, output_file_id="file-out"))
+    headers = {"Content-Encoding": encoding, "Content-Length": str(len(body))}
+    add_file(api, "file-out", body, headers=headers)
+    r = cli(BID, "--results", "--base-url", BASE, env={"MKA1_API_KEY": "k"})
+    assert (r.returncode, [json.loads(line)["custom_id"] for line in r.stdout.splitlines()]) == (
+        0,
+        ["request-1", "request-2"],
+    )
+    assert r.stderr == stderr
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
@@ -3832,6 +3957,23 @@ def test_cli_ticker_draws_nothing_before_the_first_batch(capsys, monkeypatch):
     with m._Progress():
         time.sleep(1.2)  # past the first tick, with no batch seen yet
     assert capsys.readouterr().err == ""
+
+
+def test_cli_ticker_keeps_to_the_whole_seconds_of_the_wait(monkeypatch, fake_clock):
+    """1.9 s into the wait, the next tick falls 0.1 s later, on the second, not a whole second after the last draw."""
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    progress = m._Progress()
+    fake_clock[0] += 1.9  # and there it stands; the ticker's waits are real
+    with progress:
+        progress.update(m.Batch.from_dict(EXAMPLE))
+        for _ in range(50):  # up to 0.5 s
+            time.sleep(0.01)
+            drawn = terminal.getvalue()
+            if drawn.count("\r") == 2:
+                break
+    line = "1s completed: 3/3 completed, 0 failed"
+    assert drawn.startswith(f"\r\x1b[K{line}\r\x1b[K{line}")
 
 
 # --- The stand-in gateway ---------------------------------------------------------------------
