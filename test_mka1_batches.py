@@ -667,6 +667,13 @@ def test_html_title_in_upper_case_is_read_too(api):
     assert str(info.value) == "503 Service Unavailable"
 
 
+def test_an_error_body_that_cannot_be_decoded_still_gives_the_status_error(api):
+    api.add(responses.GET, URL + BID, status=503, body=b"\x00\x01", headers={"Content-Encoding": "br"})
+    with pytest.raises(m.InternalServerError) as info:
+        get(max_retries=0)
+    assert (str(info.value), info.value.body) == ("503 Service Unavailable", None)
+
+
 @pytest.mark.parametrize(
     "body, text",
     [
@@ -678,6 +685,7 @@ def test_html_title_in_upper_case_is_read_too(api):
         (b"[1, 2]", "[1, 2]"),
         (b'{"message": "  "}', '{"message": " "}'),
         (b'{"error": {"message": "line one\\n   line two"}}', "line one line two"),
+        (b"400", "no message"),  # the status alone says nothing more
     ],
 )
 def test_odd_error_bodies_still_read_one_line(api, body, text):
@@ -713,7 +721,7 @@ def test_no_body_and_no_reason_says_no_message(api):
     api.add(responses.GET, URL + BID, status=599, body=b"")
     with pytest.raises(m.InternalServerError) as info:
         get(max_retries=0)
-    assert str(info.value) == "599 no message"
+    assert (str(info.value), info.value.body) == ("599 no message", None)
 
 
 @pytest.mark.parametrize("length, shown", [(200, "x" * 200), (201, "x" * 199 + "…")])
@@ -1685,6 +1693,7 @@ def test_interim_1xx_taken_as_final_closes_the_connection(start, together):
         with pytest.raises(m.APIStatusError) as info:
             get_from(server, "batch_first", session=s, max_retries=0)
         assert type(info.value) is m.APIStatusError and info.value.status_code == 103
+        assert (str(info.value), info.value.body) == ("103 interim response taken as final; connection closed", None)
         assert get_from(server, "batch_second", session=s, max_retries=0).id == "batch_second"
     assert [r.batch_id for r in server.requests] == ["batch_first", "batch_second"]
     assert server.connections == 2
@@ -1805,9 +1814,10 @@ def test_mounted_urllib3_retry_exhausted_on_503_is_a_status_error(start):
     with requests.Session() as s:
         s.mount("http://", requests.adapters.HTTPAdapter(max_retries=retry))
         with pytest.raises(m.APIStatusError) as info:
-            get_from(server, "batch_busy", session=s, max_retries=0)
+            get_from(server, "batch_busy", session=s)
     assert type(info.value) is m.InternalServerError and info.value.status_code == 503
-    assert len(server.requests) == 3  # urllib3's three tries, inside one attempt of ours
+    assert str(info.value) == "503 after the session adapter's own retries"
+    assert len(server.requests) == 3  # urllib3's three tries, inside one attempt of ours: no retry of ours on top
 
 
 NGINX_502 = (
@@ -1841,6 +1851,17 @@ def test_status_error_body_has_the_token_redacted(api, body, redacted):
     with pytest.raises(m.AuthenticationError) as info:
         get()
     assert info.value.body == redacted
+
+
+def test_a_token_echoed_json_escaped_is_redacted_too(api):
+    token = 'sk-"quoted"\\key'
+    fail(api, 401, {"error": {"message": f"invalid key {token}"}})
+    with pytest.raises(m.AuthenticationError) as info:
+        m.get_batch(token, BID, base_url=BASE)
+    assert (str(info.value), info.value.body) == (
+        f"401 invalid key [token] (request {RID})",
+        {"error": {"message": "invalid key [token]"}},
+    )
 
 
 @pytest.mark.parametrize("status, cls", [(status, cls) for status, cls in STATUS_CLASSES if status >= 400])
@@ -2618,7 +2639,7 @@ def test_a_batch_get_never_follows_a_redirect(api, status, location):
     api.add(responses.GET, location, json=EXAMPLE)
     with pytest.raises(m.APIStatusError) as info:
         get()
-    assert type(info.value) is m.APIStatusError and info.value.status_code == status
+    assert type(info.value) is m.APIStatusError and (info.value.status_code, info.value.body) == (status, None)
     assert str(info.value) == f"{status} redirect to '{location}' not followed (request {RID})"
     assert [c.request.url for c in api.calls] == [URL + BID]
 
