@@ -800,6 +800,13 @@ def test_retry_after_http_date_without_a_zone_is_gmt(api, sleeps):
     assert len(sleeps) == 1 and 27 <= sleeps[0] <= 31
 
 
+def test_retry_after_http_date_already_past_is_no_wait(api, sleeps):
+    fail(api, 503, "<html>busy</html>", {"Retry-After": "Sun, 06 Nov 1994 08:49:37 GMT"})
+    ok(api)
+    get()
+    assert sleeps == [0.0]
+
+
 def test_retry_after_http_date_far_ahead_is_refused(api, sleeps):
     fail(api, 503, "busy", {"Retry-After": email.utils.formatdate(time.time() + 3600, usegmt=True)})
     with pytest.raises(m.InternalServerError) as info:
@@ -849,6 +856,14 @@ def test_network_failure_without_words_names_its_type(api):
     with pytest.raises(m.APIConnectionError) as info:
         get(max_retries=0)
     assert str(info.value) == f"GET /api/v1/llm/batches/{BID} on gw.example.test failed: ConnectionError"
+
+
+def test_network_failure_names_the_host_without_the_base_urls_user_info(api):
+    url = "https://user:pw@gw.example.test/api/v1/llm/batches/" + BID
+    api.add(responses.GET, url, body=requests.ConnectionError("x"))
+    with pytest.raises(m.APIConnectionError) as info:
+        m.get_batch(TOKEN, BID, base_url="https://user:pw@gw.example.test", max_retries=0)
+    assert str(info.value) == f"GET /api/v1/llm/batches/{BID} on gw.example.test failed: x"
 
 
 def test_network_failure_then_success(api, sleeps):
