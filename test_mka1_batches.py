@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import email.utils
+import functools
 import gzip
 import io
 import json
@@ -661,6 +662,21 @@ def test_html_502_gives_a_short_excerpt(api):
     assert info.value.request_id is None and info.value.body == html[: 64 * 1024]
 
 
+def test_html_title_in_upper_case_is_read_too(api):
+    html = "<HTML><HEAD><TITLE>503 Service Unavailable</TITLE></HEAD><BODY>x</BODY></HTML>"
+    api.add(responses.GET, URL + BID, status=503, body=html, content_type="text/html")
+    with pytest.raises(m.InternalServerError) as info:
+        get(max_retries=0)
+    assert str(info.value) == "503 Service Unavailable"
+
+
+def test_an_error_body_that_cannot_be_decoded_still_gives_the_status_error(api):
+    api.add(responses.GET, URL + BID, status=503, body=b"\x00\x01", headers={"Content-Encoding": "br"})
+    with pytest.raises(m.InternalServerError) as info:
+        get(max_retries=0)
+    assert (str(info.value), info.value.body) == ("503 Service Unavailable", None)
+
+
 @pytest.mark.parametrize(
     "body, text",
     [
@@ -672,6 +688,7 @@ def test_html_502_gives_a_short_excerpt(api):
         (b"[1, 2]", "[1, 2]"),
         (b'{"message": "  "}', '{"message": " "}'),
         (b'{"error": {"message": "line one\\n   line two"}}', "line one line two"),
+        (b"400", "no message"),  # the status alone says nothing more
     ],
 )
 def test_odd_error_bodies_still_read_one_line(api, body, text):
@@ -707,7 +724,7 @@ def test_no_body_and_no_reason_says_no_message(api):
     api.add(responses.GET, URL + BID, status=599, body=b"")
     with pytest.raises(m.InternalServerError) as info:
         get(max_retries=0)
-    assert str(info.value) == "599 no message"
+    assert (str(info.value), info.value.body) == ("599 no message", None)
 
 
 @pytest.mark.parametrize("length, shown", [(200, "x" * 200), (201, "x" * 199 + "…")])
@@ -786,6 +803,13 @@ def test_retry_after_http_date_without_a_zone_is_gmt(api, sleeps):
     assert len(sleeps) == 1 and 27 <= sleeps[0] <= 31
 
 
+def test_retry_after_http_date_already_past_is_no_wait(api, sleeps):
+    fail(api, 503, "<html>busy</html>", {"Retry-After": "Sun, 06 Nov 1994 08:49:37 GMT"})
+    ok(api)
+    get()
+    assert sleeps == [0.0]
+
+
 def test_retry_after_http_date_far_ahead_is_refused(api, sleeps):
     fail(api, 503, "busy", {"Retry-After": email.utils.formatdate(time.time() + 3600, usegmt=True)})
     with pytest.raises(m.InternalServerError) as info:
@@ -835,6 +859,14 @@ def test_network_failure_without_words_names_its_type(api):
     with pytest.raises(m.APIConnectionError) as info:
         get(max_retries=0)
     assert str(info.value) == f"GET /api/v1/llm/batches/{BID} on gw.example.test failed: ConnectionError"
+
+
+def test_network_failure_names_the_host_without_the_base_urls_user_info(api):
+    url = "https://user:pw@gw.example.test/api/v1/llm/batches/" + BID
+    api.add(responses.GET, url, body=requests.ConnectionError("x"))
+    with pytest.raises(m.APIConnectionError) as info:
+        m.get_batch(TOKEN, BID, base_url="https://user:pw@gw.example.test", max_retries=0)
+    assert str(info.value) == f"GET /api/v1/llm/batches/{BID} on gw.example.test failed: x"
 
 
 def test_network_failure_then_success(api, sleeps):
@@ -1681,6 +1713,7 @@ def test_interim_1xx_taken_as_final_closes_the_connection(start, together):
         with pytest.raises(m.APIStatusError) as info:
             get_from(server, "batch_first", session=s, max_retries=0)
         assert type(info.value) is m.APIStatusError and info.value.status_code == 103
+        assert (str(info.value), info.value.body) == ("103 interim response taken as final; connection closed", None)
         assert get_from(server, "batch_second", session=s, max_retries=0).id == "batch_second"
     assert [r.batch_id for r in server.requests] == ["batch_first", "batch_second"]
     assert server.connections == 2
@@ -1801,9 +1834,10 @@ def test_mounted_urllib3_retry_exhausted_on_503_is_a_status_error(start):
     with requests.Session() as s:
         s.mount("http://", requests.adapters.HTTPAdapter(max_retries=retry))
         with pytest.raises(m.APIStatusError) as info:
-            get_from(server, "batch_busy", session=s, max_retries=0)
+            get_from(server, "batch_busy", session=s)
     assert type(info.value) is m.InternalServerError and info.value.status_code == 503
-    assert len(server.requests) == 3  # urllib3's three tries, inside one attempt of ours
+    assert str(info.value) == "503 after the session adapter's own retries"
+    assert len(server.requests) == 3  # urllib3's three tries, inside one attempt of ours: no retry of ours on top
 
 
 NGINX_502 = (
@@ -1837,6 +1871,17 @@ def test_status_error_body_has_the_token_redacted(api, body, redacted):
     with pytest.raises(m.AuthenticationError) as info:
         get()
     assert info.value.body == redacted
+
+
+def test_a_token_echoed_json_escaped_is_redacted_too(api):
+    token = 'sk-"quoted"\\key'
+    fail(api, 401, {"error": {"message": f"invalid key {token}"}})
+    with pytest.raises(m.AuthenticationError) as info:
+        m.get_batch(token, BID, base_url=BASE)
+    assert (str(info.value), info.value.body) == (
+        f"401 invalid key [token] (request {RID})",
+        {"error": {"message": "invalid key [token]"}},
+    )
 
 
 @pytest.mark.parametrize("status, cls", [(status, cls) for status, cls in STATUS_CLASSES if status >= 400])
@@ -2024,6 +2069,26 @@ def test_result_custom_id_is_a_required_string(line, message):
 
 
 @pytest.mark.parametrize(
+    "cls, data, message, field",
+    [
+        (m.ResultResponse, [], "response: expected an object, got list", "response"),
+        (
+            m.ResultResponse,
+            {"status_code": "200"},
+            "response.status_code: expected an integer, got '200'",
+            "response.status_code",
+        ),
+        (m.ResultError, None, "error: expected an object, got null", "error"),
+        (m.ResultError, {"code": 5}, "error.code: expected a string, got 5", "error.code"),
+    ],
+)
+def test_result_parts_refuse_bad_data_on_their_own(cls, data, message, field):
+    with pytest.raises(m.InvalidResponseError) as info:
+        cls.from_dict(data)
+    assert (str(info.value), info.value.field) == (message, field)
+
+
+@pytest.mark.parametrize(
     "bad, message",
     [
         ({"id": "batch_req_3"}, "result: missing required field 'custom_id'"),
@@ -2136,6 +2201,45 @@ def test_a_long_line_is_refused_without_reading_it_whole(api, monkeypatch):
     seen, error = read_until_error(m.iter_results(TOKEN, "file-out", base_url=BASE), m.InvalidResponseError)
     assert seen == ["request-1"] and str(error) == "file file-out line 2: longer than the 100000-byte limit"
     assert raw.served <= len(raw.head) + 100_000 + 2 * 65536
+
+
+class Pieces(io.RawIOBase):
+    """A body served in the pieces given, one a read, as the network may split it."""
+
+    def __init__(self, body: bytes, *cuts: int) -> None:
+        ends = [*cuts, len(body)]
+        self.pieces = [body[start:end] for start, end in zip([0, *cuts], ends)]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        piece = self.pieces.pop(0) if self.pieces else b""
+        buf[: len(piece)] = piece  # each piece is far smaller than a read asks for
+        return len(piece)
+
+
+LINE_1 = jsonl(numbered(1))
+#: request-2's line is exactly at the cap of 1000 bytes; request-3's ends the body without a newline.
+#: The last cut falls inside its closing ``null``, so that a line put together wrong is no JSON.
+SPLIT_BODY = LINE_1 + padded_line("request-2", 1000) + b"\n" + json.dumps(numbered(3)).encode()
+
+
+@pytest.mark.parametrize(
+    "cuts",
+    [[], [len(LINE_1) + 1000], [10, len(LINE_1) + 1000], [len(SPLIT_BODY) - 3], [10, 1500, len(SPLIT_BODY) - 3]],
+    ids=[
+        "one read",
+        "a line at the cap, its newline in the next read",
+        "the same after a line that spanned reads",
+        "a last line without a newline across reads",
+        "all of them",
+    ],
+)
+def test_lines_are_the_same_however_the_reads_split_them(api, monkeypatch, cuts):
+    monkeypatch.setattr(m, "MAX_LINE_BYTES", 1000)
+    add_file(api, "file-out", io.BufferedReader(Pieces(SPLIT_BODY, *cuts)))
+    assert custom_ids("file-out") == ["request-1", "request-2", "request-3"]
 
 
 def test_a_line_with_several_mb_of_base64_is_read_at_the_default_cap(api):
@@ -2321,6 +2425,13 @@ def test_file_retries_are_bounded(api, sleeps, retries):
     with pytest.raises(m.InternalServerError, match=r"^503 down \(request "):
         results("file-out", max_retries=retries)
     assert len(api.calls) == retries + 1 and len(sleeps) == retries
+
+
+def test_file_retries_twice_by_default(api, sleeps):
+    add_file(api, "file-out", "<html>down</html>", status=503)
+    with pytest.raises(m.InternalServerError):
+        results("file-out")
+    assert len(api.calls) == 3 and len(sleeps) == 2
 
 
 def deflated(data: bytes) -> bytes:
@@ -2548,7 +2659,7 @@ def test_a_batch_get_never_follows_a_redirect(api, status, location):
     api.add(responses.GET, location, json=EXAMPLE)
     with pytest.raises(m.APIStatusError) as info:
         get()
-    assert type(info.value) is m.APIStatusError and info.value.status_code == status
+    assert type(info.value) is m.APIStatusError and (info.value.status_code, info.value.body) == (status, None)
     assert str(info.value) == f"{status} redirect to '{location}' not followed (request {RID})"
     assert [c.request.url for c in api.calls] == [URL + BID]
 
@@ -2689,10 +2800,14 @@ def test_live_cut_file_without_retries_is_a_connection_error_after_the_whole_lin
 )
 def test_live_a_file_that_changed_when_read_again_is_refused(sleeps, again):
     whole = jsonl(*[numbered(i) for i in range(1, 5)])
-    with ScriptedServer(cut(whole, whole.index(b'{"id": "batch_req_4"') + 10), reply(again)) as server:
+    changed = reply(again, headers={"X-Request-ID": "req-again"})
+    with ScriptedServer(cut(whole, whole.index(b'{"id": "batch_req_4"') + 10), changed) as server:
         seen, error = read_until_error(live_results(server.url, "file-x"), m.InvalidResponseError)
     assert seen == requests_up_to(3)
-    assert str(error) == "file file-x changed while it was read again after a broken connection"
+    assert (str(error), error.request_id) == (
+        "file file-x changed while it was read again after a broken connection",
+        "req-again",  # the answer that changed
+    )
     assert len(server.requests) == 2 and len(sleeps) == 1
 
 
@@ -3001,6 +3116,19 @@ def test_wait_refuses_bad_intervals(api, kw):
     assert not api.calls
 
 
+@pytest.mark.parametrize(
+    "batch_id, error, message",
+    [
+        ("", ValueError, "batch_id must be a non-empty printable string other than . and .., not ''"),
+        (123, TypeError, "batch_id must be a string, not int"),
+    ],
+)
+def test_wait_refuses_a_bad_batch_id_naming_it(api, batch_id, error, message):
+    with pytest.raises(error) as info:
+        m.wait_for_batch(TOKEN, batch_id, base_url=BASE)
+    assert str(info.value) == message and not api.calls
+
+
 # --- The command line --------------------------------------------------------------------------
 
 
@@ -3230,6 +3358,44 @@ def test_cli_shows_no_control_characters_from_the_server(cli, monkeypatch):
     assert r.stderr == f"\r\x1b[K{line}\r\x1b[K{line}\nerror: reset by ?[2Jpeer\n"
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pty")
+@pytest.mark.parametrize(
+    "columns, shown",
+    [
+        (30, "0s queued_behind_other_batche"),
+        (0, "0s queued_behind_other_batches_while_the_region_scales_up_its_capacity_for_this"),  # a size of 0: 80
+        (None, "0s queued_behind_other_batches_while_the_region_scales_up_its_capacity_for_this"),  # no size: 80
+    ],
+    ids=["30 columns", "0 columns", "no size"],
+)
+def test_cli_progress_is_cut_one_column_short_of_the_terminal(cli, monkeypatch, columns, shown):
+    """A line as wide as the terminal wraps on some, and \\r would then leave its first part behind."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    def fake_wait(*args: Any, on_update: Any, **kw: Any) -> m.Batch:
+        batch = m.Batch.from_dict(
+            dict(EXAMPLE, status="queued_behind_other_batches_while_the_region_scales_up_its_capacity_for_this_model")
+        )
+        on_update(batch)
+        return batch
+
+    monkeypatch.setattr(m, "wait_for_batch", fake_wait)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    master, slave = pty.openpty()
+    try:
+        if columns is not None:
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+            monkeypatch.setattr(sys.stderr, "fileno", lambda: slave)
+        r = cli(BID, "--wait", env={"MKA1_API_KEY": "k"})
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert (r.returncode, r.stderr) == (3, f"\r\x1b[K{shown}\r\x1b[K{shown}\n")
+
+
 def _run_on_a_pty(
     args: List[str],
     env: Dict[str, str],
@@ -3305,13 +3471,21 @@ def test_cli_progress_on_a_narrow_real_terminal(gateway):
     assert (code, written) == (130, f"\r\x1b[K{line}\r\x1b[K{line}\n\r\x1b[Kerror: interrupted\n")
 
 
-def test_cli_interrupt_in_process_exits_130(cli, monkeypatch):
+@pytest.mark.parametrize(
+    "terminal, stderr",
+    [(False, "error: interrupted\n"), (True, "\r\x1b[Kerror: interrupted\n")],
+    ids=["pipe", "terminal"],
+)
+def test_cli_interrupt_in_process_exits_130(cli, monkeypatch, terminal, stderr):
+    """On a terminal, the line is wiped first: it holds the ^C the terminal echoed."""
+
     def interrupted(*args: Any, **kw: Any) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(m, "get_batch", interrupted)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
     r = cli("batch_x", env={"MKA1_API_KEY": "k"})
-    assert (r.returncode, r.stdout, r.stderr) == (130, "", "error: interrupted\n")
+    assert (r.returncode, r.stdout, r.stderr) == (130, "", stderr)
 
 
 def test_cli_ctrl_c_exits_130(gateway):
@@ -3473,6 +3647,28 @@ def test_cli_reader_gone_mid_wait_is_exit_141(gateway):
     assert len(gateway.requests) == 2  # the second state was fetched, its line failed, and no more polls
 
 
+def test_cli_reader_gone_in_process_leaves_both_streams_writing_nowhere(api, monkeypatch):
+    """Exit 141 without a word; stdout and stderr then go to devnull, so that the flush at exit cannot fail again."""
+    ok(api)
+    out_read, out_write = os.pipe()
+    err_read, err_write = os.pipe()
+    os.close(out_read)  # the reader is gone before the JSON is written
+    os.set_blocking(err_read, False)
+    for key in [k for k in os.environ if k.startswith("MKA1_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MKA1_API_KEY", TOKEN)
+    try:
+        with open(out_write, "w") as stdout, open(err_write, "w") as stderr:
+            monkeypatch.setattr(sys, "stdout", stdout)
+            monkeypatch.setattr(sys, "stderr", stderr)
+            code = m.main([BID, "--base-url", BASE])
+            after = (os.write(stdout.fileno(), b"more"), os.write(stderr.fileno(), b"more"))
+        said = os.read(err_read, 100)  # b"": no error line, and the pipe's last writer is gone
+    finally:
+        os.close(err_read)
+    assert (code, after, said) == (141, (4, 4), b"")
+
+
 def test_module_runs_from_a_lone_copy(gateway, tmp_path):
     """Vendoring: the one file, beside only requests, attrs and what they need, and nothing of this repo."""
     import importlib.util
@@ -3619,6 +3815,62 @@ def test_cli_results_refuse_a_file_id_that_is_no_id_as_the_servers_error(cli, ap
     assert (r.returncode, r.stdout, r.stderr) == (1, "", message)
 
 
+def test_cli_results_are_read_as_the_end_user_given(cli, gateway):
+    r = cli("batch_private", "--on-behalf-of", "user_123", "--results", env=_env(gateway))
+    assert (r.returncode, [json.loads(line)["custom_id"] for line in r.stdout.splitlines()]) == (
+        0,
+        ["request-3", "request-1", "request-2"],
+    )
+    assert [(request["path"], request.get("X-On-Behalf-Of")) for request in gateway.requests] == [
+        ("/api/v1/llm/batches/batch_private", "user_123"),
+        ("/api/v1/llm/files/file-batch_private-output/content", "user_123"),
+        ("/api/v1/llm/files/file-batch_private-errors/content", "user_123"),
+    ]
+
+
+def test_cli_results_retry_a_file_twice_as_the_api_does(cli, api, sleeps):
+    api.add(responses.GET, URL + BID, json=dict(EXAMPLE, output_file_id="file-out"))
+    add_file(api, "file-out", "<html>down</html>", status=503)
+    r = cli(BID, "--results", "--base-url", BASE, env={"MKA1_API_KEY": "k"})
+    assert (r.returncode, r.stdout, r.stderr) == (1, "", f"error: 503 down (request {RID})\n")
+    assert (len(api.calls), len(sleeps)) == (4, 2)  # the batch, then the file three times
+
+
+#: Two lines of 512 KiB, 1 MiB in all.
+MIB_FILE = padded_line("request-1", 2**19 - 1) + b"\n" + padded_line("request-2", 2**19 - 1) + b"\n"
+
+
+@pytest.mark.parametrize(
+    "terminal, body, encoding, stderr",
+    [
+        (True, MIB_FILE, "identity", "\r\x1b[Kfile-out: 2 lines, 1.0 of 1.0 MiB\r\x1b[K"),
+        # Stored, not compressed: the encoded length is even larger than what is read, and still no total.
+        (True, gzip.compress(MIB_FILE, compresslevel=0), "gzip", "\r\x1b[Kfile-out: 2 lines, 1.0 MiB\r\x1b[K"),
+        (False, MIB_FILE, "identity", ""),
+    ],
+    ids=["terminal", "terminal, gzip", "no terminal"],
+)
+def test_cli_results_progress_of_a_slow_file(cli, api, monkeypatch, terminal, body, encoding, stderr):
+    """Each line takes a second: the second line is drawn, with the total only when the length counts what is read."""
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += 1.0
+        return now[0]
+
+    monkeypatch.setattr(m, "_ReadProgress", functools.partial(m._ReadProgress, clock=clock))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    api.add(responses.GET, URL + BID, json=dict(EXAMPLE, output_file_id="file-out"))
+    headers = {"Content-Encoding": encoding, "Content-Length": str(len(body))}
+    add_file(api, "file-out", body, headers=headers)
+    r = cli(BID, "--results", "--base-url", BASE, env={"MKA1_API_KEY": "k"})
+    assert (r.returncode, [json.loads(line)["custom_id"] for line in r.stdout.splitlines()]) == (
+        0,
+        ["request-1", "request-2"],
+    )
+    assert r.stderr == stderr
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
@@ -3749,6 +4001,23 @@ def test_cli_ticker_draws_nothing_before_the_first_batch(capsys, monkeypatch):
     with m._Progress():
         time.sleep(1.2)  # past the first tick, with no batch seen yet
     assert capsys.readouterr().err == ""
+
+
+def test_cli_ticker_keeps_to_the_whole_seconds_of_the_wait(monkeypatch, fake_clock):
+    """1.9 s into the wait, the next tick falls 0.1 s later, on the second, not a whole second after the last draw."""
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    progress = m._Progress()
+    fake_clock[0] += 1.9  # and there it stands; the ticker's waits are real
+    with progress:
+        progress.update(m.Batch.from_dict(EXAMPLE))
+        for _ in range(50):  # up to 0.5 s
+            time.sleep(0.01)
+            drawn = terminal.getvalue()
+            if drawn.count("\r") == 2:
+                break
+    line = "1s completed: 3/3 completed, 0 failed"
+    assert drawn.startswith(f"\r\x1b[K{line}\r\x1b[K{line}")
 
 
 # --- The stand-in gateway ---------------------------------------------------------------------
