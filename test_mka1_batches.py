@@ -2228,7 +2228,13 @@ SPLIT_BODY = LINE_1 + padded_line("request-2", 1000) + b"\n" + json.dumps(number
 
 @pytest.mark.parametrize(
     "cuts",
-    [[], [len(LINE_1) + 1000], [10, len(LINE_1) + 1000], [len(SPLIT_BODY) - 3], [10, len(LINE_1) + 500, len(SPLIT_BODY) - 3]],
+    [
+        [],
+        [len(LINE_1) + 1000],
+        [10, len(LINE_1) + 1000],
+        [len(SPLIT_BODY) - 3],
+        [10, len(LINE_1) + 500, len(SPLIT_BODY) - 3],
+    ],
     ids=[
         "one read",
         "a line at the cap, its newline in the next read",
