@@ -14,18 +14,19 @@ One file, two dependencies (requests and attrs): copy it into your tree as it is
 """
 
 import contextlib
-import email.utils
 import functools
+import hashlib
 import http.client
 import json
 import logging
+import os
 import random
 import re
 import socket
 import ssl
 import time
 import zlib
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Set, Tuple, Type, TypeVar, Union
 from urllib.parse import quote, urljoin, urlsplit
 
 import attr
@@ -33,6 +34,7 @@ import requests
 import urllib3
 
 __all__ = [
+    "CREATE_KEY",
     "DEFAULT_BASE_URL",
     "DEFAULT_TIMEOUT",
     "MAX_BODY_BYTES",
@@ -48,7 +50,11 @@ __all__ = [
     "BatchError",
     "BatchErrors",
     "BatchResult",
+    "Client",
+    "ConflictError",
+    "File",
     "InternalServerError",
+    "InvalidBatchFileError",
     "InvalidResponseError",
     "MKA1Error",
     "NotFoundError",
@@ -59,9 +65,15 @@ __all__ = [
     "ResultResponse",
     "UnprocessableEntityError",
     "WaitTimeoutError",
+    "cancel_batch",
+    "check_batch_file",
+    "create_batch",
     "get_batch",
     "iter_results",
+    "list_batches",
     "main",
+    "submit_batch",
+    "upload_file",
     "wait_for_batch",
 ]
 
@@ -79,9 +91,15 @@ MAX_BODY_BYTES = 10 * 1024 * 1024
 MAX_LINE_BYTES = 64 * 1024 * 1024
 #: A Retry-After longer than this (seconds) is raised to the caller, not slept.
 MAX_RETRY_AFTER = 60.0
+#: The metadata key whose value, new to each create_batch call, finds the batch it made.
+CREATE_KEY = "mka1_batches_create"
 
+_T = TypeVar("_T")
 _Timeout = Union[float, Tuple[float, float]]
-_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+#: A path (str or os.PathLike) or a binary file object open for reading.
+_Input = Union[str, "os.PathLike[str]", BinaryIO]
+# After these the server may have acted: a read is sent again, a write looks first.
+_AMBIGUOUS_STATUSES = frozenset({500, 502, 503, 504})
 _BACKOFF_BASE = 0.5
 _BACKOFF_CAP = 8.0
 # An error body is cut here rather than refused, so that a huge 502 page is still a 502.
@@ -91,12 +109,25 @@ _CHUNK = 64 * 1024
 # File content may be redirected to storage; a batch never is.
 _MAX_REDIRECTS = 3
 _EXCERPT = 200
-_BATCHES = "/api/v1/llm/batches/"
-_FILES = "/api/v1/llm/files/"
+_BATCHES = "/api/v1/llm/batches"
+_FILES = "/api/v1/llm/files"
+# An upload is read and sent in pieces of this size.
+_UPLOAD_CHUNK = 1024 * 1024
+# How much earlier than the call a batch it made may say it was created: the gateway's clock is not ours.
+_CLOCK_SKEW = 3600.0
 _USER_AGENT = f"mka1-batches/{__version__} python-requests/{requests.__version__}"
+# What a connection error's chain holds when the request never left: no retry can make a second write.
+_UNSENT = (
+    urllib3.exceptions.NewConnectionError,
+    urllib3.exceptions.ConnectTimeoutError,
+    requests.ConnectTimeout,
+    ConnectionRefusedError,
+    socket.gaierror,
+)
 # What a connection error's chain holds when it timed out. Not urllib3's TimeoutError: its
 # NewConnectionError, a refused connection, is one.
 _TIMEOUTS = (requests.Timeout, socket.timeout, urllib3.exceptions.ReadTimeoutError)
+_PROXY_ERRORS = (requests.exceptions.ProxyError, urllib3.exceptions.ProxyError)
 # A connection error's root cause, in a few words, by the first of these its chain holds.
 _CAUSES: List[Tuple[Any, str]] = [
     (ConnectionRefusedError, "connection refused"),
@@ -210,6 +241,18 @@ class InternalServerError(APIStatusError):
     """5xx: the gateway or something behind it failed."""
 
 
+class ConflictError(APIStatusError):
+    """409: the request conflicts with the resource's state, such as cancelling a finished batch."""
+
+
+class InvalidBatchFileError(MKA1Error, ValueError):
+    """A batch input file that the gateway would refuse; ``line`` is 1-based, or None for the whole file."""
+
+    def __init__(self, message: str, *, line: Optional[int]):
+        super().__init__(message if line is None else f"line {line}: {message}")
+        self.line = line
+
+
 class WaitTimeoutError(MKA1Error, TimeoutError):
     """``wait_for_batch`` reached ``max_wait``; ``batch`` is the last one seen."""
 
@@ -223,6 +266,7 @@ _STATUS_ERRORS = {
     401: AuthenticationError,
     403: PermissionDeniedError,
     404: NotFoundError,
+    409: ConflictError,
     422: UnprocessableEntityError,
     429: RateLimitError,
 }
@@ -393,6 +437,47 @@ class BatchResult:
         return _to_dict(self)
 
 
+@attr.s(frozen=True)
+class File:
+    """An uploaded file, field for field as the API's JSON object names it."""
+
+    id: str = attr.ib()
+    object: str = attr.ib()
+    bytes: int = attr.ib()
+    created_at: int = attr.ib()
+    filename: str = attr.ib()
+    purpose: str = attr.ib()
+    expires_at: Optional[int] = attr.ib(default=None)
+    status: Optional[str] = attr.ib(default=None)
+    status_details: Optional[str] = attr.ib(default=None)
+    sha256: Optional[str] = attr.ib(default=None)
+    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "file") -> "File":
+        """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
+        kinds = {
+            "id": str,
+            "object": str,
+            "bytes": int,
+            "created_at": int,
+            "filename": str,
+            "purpose": str,
+            "expires_at": int,
+            "status": str,
+            "status_details": str,
+            "sha256": str,
+        }
+        file = cls(**_fields(data, where, kinds, required=6))
+        if file.object != "file":
+            raise _invalid("object", '"file"', file.object)
+        return file
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The JSON object, unknown keys included."""
+        return _to_dict(self)
+
+
 def _error_list(value: Any, path: str) -> Tuple[BatchError, ...]:
     if type(value) is not list:
         raise _invalid(path, "a list", value)
@@ -449,33 +534,14 @@ def get_batch(
     batch_id: str,
     on_behalf_of: Optional[str] = None,
     *,
-    base_url: str = DEFAULT_BASE_URL,
+    base_url: Optional[str] = None,
     timeout: _Timeout = DEFAULT_TIMEOUT,
     max_retries: int = 2,
     session: Optional[requests.Session] = None,
 ) -> Batch:
-    """Fetch one batch by id.
-
-    :param token: the MKA1 API key, with or without a leading ``Bearer ``.
-    :param batch_id: the batch's id, such as ``batch_aa87e2b1112a455b8deabed784372198``.
-    :param on_behalf_of: the end user this call acts for (``X-On-Behalf-Of``).
-    :param base_url: the gateway, for self-hosted and staging gateways.
-    :param timeout: seconds, or ``(connect, read)``; always sent. An attempt also ends once their
-        sum has passed, while connecting or reading the body. The status line and headers are
-        bounded only by the read timeout per socket read and http.client's own line-length and
-        header-count limits.
-    :param max_retries: retries after connection errors, timeouts, 408, 429 and 5xx. A urllib3
-        ``Retry`` mounted on the session's adapter runs first, inside each attempt.
-    :param session: a ``requests.Session`` to reuse; it is not changed, and left open.
-    :raises APIStatusError: a status other than 2xx, as the subclass for that status.
-    :raises APIConnectionError: the gateway could not be reached in time, or the connection broke.
-    :raises InvalidResponseError: the body is not a Batch, or is another batch than the one asked for.
-    :raises ValueError, TypeError: a bad argument, before any I/O.
-    """
-    client = _Client(token, on_behalf_of, base_url, timeout, max_retries, _sleep)
-    path = _BATCHES + _check_id(batch_id, "batch_id")
-    with _session(session) as s:
-        return client.get_batch(s, path, batch_id)
+    """Fetch one batch by id: :meth:`Client.get_batch`, with the settings of :class:`Client`."""
+    with Client(token, on_behalf_of, base_url=base_url, timeout=timeout, max_retries=max_retries, session=session) as c:
+        return c.get_batch(batch_id)
 
 
 def wait_for_batch(
@@ -486,53 +552,14 @@ def wait_for_batch(
     poll_interval: float = 2.0,
     max_wait: Optional[float] = None,
     on_update: Optional[Callable[[Batch], None]] = None,
-    base_url: str = DEFAULT_BASE_URL,
+    base_url: Optional[str] = None,
     timeout: _Timeout = DEFAULT_TIMEOUT,
     max_retries: int = 2,
     session: Optional[requests.Session] = None,
 ) -> Batch:
-    """Poll a batch until its status is terminal and return it, whatever the outcome.
-
-    One Session, so one kept-alive connection, serves the whole wait.
-
-    :param poll_interval: seconds between polls.
-    :param max_wait: seconds; no sleep, between polls or before a retry, runs past them. Once they
-        have passed, raise WaitTimeoutError with the last Batch seen. A request in flight may
-        still take up to its own timeout.
-    :param on_update: called with the first Batch, then whenever status or counts change.
-    :param session: a ``requests.Session`` to reuse; it is not changed, and left open.
-
-    The other parameters, and the errors raised, are those of :func:`get_batch`; and
-    :raises WaitTimeoutError: ``max_wait`` passed first.
-    """
-    if not _positive(poll_interval):
-        raise ValueError(f"poll_interval must be a positive number of seconds, not {poll_interval!r}")
-    if max_wait is not None and not _positive(max_wait):
-        raise ValueError(f"max_wait must be None or a positive number of seconds, not {max_wait!r}")
-    deadline = None if max_wait is None else time.monotonic() + max_wait
-    last: Optional[Batch] = None
-
-    def sleep(seconds: float) -> None:
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                seen = "nothing seen yet" if last is None else f"last status {last.status!r}"
-                raise WaitTimeoutError(f"batch did not reach a terminal status in time ({seen})", last)
-            seconds = min(seconds, left)
-        _sleep(seconds)
-
-    client = _Client(token, on_behalf_of, base_url, timeout, max_retries, sleep)
-    path = _BATCHES + _check_id(batch_id, "batch_id")
-    with _session(session) as s:
-        while True:
-            batch = client.get_batch(s, path, batch_id)
-            changed = last is None or (batch.status, batch.request_counts) != (last.status, last.request_counts)
-            if on_update is not None and changed:
-                on_update(batch)
-            last = batch
-            if batch.is_terminal:
-                return batch
-            sleep(poll_interval)
+    """Poll a batch until it is terminal: :meth:`Client.wait_for_batch`."""
+    with Client(token, on_behalf_of, base_url=base_url, timeout=timeout, max_retries=max_retries, session=session) as c:
+        return c.wait_for_batch(batch_id, poll_interval=poll_interval, max_wait=max_wait, on_update=on_update)
 
 
 def iter_results(
@@ -541,30 +568,763 @@ def iter_results(
     on_behalf_of: Optional[str] = None,
     *,
     include_errors: bool = True,
-    base_url: str = DEFAULT_BASE_URL,
+    on_progress: Optional[Callable[[str, int, int, Optional[int]], None]] = None,
+    base_url: Optional[str] = None,
     timeout: _Timeout = DEFAULT_TIMEOUT,
     max_retries: int = 2,
     session: Optional[requests.Session] = None,
 ) -> Iterator[BatchResult]:
-    """Yield a finished batch's results, one per line: its output file's, then its error file's.
+    """Yield a finished batch's results, one per line: :meth:`Client.iter_results`."""
+    client = Client(token, on_behalf_of, base_url=base_url, timeout=timeout, max_retries=max_retries, session=session)
+    return _closing(client, client.iter_results(batch, include_errors=include_errors, on_progress=on_progress))
 
-    The file streams: memory does not grow with its size. A connection that breaks mid-file is
-    re-requested, and the lines already yielded are skipped.
 
-    :param batch: a terminal Batch (a cancelled or expired one yields its partial results), or
-        the id of one file to read.
-    :param include_errors: also yield the lines of the batch's ``error_file_id``.
-    :param timeout: seconds, or ``(connect, read)``; the next line must come within their sum.
+def upload_file(
+    token: str,
+    file: _Input,
+    on_behalf_of: Optional[str] = None,
+    *,
+    purpose: str = "batch",
+    base_url: Optional[str] = None,
+    timeout: _Timeout = DEFAULT_TIMEOUT,
+    max_retries: int = 2,
+    session: Optional[requests.Session] = None,
+) -> "File":
+    """Upload a file once, streamed: :meth:`Client.upload_file`."""
+    with Client(token, on_behalf_of, base_url=base_url, timeout=timeout, max_retries=max_retries, session=session) as c:
+        return c.upload_file(file, purpose=purpose)
 
-    The other parameters are those of :func:`get_batch`. Errors are raised as the iteration
-    reaches them, and the results before them have been yielded:
-    :raises InvalidResponseError: a malformed line or one over MAX_LINE_BYTES (naming the file
-        and the line), or a file that changed while it was read again.
-    :raises APIStatusError, APIConnectionError: as for :func:`get_batch`.
-    :raises ValueError, TypeError: a bad argument or a batch that is not finished, before any I/O.
+
+def create_batch(
+    token: str,
+    input_file_id: str,
+    endpoint: str,
+    on_behalf_of: Optional[str] = None,
+    *,
+    completion_window: str = "24h",
+    metadata: Optional[Dict[str, str]] = None,
+    max_concurrency: Optional[int] = None,
+    base_url: Optional[str] = None,
+    timeout: _Timeout = DEFAULT_TIMEOUT,
+    max_retries: int = 2,
+    session: Optional[requests.Session] = None,
+) -> Batch:
+    """Create a batch exactly once: :meth:`Client.create_batch`."""
+    with Client(token, on_behalf_of, base_url=base_url, timeout=timeout, max_retries=max_retries, session=session) as c:
+        return c.create_batch(
+            input_file_id,
+            endpoint,
+            completion_window=completion_window,
+            metadata=metadata,
+            max_concurrency=max_concurrency,
+        )
+
+
+def submit_batch(
+    token: str,
+    file: _Input,
+    endpoint: str,
+    on_behalf_of: Optional[str] = None,
+    *,
+    metadata: Optional[Dict[str, str]] = None,
+    max_concurrency: Optional[int] = None,
+    base_url: Optional[str] = None,
+    timeout: _Timeout = DEFAULT_TIMEOUT,
+    max_retries: int = 2,
+    session: Optional[requests.Session] = None,
+) -> Batch:
+    """Check, upload and create: :meth:`Client.submit_batch`."""
+    with Client(token, on_behalf_of, base_url=base_url, timeout=timeout, max_retries=max_retries, session=session) as c:
+        return c.submit_batch(file, endpoint, metadata=metadata, max_concurrency=max_concurrency)
+
+
+def list_batches(
+    token: str,
+    on_behalf_of: Optional[str] = None,
+    *,
+    page_size: int = 20,
+    after: Optional[str] = None,
+    base_url: Optional[str] = None,
+    timeout: _Timeout = DEFAULT_TIMEOUT,
+    max_retries: int = 2,
+    session: Optional[requests.Session] = None,
+) -> Iterator[Batch]:
+    """Yield this user's batches, newest first: :meth:`Client.list_batches`."""
+    client = Client(token, on_behalf_of, base_url=base_url, timeout=timeout, max_retries=max_retries, session=session)
+    return _closing(client, client.list_batches(page_size=page_size, after=after))
+
+
+def cancel_batch(
+    token: str,
+    batch_id: str,
+    on_behalf_of: Optional[str] = None,
+    *,
+    base_url: Optional[str] = None,
+    timeout: _Timeout = DEFAULT_TIMEOUT,
+    max_retries: int = 2,
+    session: Optional[requests.Session] = None,
+) -> Batch:
+    """Cancel a batch: :meth:`Client.cancel_batch`."""
+    with Client(token, on_behalf_of, base_url=base_url, timeout=timeout, max_retries=max_retries, session=session) as c:
+        return c.cancel_batch(batch_id)
+
+
+def check_batch_file(file: _Input, endpoint: str) -> int:
+    """The number of requests in a batch input file, read once and streamed; no I/O but the file.
+
+    :param file: a path, or a binary file object open for reading (read from where it stands,
+        and put back there).
+    :param endpoint: the batch's endpoint, which every line's ``url`` must be.
+    :raises InvalidBatchFileError: naming the first line that is wrong, and what is wrong with it.
     """
-    client = _Client(token, on_behalf_of, base_url, timeout, max_retries, _sleep)
-    return client.iter_results(session, _file_ids(batch, include_errors))
+    _check_endpoint(endpoint)
+    first: Dict[str, int] = {}  # custom_id: the line it first appeared on
+    with _opened(file) as (stream, _):
+        for number, line in enumerate(stream, 1):
+            if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+                raise InvalidBatchFileError("starts with a UTF-8 byte order mark; save it without one", line=1)
+            if line.strip():
+                custom_id = _check_line(line, endpoint, number, first)
+                first[custom_id] = number
+    if not first:
+        raise InvalidBatchFileError("the file has no requests", line=None)
+    return len(first)
+
+
+class Client:
+    """The settings of every call, checked once, and one Session: safe to share between threads.
+
+        >>> with mka1_batches.Client(api_key) as client:
+        ...     batch = client.submit_batch("requests.jsonl", "/v1/chat/completions")
+
+    :param token: the MKA1 API key, with or without a leading ``Bearer ``.
+    :param on_behalf_of: the end user calls act for (``X-On-Behalf-Of``); a call may name another.
+    :param base_url: the gateway; None reads ``MKA1_BASE_URL`` now, else DEFAULT_BASE_URL.
+    :param timeout: seconds, or ``(connect, read)``; always sent. An attempt also ends once their
+        sum has passed, while connecting or reading the body. The status line and headers are
+        bounded only by the read timeout per socket read and http.client's own line-length and
+        header-count limits.
+    :param max_retries: retries after what may pass: for reads, connection errors, timeouts,
+        408, 429 and 5xx; for writes, see each. A urllib3 ``Retry`` mounted on the session's
+        adapter runs first, inside each attempt.
+    :param session: a ``requests.Session`` to use; it is not changed, and :meth:`close` leaves it
+        open. Without one, the Client makes its own and closes it.
+
+    Every method raises, besides what it names:
+    :raises APIStatusError: a status other than 2xx, as the subclass for that status.
+    :raises APIConnectionError: the gateway could not be reached in time, or the connection broke.
+    :raises InvalidResponseError: a 2xx body that is not what the call returns.
+    :raises ValueError, TypeError: a bad argument, before any I/O.
+    """
+
+    def __init__(
+        self,
+        token: str,
+        on_behalf_of: Optional[str] = None,
+        *,
+        base_url: Optional[str] = None,
+        timeout: _Timeout = DEFAULT_TIMEOUT,
+        max_retries: int = 2,
+        session: Optional[requests.Session] = None,
+    ):
+        self._token = _check_token(token)
+        if base_url is None:
+            base_url = os.environ.get("MKA1_BASE_URL") or DEFAULT_BASE_URL
+        self.base_url = _check_base_url(base_url)
+        self._origin = _origin(self.base_url)
+        self.timeout = _check_timeout(timeout)
+        if type(max_retries) is not int or max_retries < 0:
+            raise ValueError(f"max_retries must be a non-negative integer, not {max_retries!r}")
+        self.max_retries = max_retries
+        self.on_behalf_of = _check_on_behalf_of(on_behalf_of)
+        self._own = session is None
+        self.session = requests.Session() if session is None else session
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<mka1_batches.Client {self.base_url} on_behalf_of={self.on_behalf_of!r}>"
+
+    def close(self) -> None:
+        """Close the Session this Client made; one it was given stays open."""
+        if self._own:
+            self.session.close()
+
+    def get_batch(self, batch_id: str, *, on_behalf_of: Optional[str] = None) -> Batch:
+        """Fetch one batch by id, such as ``batch_aa87e2b1112a455b8deabed784372198``.
+
+        :raises InvalidResponseError: also for another batch than the one asked for.
+        """
+        path = _BATCHES + "/" + _check_id(batch_id, "batch_id")
+        return self._get_batch(path, batch_id, self._who(on_behalf_of), _sleep)
+
+    def wait_for_batch(
+        self,
+        batch_id: str,
+        *,
+        poll_interval: float = 2.0,
+        max_wait: Optional[float] = None,
+        on_update: Optional[Callable[[Batch], None]] = None,
+        on_behalf_of: Optional[str] = None,
+    ) -> Batch:
+        """Poll a batch until its status is terminal and return it, whatever the outcome.
+
+        :param poll_interval: seconds between polls.
+        :param max_wait: seconds; no sleep, between polls or before a retry, runs past them. Once
+            they have passed, raise WaitTimeoutError with the last Batch seen. A request in
+            flight may still take up to its own timeout.
+        :param on_update: called with the first Batch, then whenever status or counts change.
+        :raises WaitTimeoutError: ``max_wait`` passed first.
+        """
+        if not _positive(poll_interval):
+            raise ValueError(f"poll_interval must be a positive number of seconds, not {poll_interval!r}")
+        if max_wait is not None and not _positive(max_wait):
+            raise ValueError(f"max_wait must be None or a positive number of seconds, not {max_wait!r}")
+        path = _BATCHES + "/" + _check_id(batch_id, "batch_id")
+        who = self._who(on_behalf_of)
+        deadline = None if max_wait is None else time.monotonic() + max_wait
+        last: Optional[Batch] = None
+
+        def sleep(seconds: float) -> None:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    seen = "nothing seen yet" if last is None else f"last status {last.status!r}"
+                    raise WaitTimeoutError(f"batch did not reach a terminal status in time ({seen})", last)
+                seconds = min(seconds, left)
+            _sleep(seconds)
+
+        while True:
+            batch = self._get_batch(path, batch_id, who, sleep)
+            changed = last is None or (batch.status, batch.request_counts) != (last.status, last.request_counts)
+            if on_update is not None and changed:
+                on_update(batch)
+            last = batch
+            if batch.is_terminal:
+                return batch
+            sleep(poll_interval)
+
+    def iter_results(
+        self,
+        batch: Union[Batch, str],
+        *,
+        include_errors: bool = True,
+        on_progress: Optional[Callable[[str, int, int, Optional[int]], None]] = None,
+        on_behalf_of: Optional[str] = None,
+    ) -> Iterator[BatchResult]:
+        """Yield a finished batch's results, one per line: its output file's, then its error file's.
+
+        Not in input order: match them by ``custom_id``. The file streams: memory does not grow
+        with its size. A connection that breaks mid-file is re-requested, and the lines already
+        yielded are skipped. Errors are raised as the iteration reaches them, after the results
+        before them.
+
+        :param batch: a terminal Batch (a cancelled or expired one yields its partial results), or
+            the id of one file to read.
+        :param include_errors: also yield the lines of the batch's ``error_file_id``.
+        :param on_progress: called after each line with the file id, the lines read, the bytes
+            read (decoded) and the file's length when the server sent it.
+        :raises InvalidResponseError: a malformed line or one over MAX_LINE_BYTES (naming the file
+            and the line), or a file that changed while it was read again.
+        :raises ValueError: also for a batch that has not finished, before any I/O.
+        """
+        lines = self.iter_result_lines(batch, include_errors=include_errors, on_progress=on_progress)
+        return (result for _, result in lines)
+
+    def iter_result_lines(
+        self,
+        batch: Union[Batch, str],
+        *,
+        include_errors: bool = True,
+        on_progress: Optional[Callable[[str, int, int, Optional[int]], None]] = None,
+        on_behalf_of: Optional[str] = None,
+    ) -> Iterator[Tuple[bytes, BatchResult]]:
+        """As :meth:`iter_results`, each result beside its line as the server sent it (without its newline)."""
+        file_ids = _file_ids(batch, include_errors)
+        who = self._who(on_behalf_of)
+        return (pair for file_id in file_ids for pair in _FileReader(self, file_id, on_progress).pairs(who))
+
+    def upload_file(self, file: _Input, *, purpose: str = "batch", on_behalf_of: Optional[str] = None) -> "File":
+        """Upload a file, streamed from disk with its length up front, and never the same bytes twice.
+
+        A file of this user with this purpose, the same sha256 and the same size is returned
+        instead of uploading again. After a failure that leaves unknown whether the gateway
+        stored the file (a broken connection or a timeout after it was sent, 500, 502, 503,
+        504), it looks again before it uploads again; up to ``max_retries`` times.
+
+        :param file: a path, or a seekable binary file object (read from where it stands).
+        """
+        if not isinstance(purpose, str) or not purpose:
+            raise ValueError(f"purpose must be a non-empty string such as 'batch', not {purpose!r}")
+        who = self._who(on_behalf_of)
+        with _opened(file) as (stream, name):
+            size, digest = _digest(stream)
+            body = _Multipart(stream, size, name if name.strip() and name != "blob" else "input.jsonl", purpose)
+            attempt = 1
+            while True:
+                found = self._find_file(who, purpose, digest, size)
+                if found is not None:
+                    return found
+                try:
+                    return self._request(_file, "POST", _FILES, who, body=body, safe=False)
+                except _Failure as failure:
+                    self._backoff("POST", _FILES, failure, attempt, _sleep, safe=True)  # looked again first
+                attempt += 1
+
+    def create_batch(
+        self,
+        input_file_id: str,
+        endpoint: str,
+        *,
+        completion_window: str = "24h",
+        metadata: Optional[Dict[str, str]] = None,
+        max_concurrency: Optional[int] = None,
+        on_behalf_of: Optional[str] = None,
+    ) -> Batch:
+        """Create a batch: one call makes at most one batch, whatever fails on the way.
+
+        The request carries ``metadata[CREATE_KEY]``, a value new to this call. After a failure
+        that leaves unknown whether the gateway made the batch (a broken connection or a timeout
+        after it was sent, 500, 502, 503, 504), the call looks for a batch with that value in
+        the user's newest batches, returns it if there is one, else sends again; up to
+        ``max_retries`` times. 408 and 429 are retried; other 4xx are raised at once. When
+        ``metadata`` already has 16 pairs there is no room for the key: the request is then
+        sent once, and such a failure is raised (``list_batches`` shows whether it was made).
+
+        :param metadata: up to 16 pairs of strings, kept on the batch.
+        :param max_concurrency: how many of its requests may run at once; sent only when given.
+        """
+        who = self._who(on_behalf_of)
+        body = _create_body(input_file_id, endpoint, completion_window, metadata, max_concurrency)
+        mark = body["metadata"].get(CREATE_KEY) if body["metadata"] else None
+        started = time.time()
+        attempt = 1
+        while True:
+            try:
+                return self._request(Batch.from_dict, "POST", _BATCHES, who, body=body, safe=False)
+            except _Failure as failure:
+                if mark is None:
+                    raise failure.error from failure.error.__cause__
+                found = self._find_batch(who, mark, started)
+                if found is not None:
+                    return found
+                self._backoff("POST", _BATCHES, failure, attempt, _sleep, safe=True)  # looked first
+            attempt += 1
+
+    def submit_batch(
+        self,
+        file: _Input,
+        endpoint: str,
+        *,
+        metadata: Optional[Dict[str, str]] = None,
+        max_concurrency: Optional[int] = None,
+        on_behalf_of: Optional[str] = None,
+    ) -> Batch:
+        """Check a JSONL input file, upload it and create its batch, each exactly once.
+
+        See :func:`check_batch_file`, :meth:`upload_file` and :meth:`create_batch`.
+        """
+        _check_create(endpoint, "24h", metadata, max_concurrency)  # before the file is read
+        check_batch_file(file, endpoint)
+        uploaded = self.upload_file(file, on_behalf_of=on_behalf_of)
+        return self.create_batch(
+            uploaded.id, endpoint, metadata=metadata, max_concurrency=max_concurrency, on_behalf_of=on_behalf_of
+        )
+
+    def list_batches(
+        self, *, page_size: int = 20, after: Optional[str] = None, on_behalf_of: Optional[str] = None
+    ) -> Iterator[Batch]:
+        """Yield this user's batches, newest first, one page request at a time as they are taken.
+
+        :param page_size: batches a request, 1 to 100.
+        :param after: start after the batch with this id.
+        :raises InvalidResponseError: also for a cursor that does not advance, or an empty page
+            that says there are more.
+        """
+        if type(page_size) is not int or not 1 <= page_size <= 100:
+            raise ValueError(f"page_size must be an integer from 1 to 100, not {page_size!r}")
+        if after is not None:
+            _check_id(after, "after")
+        return self._pages(Batch.from_dict, _BATCHES, self._who(on_behalf_of), {"limit": page_size}, after)
+
+    def cancel_batch(self, batch_id: str, *, on_behalf_of: Optional[str] = None) -> Batch:
+        """Ask the gateway to cancel a batch; it answers with the batch, ``cancelling``.
+
+        Cancelling twice is harmless, so this is retried as a read is.
+
+        :raises ConflictError: the batch has finished, and cannot be cancelled.
+        """
+        path = _BATCHES + "/" + _check_id(batch_id, "batch_id") + "/cancel"
+        batch = self._request(Batch.from_dict, "POST", path, self._who(on_behalf_of))
+        return self._same_batch(batch, batch_id)
+
+    def _who(self, on_behalf_of: Optional[str]) -> Optional[str]:
+        return self.on_behalf_of if on_behalf_of is None else _check_on_behalf_of(on_behalf_of)
+
+    def _get_batch(self, path: str, batch_id: str, who: Optional[str], sleep: Callable[[float], None]) -> Batch:
+        return self._same_batch(self._request(Batch.from_dict, "GET", path, who, sleep=sleep), batch_id)
+
+    def _same_batch(self, batch: Batch, batch_id: str) -> Batch:
+        if batch.id != batch_id:  # a desync or a mixed-up cache must not hand over another batch
+            message = self._redact(f"response is for batch {batch.id!r}, not {batch_id!r}")
+            raise InvalidResponseError(message, field="id", request_id=batch.request_id)
+        return batch
+
+    def _find_batch(self, who: Optional[str], mark: str, since: float) -> Optional[Batch]:
+        """The batch a create with this mark made, among those made since a while before ``since``."""
+        for batch in self._pages(Batch.from_dict, _BATCHES, who, {"limit": 100}, None):
+            if (batch.metadata or {}).get(CREATE_KEY) == mark:
+                return batch
+            if batch.created_at < since - _CLOCK_SKEW:  # newest first: older ones cannot be it
+                return None
+        return None
+
+    def _find_file(self, who: Optional[str], purpose: str, digest: str, size: int) -> Optional["File"]:
+        # The sha256 filter narrows the list; what comes back is checked, not trusted.
+        query = {"purpose": purpose, "sha256": digest, "limit": 100}
+        for found in self._pages(_file, _FILES, who, query, None):
+            if (found.sha256, found.bytes, found.purpose) == (digest, size, purpose):
+                return found
+        return None
+
+    def _pages(
+        self,
+        parse: Callable[[Any, Optional[str]], _T],
+        path: str,
+        who: Optional[str],
+        query: Dict[str, Any],
+        after: Optional[str],
+    ) -> Iterator[_T]:
+        """The items of a list endpoint, page by page, following ``after`` with each page's last id."""
+        cursors: Set[str] = set()
+        while True:
+            data, request_id = self._request(_page, "GET", path, who, query=dict(query, after=after))
+            items = [self._parse(parse, item, request_id) for item in data["data"]]
+            yield from items
+            if not data["has_more"]:
+                return
+            if not items:
+                raise InvalidResponseError("page is empty but has_more is true", field="data", request_id=request_id)
+            after = items[-1].id  # type: ignore[attr-defined]
+            if after in cursors:
+                raise InvalidResponseError(f"cursor {after!r} did not advance", field="data", request_id=request_id)
+            cursors.add(after)
+
+    def _request(
+        self,
+        parse: Callable[[Any, Optional[str]], _T],
+        method: str,
+        path: str,
+        who: Optional[str],
+        *,
+        query: Optional[Dict[str, Any]] = None,
+        body: Any = None,
+        safe: bool = True,
+        sleep: Optional[Callable[[float], None]] = None,
+    ) -> _T:
+        """The parsed JSON of a 2xx answer, retrying what this call and the failure allow.
+
+        A write (``safe=False``) whose outcome a failure leaves unknown raises the _Failure, so
+        that the call can look for what it may have made before it sends again.
+        """
+        attempt = 1
+        while True:
+            deadline = time.monotonic() + sum(self.timeout)
+            try:
+                with self._attempt(method, path, who, query=query, body=body, attempt=attempt) as resp:
+                    data = self._read_json(resp, deadline)
+                return self._parse(parse, data, resp.headers.get("X-Request-ID"))
+            except _Failure as failure:
+                if not safe and failure.ambiguous:
+                    raise
+                self._backoff(method, path, failure, attempt, sleep, safe)
+            attempt += 1
+
+    def _backoff(
+        self,
+        method: str,
+        path: str,
+        failure: "_Failure",
+        attempt: int,
+        sleep: Optional[Callable[[float], None]],
+        safe: bool,
+    ) -> None:
+        """Sleep before attempt ``attempt + 1``, or raise the failure's error if there is none."""
+        delay = _retry_delay(failure, attempt, self.max_retries, safe)
+        if delay is None:
+            raise failure.error from failure.error.__cause__
+        _log.debug(
+            "%s %s: retry %d of %d in %.2fs after: %s", method, path, attempt, self.max_retries, delay, failure.error
+        )
+        (sleep or _sleep)(delay)
+
+    def _parse(self, parse: Callable[[Any, Optional[str]], _T], data: Any, request_id: Optional[str]) -> _T:
+        try:
+            return parse(data, request_id)
+        except InvalidResponseError as exc:
+            # The server's data may echo the key, and the data classes know neither it nor the request.
+            exc.args = (self._redact(str(exc)),)
+            exc.request_id = request_id
+            raise
+
+    def _attempt(
+        self,
+        method: str,
+        path: str,
+        who: Optional[str],
+        *,
+        accept: str = "application/json",
+        query: Optional[Dict[str, Any]] = None,
+        body: Any = None,
+        follow: bool = False,
+        attempt: int = 1,
+    ) -> requests.Response:
+        """One attempt: the response once its status is 2xx, its body unread; else raise a _Failure."""
+        url = self.base_url + path
+        ours = True  # the gateway's own origin, until a redirect says otherwise
+        for hop in range(_MAX_REDIRECTS + 1):
+            resp = self._send(method, url, accept, who if ours else None, ours, query, body)
+            request_id = resp.headers.get("X-Request-ID")
+            # The path only: a storage URL's query may hold a signature.
+            _log.debug("%s %s -> %d (attempt %d, request %s)", method, path, resp.status_code, attempt, request_id)
+            framing = _framing_error(resp)
+            if framing is not None or resp.status_code < 200:
+                # http.client took an interim 1xx for the final response; the real one is still on
+                # the wire. Either way, this connection is never read again nor pooled.
+                resp.close()
+                cause = framing or f"interim response {resp.status_code} taken as final"
+                raise self._failure(None, method, url, cause)
+            if resp.status_code < 300:
+                return resp
+            with resp:
+                if not (follow and resp.is_redirect) or hop == _MAX_REDIRECTS:
+                    raise _Failure(self._status_error(resp, request_id), "sent")
+                target = urljoin(url, resp.headers["Location"])
+                refused = _refuse_redirect(url, target)
+                if refused:
+                    raise _Failure(self._status_error(resp, request_id, refused), "sent")
+                self._drain(resp)  # so that its connection is reused
+                url, path = target, urlsplit(target).path
+                ours = _origin(url) == self._origin
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        accept: str,
+        who: Optional[str],
+        ours: bool,
+        query: Optional[Dict[str, Any]],
+        body: Any,
+    ) -> requests.Response:
+        # The key and the end user's id go to the gateway only, never to storage it redirects to.
+        headers = {
+            "Accept": accept,
+            # Bodies are decoded here, with the caps applied to the decoded size.
+            "Accept-Encoding": "identity",
+            "User-Agent": _USER_AGENT,
+            # None also removes an X-On-Behalf-Of default that the caller's session may carry.
+            "X-On-Behalf-Of": who,
+        }
+        data: Any = None
+        proxies: Dict[str, str] = {}
+        if isinstance(body, _Multipart):
+            data, headers["Content-Type"] = body, body.content_type
+        elif body is not None:
+            data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+        # The session's response hooks run too: a request's own hooks would replace them.
+        hooks = self.session.hooks.get("response") or []
+        hooks = [hooks] if callable(hooks) else list(hooks)
+        auth = _BearerAuth(self._token if ours else None)
+        request = requests.Request(
+            method, url, headers, data=data, params=query, auth=auth, hooks={"response": [*hooks, _stop_at_redirect]}
+        )
+        try:
+            prepared = self.session.prepare_request(request)
+            env = self.session.merge_environment_settings(url, {}, True, None, None)
+            proxies = dict(env["proxies"])
+            return self.session.send(
+                prepared,
+                allow_redirects=False,
+                stream=True,
+                timeout=self.timeout,
+                # A None here would turn certificate checks off; the session's default is True.
+                verify=True if env["verify"] is None else env["verify"],
+                cert=env["cert"],
+                proxies=env["proxies"],
+            )
+        except _Redirect as stop:
+            return stop.response
+        except MKA1Error:
+            raise  # a file that changed while it was uploaded
+        except Exception as exc:  # requests, urllib3, or whatever a mounted adapter raises
+            raise self._failure(exc, method, url, proxies=proxies) from exc
+
+    def _read_json(self, resp: requests.Response, deadline: float) -> Any:
+        request_id = resp.headers.get("X-Request-ID")
+        length = _content_length(resp.headers)
+        if length is not None and length > MAX_BODY_BYTES:
+            raise InvalidResponseError(_too_big(str(length)), request_id=request_id)
+        body = self._read_whole(resp, MAX_BODY_BYTES, deadline)
+        if len(body) > MAX_BODY_BYTES:
+            raise InvalidResponseError(_too_big("more than " + str(MAX_BODY_BYTES)), request_id=request_id)
+        try:
+            return json.loads(body)  # bytes: UTF-8, 16 or 32, with or without a byte order mark
+        except (ValueError, RecursionError) as exc:
+            message = f"response is not JSON: {_excerpt(body)!r}"
+            raise InvalidResponseError(message, request_id=request_id) from exc
+
+    def _read_whole(self, resp: requests.Response, limit: int, deadline: float) -> bytes:
+        """The decoded body, or its first ``limit`` + 1 bytes, read within the deadline."""
+        chunks = []
+        size = 0
+        for chunk in self._body(resp):
+            chunks.append(chunk)
+            size += len(chunk)
+            self._in_time(deadline, resp, f"body not read within {sum(self.timeout)}s")
+            if size > limit:
+                break
+        return b"".join(chunks)
+
+    def _drain(self, resp: requests.Response) -> bytes:
+        """An error's body, cut at _ERROR_BODY_BYTES; read whole when small, so that the connection is reused."""
+        with contextlib.suppress(_Failure, InvalidResponseError):  # a body that breaks off adds nothing
+            return self._read_whole(resp, _ERROR_BODY_BYTES, time.monotonic() + sum(self.timeout))[:_ERROR_BODY_BYTES]
+        return b""
+
+    def _body(self, resp: requests.Response) -> Iterator[bytes]:
+        """The body as it arrives, decoded; the connection goes back to the pool only once all is read."""
+        read = _read1(resp.raw)
+        length = _content_length(resp.headers)
+        decoder = None
+        received = 0
+        while True:
+            try:
+                data = read(_CHUNK)
+            except Exception as exc:  # socket, http.client, urllib3, or a stand-in raw's own
+                cut = f"connection closed after {received} of {length} bytes" if length is not None else None
+                raise self._failure(exc, _method(resp), resp.url, cut if _incomplete(exc) else None) from exc
+            if not data:
+                break
+            if not received:
+                decoder = _decoder(resp, data)
+            received += len(data)
+            if decoder is None:
+                yield data
+                continue
+            try:
+                while data:  # decoded in bounded pieces, so a small bomb is never inflated whole
+                    piece = decoder.decompress(data, _CHUNK)
+                    data = decoder.unconsumed_tail
+                    yield piece
+            except zlib.error as exc:
+                encoding = resp.headers.get("Content-Encoding")
+                message = f"response body is not valid {encoding}: {exc}"
+                raise InvalidResponseError(message, request_id=resp.headers.get("X-Request-ID")) from exc
+        if decoder is not None:
+            yield decoder.flush()
+        if length is not None and received < length:
+            raise self._failure(None, _method(resp), resp.url, f"connection closed after {received} of {length} bytes")
+        release = getattr(resp.raw, "release_conn", None)
+        if release is not None:
+            release()
+
+    def _in_time(self, deadline: float, resp: requests.Response, what: str) -> None:
+        if time.monotonic() > deadline:
+            raise self._failure(socket.timeout(what), _method(resp), resp.url, what)
+
+    def _status_error(
+        self, resp: requests.Response, request_id: Optional[str], refused: str = "not followed"
+    ) -> APIStatusError:
+        text = self._redact(self._drain(resp).decode("utf-8", "replace"))
+        try:
+            data: Any = json.loads(text) if text else None
+        except (ValueError, RecursionError):
+            data = text
+        status = resp.status_code
+        message = _status_message(status, data, text, resp.reason, resp.headers.get("Location"), refused)
+        return _status_class(status)(
+            self._redact(message) + (f" (request {request_id})" if request_id else ""),
+            status_code=status,
+            request_id=request_id,
+            body=data,
+            retry_after=_retry_after(resp.headers.get("Retry-After")),
+        )
+
+    def _failure(
+        self,
+        exc: Optional[BaseException],
+        method: str,
+        url: str,
+        cause: Optional[str] = None,
+        proxies: Optional[Dict[str, str]] = None,
+    ) -> "_Failure":
+        """A failed send or body read as the error to raise, and what a retry needs to know of it."""
+        chain = _chain(exc)
+        status = _said(chain, "retry")
+        if status is not None:
+            # The session's own urllib3 Retry gave up on this status: report it as that status.
+            given_up = _status_class(status)(f"{status} after the session adapter's own retries", status_code=status)
+            return _Failure(given_up, "final")
+        final = False
+        if cause is None:
+            cause, final = _cause(chain, requests.utils.select_proxy(url, proxies or {}))
+        timed_out = any(isinstance(e, _TIMEOUTS) for e in chain)
+        message = f"{method} {urlsplit(url).path} on {_host(url)} {'timed out' if timed_out else 'failed'}: {cause}"
+        error = (APITimeoutError if timed_out else APIConnectionError)(self._redact(message))
+        error.__cause__ = exc
+        unsent = any(isinstance(e, _UNSENT) for e in chain)
+        return _Failure(error, "final" if final else "unsent" if unsent else "sent")
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._token, "[token]").replace(json.dumps(self._token)[1:-1], "[token]")
+
+
+class _Failure(Exception):
+    """A failed attempt: the error to raise, and beside it its kind for the retry policy.
+
+    ``final``: a retry cannot change it; ``unsent``: the request never reached the server;
+    ``sent``: it may have (a status, a broken connection or a timeout after sending).
+    """
+
+    def __init__(self, error: MKA1Error, kind: str):
+        super().__init__(error)
+        self.error = error
+        self.kind = kind
+
+    @property
+    def ambiguous(self) -> bool:
+        """Whether the server may have acted on the request: a write must look before it sends again."""
+        if self.kind != "sent":
+            return False
+        return not isinstance(self.error, APIStatusError) or self.error.status_code in _AMBIGUOUS_STATUSES
+
+
+def _may_retry(failure: _Failure, safe: bool) -> bool:
+    """The retry policy: a read may be sent again after any failure that can pass; a write only
+    where the server cannot have acted on it (not sent, 408, 429)."""
+    if failure.kind == "final":
+        return False
+    error = failure.error
+    if isinstance(error, APIStatusError):
+        return error.status_code in (408, 429) or (safe and error.status_code in _AMBIGUOUS_STATUSES)
+    return safe or failure.kind == "unsent"
+
+
+def _retry_delay(failure: _Failure, attempt: int, max_retries: int, safe: bool) -> Optional[float]:
+    """Seconds to wait before attempt ``attempt + 1``, or None when there is none."""
+    if attempt > max_retries or not _may_retry(failure, safe):
+        return None
+    retry_after = getattr(failure.error, "retry_after", None)
+    if retry_after is not None:
+        return retry_after if retry_after <= MAX_RETRY_AFTER else None
+    # Exponential backoff with full jitter, so that many clients do not retry in step.
+    return random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))  # noqa: S311 - not a secret
 
 
 class _BearerAuth(requests.auth.AuthBase):
@@ -601,292 +1361,51 @@ def _stop_at_redirect(response: requests.Response, **kwargs: Any) -> requests.Re
     return response
 
 
-class _Client:
-    """Checked settings, and the one transport: send, retry, map errors, read bodies."""
+class _Multipart:
+    """A multipart/form-data body streamed from a file, its length known up front (no chunked encoding)."""
 
-    def __init__(
-        self,
-        token: str,
-        on_behalf_of: Optional[str],
-        base_url: str,
-        timeout: _Timeout,
-        max_retries: int,
-        sleep: Callable[[float], None],
-    ):
-        self.token = _check_token(token)
-        self.base_url = _check_base_url(base_url)
-        self.origin = _origin(self.base_url)
-        self.timeout = _check_timeout(timeout)
-        if type(max_retries) is not int or max_retries < 0:
-            raise ValueError(f"max_retries must be a non-negative integer, not {max_retries!r}")
-        self.max_retries = max_retries
-        self.sleep = sleep
-        self.on_behalf_of = _check_on_behalf_of(on_behalf_of)
+    def __init__(self, stream: BinaryIO, size: int, filename: str, purpose: str):
+        import uuid
 
-    def get_batch(self, session: requests.Session, path: str, batch_id: str) -> Batch:
-        batch: Batch
-        # Unpacking runs the generator to its end, and so closes the response before returning.
-        (batch,) = self._retrying(session, path, "application/json", self._read_batch)
-        if batch.id != batch_id:  # a desync or a mixed-up cache must not hand over another batch
-            raise InvalidResponseError(
-                self._redact(f"response is for batch {batch.id!r}, not {batch_id!r}"),
-                field="id",
-                request_id=batch.request_id,
-            )
-        return batch
+        boundary = uuid.uuid4().hex
+        self.content_type = "multipart/form-data; boundary=" + boundary
+        # WHATWG's escaping of a form's file name: quotes and line breaks percent-encoded.
+        name = filename.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+        self._head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n{purpose}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            "Content-Type: application/jsonl\r\n\r\n"
+        ).encode()
+        self._tail = f"\r\n--{boundary}--\r\n".encode("ascii")
+        self._stream = stream
+        self._start = stream.tell()
+        self._size = size
 
-    def iter_results(
-        self,
-        session: Optional[requests.Session],
-        file_ids: List[str],
-        progress: Optional[Callable[["_FileReader"], None]] = None,
-    ) -> Iterator[BatchResult]:
-        with _session(session) as s:
-            for file_id in file_ids:
-                reader = _FileReader(self, file_id, progress)
-                yield from self._retrying(s, reader.path, "*/*", reader.read, follow=True)
+    def __len__(self) -> int:
+        return len(self._head) + self._size + len(self._tail)
 
-    def _retrying(
-        self,
-        session: requests.Session,
-        path: str,
-        accept: str,
-        consume: Callable[[requests.Response, float], Iterator[Any]],
-        follow: bool = False,
-    ) -> Iterator[Any]:
-        """Yield what ``consume`` yields from the response, re-requesting what is safe to retry."""
-        attempt = 1
-        while True:
-            started = time.monotonic()
-            try:
-                with self._open(session, path, accept, attempt, follow) as resp:
-                    yield from consume(resp, started + sum(self.timeout))
-                return
-            except InvalidResponseError as exc:
-                # The server's data may echo the key, and the data classes do not know it.
-                exc.args = (self._redact(str(exc)),)
-                raise
-            except (APIConnectionError, APIStatusError) as exc:
-                delay = self._retry_delay(exc, attempt)
-                if delay is None:
-                    raise
-                _log.debug("GET %s: retry %d of %d in %.2fs after: %s", path, attempt, self.max_retries, delay, exc)
-                self.sleep(delay)
-            attempt += 1
-
-    def _retry_delay(self, exc: MKA1Error, attempt: int) -> Optional[float]:
-        if attempt > self.max_retries or getattr(exc, "_final", False):
-            return None
-        if isinstance(exc, APIStatusError):
-            if exc.status_code not in _RETRY_STATUSES:
-                return None
-            if exc.retry_after is not None:
-                return exc.retry_after if exc.retry_after <= MAX_RETRY_AFTER else None
-        # Exponential backoff with full jitter, so that many clients do not retry in step.
-        return random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))  # noqa: S311 - not a secret
-
-    def _open(self, session: requests.Session, path: str, accept: str, attempt: int, follow: bool) -> Any:
-        """The response to a GET, once its status is 2xx; otherwise raise the status's error."""
-        url = self.base_url + path
-        ours = True  # the gateway's own origin, until a redirect says otherwise
-        for hop in range(_MAX_REDIRECTS + 1):
-            resp = self._send(session, url, accept, ours)
-            request_id = resp.headers.get("X-Request-ID")
-            # The path only: a storage URL's query may hold a signature.
-            _log.debug("GET %s -> %d (attempt %d, request %s)", path, resp.status_code, attempt, request_id)
-            if 200 <= resp.status_code < 300:
-                return resp
-            with resp:
-                location = resp.headers.get("Location")
-                if not (follow and resp.is_redirect) or hop == _MAX_REDIRECTS:
-                    raise self._status_error(resp, request_id)
-                target = urljoin(url, location)
-                refused = _refuse_redirect(url, target)
-                if refused:
-                    raise self._status_error(resp, request_id, refused)
-                url, path = target, urlsplit(target).path
-                ours = _origin(url) == self.origin
-        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
-
-    def _send(self, session: requests.Session, url: str, accept: str, ours: bool) -> requests.Response:
-        # The key and the end user's id go to the gateway only, never to storage it redirects to.
-        headers = {
-            "Accept": accept,
-            # Bodies are decoded here, with the caps applied to the decoded size.
-            "Accept-Encoding": "identity",
-            "User-Agent": _USER_AGENT,
-            # None also removes an X-On-Behalf-Of default that the caller's session may carry.
-            "X-On-Behalf-Of": self.on_behalf_of if ours else None,
-        }
-        # The session's response hooks run too: a request's own hooks would replace them.
-        hooks = session.hooks.get("response") or []
-        hooks = [hooks] if callable(hooks) else list(hooks)
-        request = requests.Request(
-            "GET",
-            url,
-            headers,
-            auth=_BearerAuth(self.token if ours else None),
-            hooks={"response": [*hooks, _stop_at_redirect]},
-        )
-        try:
-            prepared = session.prepare_request(request)
-            env = session.merge_environment_settings(url, {}, True, None, None)
-            return session.send(
-                prepared,
-                allow_redirects=False,
-                stream=True,
-                timeout=self.timeout,
-                # A None here would turn certificate checks off; the session's default is True.
-                verify=True if env["verify"] is None else env["verify"],
-                cert=env["cert"],
-                proxies=env["proxies"],
-            )
-        except _Redirect as stop:
-            return stop.response
-        except Exception as exc:  # requests, urllib3, or whatever a mounted adapter raises
-            raise self._connection_error(exc, url) from exc
-
-    def _read_batch(self, resp: requests.Response, deadline: float) -> Iterator[Batch]:
-        request_id = resp.headers.get("X-Request-ID")
-        length = _content_length(resp.headers)
-        if length is not None and length > MAX_BODY_BYTES:
-            raise InvalidResponseError(_too_big(str(length)), request_id=request_id)
-        body = self._read_whole(resp, MAX_BODY_BYTES, deadline)
-        if len(body) > MAX_BODY_BYTES:
-            raise InvalidResponseError(_too_big("more than " + str(MAX_BODY_BYTES)), request_id=request_id)
-        try:
-            data = json.loads(body.decode("utf-8"))
-        except (ValueError, RecursionError) as exc:
-            message = f"response is not JSON: {_excerpt(body)!r}"
-            raise InvalidResponseError(message, request_id=request_id) from exc
-        try:
-            yield Batch.from_dict(data, request_id)
-        except InvalidResponseError as exc:
-            exc.request_id = request_id  # the data classes do not know it either
-            raise
-
-    def _read_whole(self, resp: requests.Response, limit: int, deadline: float) -> bytes:
-        """The decoded body, or its first ``limit`` + 1 bytes, read within the deadline."""
-        chunks = []
-        size = 0
-        for chunk in self._body(resp):
-            chunks.append(chunk)
-            size += len(chunk)
-            self._in_time(deadline, resp.url, f"body not read within {sum(self.timeout)}s")
-            if size > limit:
-                break
-        return b"".join(chunks)
-
-    def _body(self, resp: requests.Response) -> Iterator[bytes]:
-        """The body as it arrives, decoded; the connection goes back to the pool only once all is read."""
-        read = _read1(resp.raw)
-        length = _content_length(resp.headers)
-        decoder = None
-        received = 0
-        while True:
-            try:
-                data = read(_CHUNK)
-            except Exception as exc:  # socket, http.client, urllib3, or a stand-in raw's own
-                short = length is not None and any("IncompleteRead" in type(e).__name__ for e in _chain(exc))
-                cause = f"connection closed after {received} of {length} bytes" if short else None
-                raise self._connection_error(exc, resp.url, cause) from exc
-            if not data:
-                break
-            if not received:
-                decoder = _decoder(resp, data)
-            received += len(data)
-            if decoder is None:
-                yield data
-                continue
-            try:
-                while data:  # decoded in bounded pieces, so a small bomb is never inflated whole
-                    piece = decoder.decompress(data, _CHUNK)
-                    data = decoder.unconsumed_tail
-                    yield piece
-            except zlib.error as exc:
-                encoding = resp.headers.get("Content-Encoding")
-                message = f"response body is not valid {encoding}: {exc}"
-                raise InvalidResponseError(message, request_id=resp.headers.get("X-Request-ID")) from exc
-        if decoder is not None:
-            yield decoder.flush()
-        if length is not None and received < length:
-            raise self._connection_error(None, resp.url, f"connection closed after {received} of {length} bytes")
-        release = getattr(resp.raw, "release_conn", None)
-        if release is not None:
-            release()
-
-    def _in_time(self, deadline: float, url: str, what: str) -> None:
-        if time.monotonic() > deadline:
-            raise self._connection_error(socket.timeout(what), url, what)
-
-    def _status_error(
-        self, resp: requests.Response, request_id: Optional[str], refused: str = "not followed"
-    ) -> APIStatusError:
-        status = resp.status_code
-        if status < 200:
-            # http.client took an interim 1xx for the final response. The real one is still on
-            # the wire: never read it, and never hand this connection back to the pool.
-            text = "interim response taken as final; connection closed"
-            data: Any = None
-        else:
-            body = b""
-            if not resp.is_redirect:
-                # The status says what happened; a body that breaks off adds nothing.
-                with contextlib.suppress(APIConnectionError, InvalidResponseError):
-                    body = self._read_whole(resp, _ERROR_BODY_BYTES, time.monotonic() + sum(self.timeout))
-            text = body[:_ERROR_BODY_BYTES].decode("utf-8", "replace")
-            text = self._redact(text).replace(json.dumps(self.token)[1:-1], "[token]")
-            try:
-                data = json.loads(text) if text else None
-            except (ValueError, RecursionError):
-                data = text
-            location = resp.headers.get("Location")
-            if 300 <= status < 400 and location:
-                text = f"redirect to {location!r} {refused}"
-            else:
-                text = _api_message(data) or _html_title(text) or _excerpt(text) or resp.reason or "no message"
-                text = re.sub(rf"^{status}\b\W*", "", _excerpt(text)) or "no message"
-        message = f"{status} {_excerpt(text)}" + (f" (request {request_id})" if request_id else "")
-        return _status_class(status)(
-            self._redact(message),
-            status_code=status,
-            request_id=request_id,
-            body=data,
-            retry_after=_retry_after(resp.headers.get("Retry-After")),
-        )
-
-    def _connection_error(self, exc: Optional[BaseException], url: str, cause: Optional[str] = None) -> MKA1Error:
-        chain = _chain(exc)
-        status = next((s for s in map(_retry_error_status, chain) if s is not None), None)
-        if status is not None:
-            # The session's own urllib3 Retry gave up on this status: report it as that status.
-            error: MKA1Error = _status_class(status)(
-                f"{status} after the session adapter's own retries", status_code=status
-            )
-            error.__dict__["_final"] = True  # urllib3 has retried already
-            return error
-        timed_out = any(isinstance(e, _TIMEOUTS) for e in chain)
-        final = False
-        if cause is None:
-            cause, final = _cause(chain)
-        what = "timed out" if timed_out else "failed"
-        message = f"GET {urlsplit(url).path} on {_host(url)} {what}: {cause}"
-        error = (APITimeoutError if timed_out else APIConnectionError)(self._redact(message))
-        if final:
-            error.__dict__["_final"] = True  # a retry cannot change it
-        return error
-
-    def _redact(self, text: str) -> str:
-        return text.replace(self.token, "[token]")
+    def __iter__(self) -> Iterator[bytes]:
+        yield self._head
+        self._stream.seek(self._start)  # again on every attempt
+        left = self._size
+        while left:
+            chunk = self._stream.read(min(_UPLOAD_CHUNK, left))
+            if not chunk:
+                raise InvalidBatchFileError("the file got shorter while it was uploaded", line=None)
+            left -= len(chunk)
+            yield chunk
+        yield self._tail
 
 
 class _FileReader:
     """Reads one file's JSONL lines as results, and resumes after a break without repeating one."""
 
-    def __init__(self, client: _Client, file_id: str, progress: Optional[Callable[["_FileReader"], None]]):
+    def __init__(
+        self, client: Client, file_id: str, progress: Optional[Callable[[str, int, int, Optional[int]], None]]
+    ):
         self.client = client
         self.file_id = file_id
-        self.path = _FILES + _check_id(file_id, "file id") + "/content"
+        self.path = _FILES + "/" + _check_id(file_id, "file id") + "/content"
         self.progress = progress
         #: Lines yielded so far (blank ones included), and the bytes of those lines.
         self.lines = 0
@@ -896,13 +1415,28 @@ class _FileReader:
         self.bytes_read = 0
         self.total: Optional[int] = None
 
-    def read(self, resp: requests.Response, deadline: float) -> Iterator[BatchResult]:
+    def pairs(self, who: Optional[str]) -> Iterator[Tuple[bytes, BatchResult]]:
+        """Each line and its result; after a break, the file is asked for again and read on from where it was."""
+        attempt = 1
+        while True:
+            try:
+                with self.client._attempt("GET", self.path, who, accept="*/*", follow=True, attempt=attempt) as resp:
+                    yield from self._read(resp)
+                return
+            except _Failure as failure:
+                self.client._backoff("GET", self.path, failure, attempt, None, True)
+            except InvalidResponseError as exc:
+                exc.args = (self.client._redact(str(exc)),)  # a line may echo the key
+                raise
+            attempt += 1
+
+    def _read(self, resp: requests.Response) -> Iterator[Tuple[bytes, BatchResult]]:
         request_id = resp.headers.get("X-Request-ID")
         # bytes_read counts decoded bytes, so the length of an encoded body is no total for it.
         self.total = _content_length(resp.headers) if _encoding(resp) == "identity" else None
         number = 0
         skipped = 0
-        for line in self._lines(resp, deadline):
+        for line in self._lines(resp):
             number += 1
             if number <= self.lines:  # read before the connection broke: check, and skip
                 skipped += len(line) + 1
@@ -913,23 +1447,25 @@ class _FileReader:
             self.done_bytes += len(line) + 1
             self.last_line = line
             if self.progress is not None:
-                self.progress(self)
+                self.progress(self.file_id, self.lines, self.bytes_read, self.total)
             if not line.strip():
                 continue
             try:
-                yield BatchResult.from_dict(json.loads(line.decode("utf-8")))
+                result = BatchResult.from_dict(json.loads(line))
             except (ValueError, RecursionError) as exc:  # InvalidResponseError is a ValueError too
                 field = getattr(exc, "field", None)
                 what = str(exc) if field else f"not a JSON object: {_excerpt(line)!r}"
                 raise InvalidResponseError(
                     f"file {self.file_id} line {number}: {what}", field=field, request_id=request_id
                 ) from exc
+            yield (line[:-1] if line.endswith(b"\r") else line), result
         if number < self.lines:
             raise self._changed(request_id)
 
-    def _lines(self, resp: requests.Response, deadline: float) -> Iterator[bytes]:
+    def _lines(self, resp: requests.Response) -> Iterator[bytes]:
         """The body's lines, without their newlines, each within the deadline and the size cap."""
         total = sum(self.client.timeout)
+        deadline = time.monotonic() + total
         parts: List[bytes] = []
         size = 0
         self.bytes_read = 0
@@ -947,7 +1483,7 @@ class _FileReader:
                 parts.append(tail)
                 size += len(tail)
                 self._check_size(size, resp)
-            self.client._in_time(deadline, resp.url, f"line {self.lines + 1} not read within {total}s")
+            self.client._in_time(deadline, resp, f"line {self.lines + 1} not read within {total}s")
         if parts:
             yield b"".join(parts)
 
@@ -963,13 +1499,10 @@ class _FileReader:
         return InvalidResponseError(message, request_id=request_id)
 
 
-@contextlib.contextmanager
-def _session(session: Optional[requests.Session]) -> Iterator[requests.Session]:
-    if session is not None:
-        yield session
-        return
-    with requests.Session() as own:
-        yield own
+def _closing(client: Client, items: Iterator[_T]) -> Iterator[_T]:
+    """``items``, then the client closed: a module function's iterator owns its Client."""
+    with client:
+        yield from items
 
 
 def _file_ids(batch: Union[Batch, str], include_errors: bool) -> List[str]:
@@ -986,6 +1519,129 @@ def _file_ids(batch: Union[Batch, str], include_errors: bool) -> List[str]:
     for file_id in ids:
         _check_id(file_id, "file id")
     return ids
+
+
+def _check_create(
+    endpoint: str, completion_window: str, metadata: Optional[Dict[str, str]], max_concurrency: Optional[int]
+) -> None:
+    _check_endpoint(endpoint)
+    if not isinstance(completion_window, str) or not completion_window:
+        raise ValueError(f"completion_window must be a string such as '24h', not {completion_window!r}")
+    if metadata is not None:
+        if not isinstance(metadata, dict) or any(type(k) is not str or type(v) is not str for k, v in metadata.items()):
+            raise TypeError("metadata must be a dict of strings to strings")
+        if len(metadata) > 16:
+            raise ValueError(f"metadata holds at most 16 pairs, not {len(metadata)}")
+        if CREATE_KEY in metadata:
+            raise ValueError(f"metadata key {CREATE_KEY!r} is this module's own: see CREATE_KEY")
+    if max_concurrency is not None and (type(max_concurrency) is not int or max_concurrency < 1):
+        raise ValueError(f"max_concurrency must be None or a positive integer, not {max_concurrency!r}")
+
+
+def _create_body(
+    input_file_id: str,
+    endpoint: str,
+    completion_window: str,
+    metadata: Optional[Dict[str, str]],
+    max_concurrency: Optional[int],
+) -> Dict[str, Any]:
+    """create_batch's JSON, its arguments checked; the metadata gains CREATE_KEY where there is room."""
+    _check_id(input_file_id, "input_file_id")
+    _check_create(endpoint, completion_window, metadata, max_concurrency)
+    sent = dict(metadata or {})
+    if len(sent) < 16:
+        import uuid  # only here: a plain get_batch does not need it
+
+        sent[CREATE_KEY] = uuid.uuid4().hex
+    body: Dict[str, Any] = {"input_file_id": input_file_id, "endpoint": endpoint}
+    body.update(completion_window=completion_window, metadata=sent)
+    if max_concurrency is not None:
+        body["max_concurrency"] = max_concurrency
+    return body
+
+
+def _check_endpoint(endpoint: object) -> None:
+    if not isinstance(endpoint, str) or not endpoint.startswith("/") or not endpoint.isprintable():
+        raise ValueError(f"endpoint must be a path such as '/v1/chat/completions', not {endpoint!r}")
+
+
+def _check_line(line: bytes, endpoint: str, number: int, first: Dict[str, int]) -> str:
+    """The custom_id of one line of an input file, once the line is checked."""
+    try:
+        data = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InvalidBatchFileError(f"not UTF-8 (byte {exc.start + 1})", line=number) from None
+    except (ValueError, RecursionError):
+        raise InvalidBatchFileError(f"not JSON: {_excerpt(line)!r}", line=number) from None
+    if type(data) is not dict:
+        raise InvalidBatchFileError(f"not a JSON object: {_excerpt(line)!r}", line=number)
+    custom_id = data.get("custom_id")
+    if type(custom_id) is not str:
+        raise InvalidBatchFileError(_wrong("custom_id", "a string", data), line=number)
+    if custom_id in first:
+        message = f"custom_id {_excerpt(repr(custom_id))} is a duplicate: it is on line {first[custom_id]} too"
+        raise InvalidBatchFileError(message, line=number)
+    if data.get("method") != "POST":
+        raise InvalidBatchFileError(_wrong("method", '"POST"', data), line=number)
+    if data.get("url") != endpoint:
+        raise InvalidBatchFileError(_wrong("url", f"the batch's endpoint {endpoint!r}", data), line=number)
+    if type(data.get("body")) is not dict:
+        raise InvalidBatchFileError(_wrong("body", "an object", data), line=number)
+    return custom_id
+
+
+def _wrong(key: str, expected: str, data: Dict[str, Any]) -> str:
+    if key not in data:
+        return f"{key} is missing"
+    got = data[key]
+    return f"{key} must be {expected}, not {_excerpt(repr(got)) if isinstance(got, (str, int)) else type(got).__name__}"
+
+
+@contextlib.contextmanager
+def _opened(file: _Input) -> Iterator[Tuple[BinaryIO, str]]:
+    """A binary stream of a path or a file object, and its base name; a file object is put back where it stood."""
+    if isinstance(file, (str, os.PathLike)):
+        with open(file, "rb") as stream:
+            yield stream, os.path.basename(os.fspath(file))
+        return
+    if not callable(getattr(file, "read", None)) or not isinstance(file.read(0), bytes):
+        raise TypeError(f"file must be a path or a binary file object open for reading, not {type(file).__name__}")
+    seekable = getattr(file, "seekable", lambda: False)()
+    start = file.tell() if seekable else 0
+    try:
+        yield file, os.path.basename(str(getattr(file, "name", "")))
+    finally:
+        if seekable:
+            file.seek(start)
+
+
+def _digest(stream: BinaryIO) -> Tuple[int, str]:
+    """The size and sha256 of what is left of a stream, which is then put back."""
+    if not getattr(stream, "seekable", lambda: False)():
+        raise TypeError("file must be seekable to be uploaded: it is read once to find its sha256, then sent")
+    start = stream.tell()
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in iter(functools.partial(stream.read, _UPLOAD_CHUNK), b""):
+        digest.update(chunk)
+        size += len(chunk)
+    stream.seek(start)
+    return size, digest.hexdigest()
+
+
+def _page(data: Any, request_id: Optional[str]) -> Tuple[Dict[str, Any], Optional[str]]:
+    """One page of a list endpoint, its shape checked, and its request id; the caller parses the items."""
+    if type(data) is not dict:
+        raise _invalid("list", "an object", data)
+    if type(data.get("data")) is not list:
+        raise _invalid("data", "a list", data.get("data"))
+    if type(data.get("has_more")) is not bool:
+        raise _invalid("has_more", "true or false", data.get("has_more"))
+    return data, request_id
+
+
+def _file(data: Any, request_id: Optional[str]) -> File:
+    return File.from_dict(data)
 
 
 def _read1(raw: Any) -> Callable[[int], bytes]:
@@ -1036,31 +1692,41 @@ def _chain(exc: Optional[BaseException]) -> List[BaseException]:
     return chain
 
 
-def _cause(chain: List[BaseException]) -> Tuple[str, bool]:
+def _cause(chain: List[BaseException], proxy: Optional[str]) -> Tuple[str, bool]:
     """The root cause of a connection failure in a few words, and whether a retry cannot change it."""
     for e in chain:
         if isinstance(e, ssl.SSLError) and e.reason == "CERTIFICATE_VERIFY_FAILED":
             detail = getattr(e, "verify_message", None)  # Python 3.7 and later
             return "certificate verify failed" + (": " + detail if detail else ""), True
-        tunnel = re.search(r"Tunnel connection failed: (\d{3})", str(e))
-        if tunnel:
-            return "proxy refused CONNECT: " + tunnel.group(1), tunnel.group(1).startswith("4")
-    for kind, text in _CAUSES:
-        if any(isinstance(e, kind) for e in chain):
-            return text, False
-    last = chain[-1] if chain else None
-    return _excerpt(str(last) or type(last).__name__), False
+    tunnel = _said(chain, "tunnel")
+    if tunnel is not None:
+        return f"proxy refused CONNECT: {tunnel}", 400 <= tunnel < 500
+    text = next((text for kind, text in _CAUSES if any(isinstance(e, kind) for e in chain)), None)
+    if text is None:
+        last = chain[-1] if chain else None
+        text = _excerpt(str(last) or type(last).__name__)
+    if proxy is not None and any(isinstance(e, _PROXY_ERRORS) for e in chain):
+        host = _host(proxy if "://" in proxy else "http://" + proxy)
+        said = {"connection refused": " refused the connection", "connect timed out": " timed out"}
+        text = f"proxy {host}" + said.get(text, " timed out" if "timed out" in text else ": " + text)
+    return text, False
+
+
+def _said(chain: List[BaseException], what: str) -> Optional[int]:
+    """A status that only the text of an error tells, as urllib3 1.24 to 2.8 and http.client 3.6 to 3.15 word it.
+
+    ``retry``: a urllib3 Retry mounted on the session gave up on it; ``tunnel``: a proxy answered CONNECT with it.
+    """
+    pattern = {"retry": r"too many (\d{3}) error responses", "tunnel": r"Tunnel connection failed: (\d{3})"}[what]
+    for e in chain:
+        found = re.search(pattern, str(e))
+        if found:
+            return int(found.group(1))
+    return None
 
 
 def _status_class(status: int) -> Type[APIStatusError]:
     return _STATUS_ERRORS.get(status, InternalServerError if 500 <= status < 600 else APIStatusError)
-
-
-def _retry_error_status(exc: BaseException) -> Optional[int]:
-    if isinstance(exc, urllib3.exceptions.ResponseError):
-        found = re.search(r"too many (\d{3}) error responses", str(exc))
-        return int(found.group(1)) if found else None
-    return None
 
 
 def _refuse_redirect(source: str, target: str) -> Optional[str]:
@@ -1229,20 +1895,51 @@ def _content_length(headers: Any) -> Optional[int]:
     return int(length) if len(length) <= 18 else 10**18  # past every cap; int() refuses 4300 digits
 
 
+def _status_message(
+    status: int, data: Any, text: str, reason: Optional[str], location: Optional[str], refused: str
+) -> str:
+    """A status error's message, from the best of what the response says."""
+    if 300 <= status < 400 and location:
+        return f"{status} {_excerpt(f'redirect to {location!r} {refused}')}"
+    text = _api_message(data) or _html_title(text) or _excerpt(text) or reason or "no message"
+    text = re.sub(rf"^{status}\b\W*", "", _excerpt(text)) or "no message"  # "502 Bad Gateway", not "502 502 ..."
+    return f"{status} {_excerpt(text)}"
+
+
+def _framing_error(resp: requests.Response) -> Optional[str]:
+    """Why a body's end cannot be found: a Content-Length that is not digits (RFC 9112, 6.3), or None."""
+    length = resp.headers.get("Content-Length")
+    if length is None or "Transfer-Encoding" in resp.headers or re.fullmatch("[0-9]+", length):
+        return None
+    return f"invalid Content-Length {_excerpt(repr(length))}"
+
+
+def _method(resp: requests.Response) -> str:
+    return getattr(resp.request, "method", None) or "GET"
+
+
+def _incomplete(exc: BaseException) -> bool:
+    # urllib3's IncompleteRead, 1.24 to 2.x, is http.client's too.
+    return any(isinstance(e, http.client.IncompleteRead) for e in _chain(exc))
+
+
 def _too_big(size: str) -> str:
     return f"response body of {size} bytes is over the {MAX_BODY_BYTES}-byte limit"
 
 
 def _retry_after(value: Optional[str]) -> Optional[float]:
-    """Seconds to wait, as urllib3 reads Retry-After: digits, else an HTTP date, else None."""
+    """Seconds to wait: a number (a fraction too), else an HTTP date, else None; never an error."""
     if value is None:
         return None
-    if re.fullmatch("[0-9]+", value.strip()):
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)?", value.strip()):
         return float(value)
-    date = email.utils.parsedate_tz(value)  # a date with no zone comes back as GMT
-    if date is None:
+    import email.utils  # only here: most answers carry no date
+
+    try:
+        date = email.utils.parsedate_tz(value)  # a date with no zone comes back as GMT
+        return None if date is None else max(0.0, email.utils.mktime_tz(date) - time.time())
+    except (ValueError, OverflowError, TypeError, IndexError):  # a year or an hour out of range
         return None
-    return max(0.0, email.utils.mktime_tz(date) - time.time())
 
 
 def _printable(text: str) -> str:
@@ -1339,7 +2036,7 @@ class _ReadProgress:
         self._stream = sys.stderr
         self.shown = self._stream.isatty() and not sys.stdout.isatty()
         self._clock = clock
-        self._reader: Optional[_FileReader] = None
+        self._file_id: Optional[str] = None
         self._next = 0.0
         self._drawn = False
 
@@ -1351,28 +2048,28 @@ class _ReadProgress:
             self._stream.write("\r\x1b[K")
             self._stream.flush()
 
-    def update(self, reader: "_FileReader") -> None:
-        """The progress hook of _Client.iter_results, called once per line."""
+    def update(self, file_id: str, lines: int, bytes_read: int, total: Optional[int]) -> None:
+        """The ``on_progress`` of iter_results, called once per line."""
         now = self._clock()
-        if reader is not self._reader:  # a new file: its first draw waits like any other
-            self._reader = reader
+        if file_id != self._file_id:  # a new file: its first draw waits like any other
+            self._file_id = file_id
             self._next = now + self.INTERVAL
         elif now >= self._next:
             self._next = now + self.INTERVAL
             self._drawn = True
-            _redraw(self._stream, self.line(reader))
+            _redraw(self._stream, self.line(file_id, lines, bytes_read, total))
 
     @staticmethod
-    def line(reader: "_FileReader") -> str:
+    def line(file_id: str, lines: int, bytes_read: int, total: Optional[int]) -> str:
         """``file-abc: 1234 lines, 1.2 of 256.0 MiB``; the total only when the server sent a length.
 
         A gzip-encoded file's Content-Length counts encoded bytes, which the decoded ones read
         overtake: then the total is left out rather than shown smaller than what was read.
         """
-        read = f"{reader.bytes_read / 2**20:.1f}"
-        if reader.total is not None and reader.bytes_read <= reader.total:
-            read += f" of {reader.total / 2**20:.1f}"
-        return _printable(f"{reader.file_id}: {reader.lines} lines, {read} MiB")
+        read = f"{bytes_read / 2**20:.1f}"
+        if total is not None and bytes_read <= total:
+            read += f" of {total / 2**20:.1f}"
+        return _printable(f"{file_id}: {lines} lines, {read} MiB")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -1438,18 +2135,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                     print(f"error: batch {args.batch_id} is {status}, not finished: add --wait", file=sys.stderr)
                     return 4
                 else:
-                    # The public iter_results has no progress hook; this module's CLI may use the one inside.
-                    client = _Client(token, args.on_behalf_of, base_url, timeout, 2, _sleep)
+                    client = Client(token, args.on_behalf_of, base_url=base_url, timeout=timeout, session=session)
                     try:
-                        file_ids = _file_ids(batch, True)
+                        lines: Any = client.iter_result_lines(batch, on_progress=None)
                     except ValueError as exc:  # a file id no path can hold: the server's fault, not the user's
                         raise InvalidResponseError(f"batch {batch.id}: {exc}", request_id=batch.request_id) from exc
                     with _ReadProgress() as shown:
-                        hook = shown.update if shown.shown else None
-                        results: Any = client.iter_results(session, file_ids, hook)  # a generator
-                        with contextlib.closing(results):  # a reader gone early: the download stops here
-                            for result in results:
-                                sys.stdout.write(json.dumps(result.to_dict(), separators=(",", ":")) + "\n")
+                        lines = client.iter_result_lines(batch, on_progress=shown.update if shown.shown else None)
+                        with contextlib.closing(lines):  # a reader gone early: the download stops here
+                            for line, _ in lines:
+                                sys.stdout.buffer.write(line + b"\n")
         except KeyboardInterrupt:
             # On a terminal, first wipe the ^C it echoed.
             print(("\r\x1b[K" if sys.stderr.isatty() else "") + "error: interrupted", file=sys.stderr)

@@ -21,7 +21,7 @@ import threading
 import time
 import tracemalloc
 import zlib
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 from urllib.parse import unquote
 
 import attr
@@ -458,7 +458,6 @@ def test_on_behalf_of_must_be_a_string(api):
         "https://h/?q=1",
         "https://h/#f",
         "https://h/\n",
-        None,
         "http://gw.example.test?",
         "http://gw.example.test#",
         "https://gw.example.test/v1?",
@@ -608,7 +607,7 @@ STATUS_CLASSES = [
     (401, m.AuthenticationError),
     (403, m.PermissionDeniedError),
     (404, m.NotFoundError),
-    (409, m.APIStatusError),
+    (409, m.ConflictError),
     (418, m.APIStatusError),
     (422, m.UnprocessableEntityError),
     (429, m.RateLimitError),
@@ -817,7 +816,7 @@ def test_retry_after_http_date_far_ahead_is_refused(api, sleeps):
     assert 3590 <= info.value.retry_after <= 3601 and sleeps == [] and len(api.calls) == 1
 
 
-@pytest.mark.parametrize("value", ["soon", "", "nan", "Wed, 99 Foo 2024 99:99:99 GMT", "inf", "1.5", "-5", "²"])
+@pytest.mark.parametrize("value", ["soon", "", "nan", "Wed, 99 Foo 2024 99:99:99 GMT", "inf", "1.", ".5", "-5", "²"])
 def test_unreadable_or_infinite_retry_after(api, sleeps, value, monkeypatch):
     monkeypatch.setattr(m.random, "uniform", lambda a, b: 0.75)
     fail(api, 429, {"error": "Rate limit exceeded"}, {"Retry-After": value})
@@ -1039,12 +1038,15 @@ def test_import_does_nothing_it_need_not():
 
 def test_all_names_the_public_surface():
     functions = ["get_batch", "wait_for_batch", "iter_results", "main"]
+    functions += ["upload_file", "create_batch", "submit_batch", "check_batch_file", "list_batches", "cancel_batch"]
     classes = ["Batch", "RequestCounts", "BatchErrors", "BatchError", "BatchResult", "ResultResponse", "ResultError"]
+    classes += ["Client", "File"]
     errors = ["MKA1Error", "APIConnectionError", "APITimeoutError", "InvalidResponseError", "WaitTimeoutError"]
     errors += ["APIStatusError", "BadRequestError", "AuthenticationError", "PermissionDeniedError", "NotFoundError"]
-    errors += ["UnprocessableEntityError", "RateLimitError", "InternalServerError"]
+    errors += ["UnprocessableEntityError", "RateLimitError", "InternalServerError", "ConflictError"]
+    errors += ["InvalidBatchFileError"]
     constants = ["DEFAULT_BASE_URL", "DEFAULT_TIMEOUT", "MAX_BODY_BYTES", "MAX_LINE_BYTES", "MAX_RETRY_AFTER"]
-    constants += ["TERMINAL_STATUSES"]
+    constants += ["TERMINAL_STATUSES", "CREATE_KEY"]
     assert sorted(m.__all__) == sorted(functions + classes + errors + constants)
     assert len(m.__all__) == len(set(m.__all__))
 
@@ -1059,6 +1061,7 @@ def test_every_other_name_defined_here_is_private():
     [
         (m.APITimeoutError, (m.APIConnectionError, TimeoutError)),
         (m.InvalidResponseError, (m.MKA1Error, ValueError)),
+        (m.InvalidBatchFileError, (m.MKA1Error, ValueError)),
         (m.WaitTimeoutError, (m.MKA1Error, TimeoutError)),
         (m.APIStatusError, (m.MKA1Error,)),
     ]
@@ -1710,13 +1713,25 @@ def test_interim_1xx_taken_as_final_closes_the_connection(start, together):
 
     server = start(RawServer(script))
     with requests.Session() as s:
-        with pytest.raises(m.APIStatusError) as info:
+        with pytest.raises(m.APIConnectionError) as info:
             get_from(server, "batch_first", session=s, max_retries=0)
-        assert type(info.value) is m.APIStatusError and info.value.status_code == 103
-        assert (str(info.value), info.value.body) == ("103 interim response taken as final; connection closed", None)
+        message = f"GET /api/v1/llm/batches/batch_first on 127.0.0.1:{server.port} failed: interim response 103"
+        assert str(info.value) == message + " taken as final"
         assert get_from(server, "batch_second", session=s, max_retries=0).id == "batch_second"
     assert [r.batch_id for r in server.requests] == ["batch_first", "batch_second"]
     assert server.connections == 2
+
+
+def test_interim_1xx_is_retried_on_a_fresh_connection(start, sleeps):
+    def script(request: Received) -> List[bytes]:
+        (ok_,) = answer(request)
+        return [EARLY_HINTS + ok_] if request.number == 1 else [ok_]
+
+    server = start(RawServer(script))
+    with requests.Session() as s:
+        assert get_from(server, "batch_first", session=s).id == "batch_first"
+    assert [r.batch_id for r in server.requests] == ["batch_first", "batch_first"]
+    assert server.connections == 2 and len(sleeps) == 1
 
 
 def test_a_batch_with_another_id_is_refused_naming_both(api):
@@ -1776,31 +1791,34 @@ def test_chunked_body_ignores_content_length(start, length):
     assert ids == ["batch_c1", "batch_c2"]  # the second call would read leftovers if the length were followed
 
 
-@pytest.mark.parametrize(
-    "value, outcome",
-    [
-        ("²", m.Batch),  # '²'.isdigit() is True, and int('²') raises
-        ("-1", m.Batch),
-        ("abc", m.Batch),
-        ("{n}, {n}", m.Batch),  # a list of one length, repeated
-        ("99999999999999999999", m.InvalidResponseError),
-        ("10, 11", m.MKA1Error),  # urllib3 raises InvalidHeader; requests before 2.28 lets it through
-        ("10, 10", (m.Batch, m.MKA1Error)),  # urllib3 takes it as 10, http.client ignores it: either may read
-    ],
-)
-def test_odd_content_length_gives_a_batch_or_a_documented_error(start, value, outcome):
+def odd_length_server(start: Any, value: str) -> "RawServer":
     def script(request: Received) -> List[bytes]:
         body = batch_body(request.batch_id)
         headers = {"Content-Length": value.format(n=len(body)), "Connection": "close", "X-Request-ID": RID}
         return [reply(body, headers=headers)]
 
-    server = start(RawServer(script))
-    try:
-        got: Any = get_from(server, "batch_cl", max_retries=0)
-    except m.MKA1Error as exc:
-        got = exc
-    assert isinstance(got, outcome)
-    assert not isinstance(got, m.Batch) or got.id == "batch_cl"
+    return start(RawServer(script))
+
+
+# RFC 9112 6.3: an invalid Content-Length is an unrecoverable framing error, not "read until close".
+@pytest.mark.parametrize("value", ["²", "-1", "abc", "{n}, {n}", "10, 10", "+5", " 5x"])
+def test_invalid_content_length_is_a_broken_connection_retried(start, sleeps, value):
+    server = odd_length_server(start, value)
+    with pytest.raises(m.APIConnectionError) as info:
+        get_from(server, "batch_cl", max_retries=1)
+    assert type(info.value) is m.APIConnectionError
+    shown = repr(value.format(n=len(batch_body("batch_cl"))).strip())
+    assert (
+        str(info.value)
+        == f"GET /api/v1/llm/batches/batch_cl on 127.0.0.1:{server.port} failed: invalid Content-Length {shown}"
+    )
+    assert len(server.requests) == 2 and len(sleeps) == 1
+
+
+@pytest.mark.parametrize("value, outcome", [("99999999999999999999", m.InvalidResponseError), ("10, 11", m.MKA1Error)])
+def test_contradictory_or_huge_content_length_is_a_documented_error(start, value, outcome):
+    with pytest.raises(outcome):
+        get_from(odd_length_server(start, value), "batch_cl", max_retries=0)
 
 
 HALF_READ = {
@@ -3709,9 +3727,9 @@ def test_module_runs_from_a_lone_copy(gateway, tmp_path):
 # --results: the batch's results as JSON lines, their progress on a terminal, and closed pipes.
 
 #: request-2's line of the scripted error files, as --results writes it.
-ERROR_LINE = (
-    '{"custom_id":"request-2","id":"batch_req_2","response":null,'
-    '"error":{"code":"processing_error","message":"The request could not be processed."}}'
+ERROR_LINE = (  # as the stand-in sends it
+    '{"id": "batch_req_2", "custom_id": "request-2", "response": null,'
+    ' "error": {"code": "processing_error", "message": "The request could not be processed."}}'
 )
 #: ``python -m mka1_batches`` with every batch's results read from the file id given last:
 #: no scripted batch names a large file.
@@ -3727,17 +3745,13 @@ def _env(gateway: Gateway) -> Dict[str, str]:
 
 
 def _as_written(gateway: Gateway, *file_ids: str) -> List[str]:
-    """The files' lines as --results writes them: compact, custom_id first, then id, response and error."""
+    """The files' lines as --results writes them: as the server sent them, never re-serialised."""
     lines = []
     for file_id in file_ids:
         url = f"{gateway.base_url}/api/v1/llm/files/{file_id}/content"
         r = requests.get(url, headers={"Authorization": "Bearer " + DEMO_TOKEN}, timeout=10)
         assert r.status_code == 200
-        for line in r.text.splitlines():
-            x = json.loads(line)
-            ordered = {"custom_id": x["custom_id"], "id": x["id"], "response": x["response"], "error": x["error"]}
-            assert ordered == x  # nothing else on the line
-            lines.append(json.dumps(ordered, separators=(",", ":")))
+        lines += r.content.decode("utf-8").split("\n")[:-1]
     return lines
 
 
@@ -3810,7 +3824,7 @@ def test_cli_results_stop_at_a_malformed_line_after_writing_those_before(cli, ap
     r = cli(BID, "--results", "--base-url", BASE, env={"MKA1_API_KEY": "k"})
     assert (r.returncode, r.stdout, r.stderr) == (
         1,
-        '{"custom_id":"a","id":null,"response":null,"error":null}\n',
+        '{"custom_id": "a"}\n',
         "error: file file-out line 2: not a JSON object: 'not json'\n",
     )
 
@@ -3884,10 +3898,13 @@ class _Terminal(io.StringIO):
 
 
 class _Reader:
-    """What _ReadProgress reads of a _FileReader."""
+    """A file being read, as iter_results' on_progress sees it."""
 
     def __init__(self, file_id: str, lines: int = 0, bytes_read: int = 0, total: Any = None):
         self.file_id, self.lines, self.bytes_read, self.total = file_id, lines, bytes_read, total
+
+    def args(self) -> Tuple[str, int, int, Any]:
+        return self.file_id, self.lines, self.bytes_read, self.total
 
 
 @pytest.mark.parametrize(
@@ -3901,7 +3918,7 @@ class _Reader:
     ],
 )
 def test_cli_read_progress_line(reader, line):
-    assert m._ReadProgress.line(reader) == line
+    assert m._ReadProgress.line(*reader.args()) == line
 
 
 def test_cli_read_progress_is_drawn_at_most_10_times_a_second_and_wiped(monkeypatch):
@@ -3924,7 +3941,7 @@ def test_cli_read_progress_is_drawn_at_most_10_times_a_second_and_wiped(monkeypa
             (0.6, b, 3),  # drawn
         ]:
             reader.lines = lines
-            progress.update(reader)
+            progress.update(*reader.args())
         assert "\n" not in terminal.getvalue()
     assert terminal.getvalue() == (
         "\r\x1b[Kfile-a: 3 lines, 0.0 of 1.0 MiB\r\x1b[Kfile-a: 5 lines, 0.0 of 1.0 MiB"
@@ -3937,8 +3954,8 @@ def test_cli_read_progress_of_a_file_read_within_a_tenth_of_a_second_is_nothing(
     monkeypatch.setattr(sys, "stderr", terminal)
     monkeypatch.setattr(sys, "stdout", io.StringIO())
     with m._ReadProgress(clock=lambda: 0.05) as progress:
-        progress.update(_Reader("file-c", 1))
-        progress.update(_Reader("file-c", 2))
+        progress.update(*_Reader("file-c", 1).args())
+        progress.update(*_Reader("file-c", 2).args())
     assert terminal.getvalue() == ""
 
 
@@ -3957,7 +3974,7 @@ def test_cli_read_progress_only_when_stderr_alone_is_a_terminal(monkeypatch, std
 def test_cli_read_progress_on_a_narrow_real_terminal(gateway):
     """Through a pty 40 columns wide: redrawn in place, at most 10 times a second, each fitting in 39, then wiped."""
     env = _cli_env(gateway)
-    args = ["batch_x", "--results", "file-large-16384"]
+    args = ["batch_x", "--results", "file-large-65536"]
     started = time.monotonic()
     code, written = _run_on_a_pty(args, env, 40, command=READING_CLI, stdout=subprocess.DEVNULL)
     took = time.monotonic() - started
@@ -3966,10 +3983,10 @@ def test_cli_read_progress_on_a_narrow_real_terminal(gateway):
     assert 2 <= len(draws) <= took * 10 + 1
     seen = []
     for draw in draws:
-        match = re.match(r"file-large-16384: (\d+) lines, (\d+\.\d)", draw)
-        assert match and draw == f"file-large-16384: {match.group(1)} lines, {match.group(2)} of 16.0 MiB"[:39], draw
+        match = re.match(r"file-large-65536: (\d+) lines, (\d+\.\d)", draw)
+        assert match and draw == f"file-large-65536: {match.group(1)} lines, {match.group(2)} of 64.0 MiB"[:39], draw
         seen.append((int(match.group(1)), float(match.group(2))))
-    assert seen == sorted(seen) and 0 < seen[-1][0] <= 16384 and seen[-1][1] <= 16.0
+    assert seen == sorted(seen) and 0 < seen[-1][0] <= 65536 and seen[-1][1] <= 64.0
     # Ctrl-C mid-file: the line is wiped, then the error line, and nothing else.
     args = ["batch_x", "--results", "file-large-100000000"]
     code, written = _run_on_a_pty(args, env, 40, " lines", command=READING_CLI, stdout=subprocess.DEVNULL)
@@ -4389,6 +4406,7 @@ def test_any_error_body_gives_the_right_class_and_a_short_message(api, status, b
         get(max_retries=0)
     expected = {
         400: m.BadRequestError,
+        409: m.ConflictError,
         401: m.AuthenticationError,
         403: m.PermissionDeniedError,
         404: m.NotFoundError,
