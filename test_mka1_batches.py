@@ -1340,9 +1340,14 @@ class Proxy(Loopback):
                 record += data
 
 
-def reply(body: bytes = b"", status: str = "200 OK", headers: Any = None) -> bytes:
-    """One HTTP/1.1 response; Content-Length is added unless the headers frame the body themselves."""
+def reply(body: bytes = b"", status: str = "200 OK", headers: Any = None, close: bool = False) -> bytes:
+    """One HTTP/1.1 response; Content-Length is added unless the headers frame the body themselves.
+
+    ``close`` adds ``Connection: close``: a server that closes after each answer must say so.
+    """
     fields = dict(headers or {})
+    if close:
+        fields["Connection"] = "close"
     if not {"content-length", "transfer-encoding"} & {name.lower() for name in fields}:
         fields["Content-Length"] = str(len(body))
     lines = ["HTTP/1.1 " + status] + [f"{name}: {value}" for name, value in fields.items()]
@@ -2736,19 +2741,13 @@ class ScriptedServer:
             conn.close()
 
 
-def reply(body: bytes = b"", status: str = "200 OK", headers: Any = None) -> bytes:
-    items = {"Content-Length": str(len(body)), "Connection": "close", **(headers or {})}
-    head = f"HTTP/1.1 {status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in items.items()) + "\r\n"
-    return head.encode("latin-1") + body
-
-
 def moved(location: str) -> bytes:
-    return reply(status="302 Found", headers={"Location": location})
+    return reply(status="302 Found", headers={"Location": location}, close=True)
 
 
 def cut(body: bytes, size: int) -> bytes:
     """A 200 that promises ``body`` but sends only its first ``size`` bytes before closing."""
-    whole = reply(body)
+    whole = reply(body, close=True)
     return whole[: len(whole) - len(body) + size]
 
 
@@ -2807,7 +2806,7 @@ def test_live_cut_file_without_retries_is_a_connection_error_after_the_whole_lin
 )
 def test_live_a_file_that_changed_when_read_again_is_refused(sleeps, again):
     whole = jsonl(*[numbered(i) for i in range(1, 5)])
-    changed = reply(again, headers={"X-Request-ID": "req-again"})
+    changed = reply(again, headers={"X-Request-ID": "req-again"}, close=True)
     with ScriptedServer(cut(whole, whole.index(b'{"id": "batch_req_4"') + 10), changed) as server:
         seen, error = read_until_error(live_results(server.url, "file-x"), m.InvalidResponseError)
     assert seen == requests_up_to(3)
@@ -2825,7 +2824,7 @@ def test_live_a_stalled_file_is_resumed_after_the_read_timeout(sleeps):
         conn.sendall(cut(whole, whole.index(b'{"id": "batch_req_3"') + 10))
         stop.wait(10)
 
-    with ScriptedServer(stall, reply(whole)) as server:
+    with ScriptedServer(stall, reply(whole, close=True)) as server:
         start = time.monotonic()
         got = [r.custom_id for r in live_results(server.url, "file-x", timeout=(0.3, 0.3))]
         elapsed = time.monotonic() - start
@@ -2881,7 +2880,7 @@ def test_live_the_session_works_on_after_stopping_early(gateway):
 
 def test_live_a_line_dripping_past_the_deadline_times_out_naming_it(sleeps):
     lines = jsonl(numbered(1), numbered(2))
-    whole = reply(lines, headers={"Content-Type": "application/jsonl"})
+    whole = reply(lines, headers={"Content-Type": "application/jsonl"}, close=True)
     first = len(whole) - len(lines) + len(jsonl(numbered(1)))
 
     def drip(conn: socket.socket, stop: threading.Event) -> None:
@@ -2905,7 +2904,7 @@ def test_live_a_line_dripping_past_the_deadline_times_out_naming_it(sleeps):
 
 def test_live_the_deadline_is_per_line_not_per_file(sleeps):
     lines = [jsonl(numbered(i)) for i in range(1, 6)]
-    whole = reply(b"".join(lines))
+    whole = reply(b"".join(lines), close=True)
 
     def pace(conn: socket.socket, stop: threading.Event) -> None:
         conn.sendall(whole[: len(whole) - sum(map(len, lines))] + lines[0])
@@ -2920,7 +2919,7 @@ def test_live_the_deadline_is_per_line_not_per_file(sleeps):
 
 
 def test_live_redirect_to_another_origin_gets_no_credentials():
-    with ScriptedServer(reply(jsonl(numbered(1)))) as storage, ScriptedServer(
+    with ScriptedServer(reply(jsonl(numbered(1)), close=True)) as storage, ScriptedServer(
         moved(storage.url + "/signed?sig=1")
     ) as gw:
         got = [r.custom_id for r in live_results(gw.url, "file-out", on_behalf_of="user_123")]
@@ -2936,7 +2935,7 @@ def test_live_redirect_to_another_origin_gets_no_credentials():
 def test_live_three_redirect_hops_are_followed():
     with ScriptedServer() as storage, ScriptedServer() as gw:
         gw.answers = [moved(storage.url + "/1")]
-        storage.answers = [moved(storage.url + "/2"), moved(storage.url + "/3"), reply(jsonl(numbered(1)))]
+        storage.answers = [moved(storage.url + "/2"), moved(storage.url + "/3"), reply(jsonl(numbered(1)), close=True)]
         assert [r.custom_id for r in live_results(gw.url, "file-out")] == ["request-1"]
     assert len(gw.requests) == 1 and [r["path"] for r in storage.requests] == ["/1", "/2", "/3"]
 
@@ -2975,7 +2974,9 @@ def test_live_redirect_from_https_to_http_is_refused(tls_files, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(*tls_files)
-    with ScriptedServer(reply(jsonl(numbered(1)))) as plain, ScriptedServer(tls=context) as gw, requests.Session() as s:
+    with ScriptedServer(reply(jsonl(numbered(1)), close=True)) as plain, ScriptedServer(
+        tls=context
+    ) as gw, requests.Session() as s:
         gw.answers = [moved(plain.url + "/file-out")]
         s.verify = tls_files[0]
         with pytest.raises(m.APIStatusError) as info:
@@ -2985,7 +2986,7 @@ def test_live_redirect_from_https_to_http_is_refused(tls_files, monkeypatch):
 
 
 def test_live_batch_get_never_follows_a_redirect():
-    with ScriptedServer(reply(json.dumps(EXAMPLE).encode())) as storage, ScriptedServer() as gw:
+    with ScriptedServer(reply(json.dumps(EXAMPLE).encode(), close=True)) as storage, ScriptedServer() as gw:
         gw.answers = [moved(storage.url + "/" + BID)]
         with pytest.raises(m.APIStatusError) as info:
             m.get_batch(DEMO_TOKEN, BID, base_url=gw.url)
