@@ -1,6 +1,27 @@
-"""Tests for mka1_batches: the model, input checks, the HTTP surface, real sockets, waiting and the CLI."""
+"""Tests for mka1_batches; what they share (fixtures, servers, helpers, the module's alias) is in conftest.py.
 
-import contextlib
+Sections, in order:
+
+- The Batch model
+- Input checks, all before any I/O
+- The HTTP surface: the request sent, status errors, bodies
+- Retries: which failures are retried, how often, and how long between
+- Secrecy: the token never leaks; logging
+- Import time
+- Real sockets: the stand-in gateway on 127.0.0.1
+- The transport: ecosystem tools, TLS, proxies and framing over real sockets
+- Pickling
+- Keep-alive: connections reused, and never one left half read
+- Results: iter_results and BatchResult
+- Redirects: never for a batch; for a file, 3 hops, credentials only within the origin
+- wait_for_batch
+- The command line
+- The stand-in gateway
+- The README's examples
+- Properties (hypothesis)
+- Faults over real sockets, and a thread storm
+"""
+
 import copy
 import email.utils
 import functools
@@ -11,99 +32,70 @@ import logging
 import os
 import pickle
 import re
-import select
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import threading
 import time
 import tracemalloc
-import zlib
 from typing import Any, Dict, List, Tuple
-from urllib.parse import unquote
 
 import attr
 import pytest
 import requests
 import requests_mock
 import responses
-import trustme
 import urllib3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import mka1_batches as m  # the one alias line: point it at another copy to test that copy
 import standin_gateway
-from standin_gateway import DEMO_TOKEN, DOCUMENTED_EXAMPLE, LINE_BYTES, PROGRESS, Gateway, large_line
+from conftest import (
+    BASE,
+    BID,
+    EXAMPLE,
+    FILES,
+    HERE,
+    RID,
+    TOKEN,
+    URL,
+    CannedAdapter,
+    Endless,
+    LongLine,
+    Pieces,
+    Proxy,
+    RawServer,
+    ReadOnly,
+    Received,
+    ScriptedServer,
+    TracedSession,
+    add_file,
+    answer,
+    batch_body,
+    chunked,
+    compress,
+    fail,
+    get,
+    jsonl,
+    live,
+    live_results,
+    m,
+    moved,
+    numbered,
+    ok,
+    padded_line,
+    raised,
+    read_until_error,
+    reply,
+    requests_up_to,
+    run_text,
+)
+from standin_gateway import DEMO_TOKEN, LINE_BYTES, PROGRESS, Gateway, large_line
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TOKEN = "sk-mka1-S3CRET-t0ken-4242"
-BASE = "https://gw.example.test"
-URL = BASE + "/api/v1/llm/batches/"
-BID = "batch_aa87e2b1112a455b8deabed784372198"
-RID = "0736e48b-3d39-48d8-806c-952c907a1b2c#12"
-EXAMPLE = DOCUMENTED_EXAMPLE
 REQUIRED = ["id", "object", "endpoint", "input_file_id", "completion_window", "status", "created_at", "request_counts"]
 MINIMAL = {k: EXAMPLE[k] for k in REQUIRED}
 OPTIONAL = [k for k in EXAMPLE if k not in REQUIRED]
-
-
-def run_text(command: List[str], **kw: Any) -> subprocess.CompletedProcess:
-    """subprocess.run with output captured as text; Python 3.6 has no capture_output or text."""
-    return subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, **kw)
-
-
-@pytest.fixture(autouse=True)
-def sleeps(monkeypatch: pytest.MonkeyPatch) -> List[float]:
-    """Backoff sleeps are recorded, not slept."""
-    slept: List[float] = []
-    monkeypatch.setattr(m, "_sleep", slept.append)
-    return slept
-
-
-@pytest.fixture
-def fake_clock(monkeypatch: pytest.MonkeyPatch, sleeps: List[float]) -> List[float]:
-    """The module's monotonic clock stands still but for its sleeps, which are recorded, not slept."""
-    now = [1000.0]
-
-    def sleep(seconds: float) -> None:
-        sleeps.append(seconds)
-        now[0] += seconds
-
-    monkeypatch.setattr(m.time, "monotonic", lambda: now[0])
-    monkeypatch.setattr(m, "_sleep", sleep)
-    return now
-
-
-@pytest.fixture
-def api():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
-
-
-@pytest.fixture
-def gateway():
-    with Gateway() as gw:
-        yield gw
-
-
-def ok(api: responses.RequestsMock, body: Any = None, batch_id: str = BID, **kw: Any) -> None:
-    headers = kw.pop("headers", {"X-Request-ID": RID})
-    api.add(responses.GET, URL + batch_id, json=EXAMPLE if body is None else body, headers=headers, **kw)
-
-
-def fail(api: responses.RequestsMock, status: int, body: Any = None, headers: Any = None, **kw: Any) -> None:
-    body = {"error": {"message": "Batch not found", "details": None}} if body is None else body
-    key = "body" if isinstance(body, (str, bytes)) else "json"
-    api.add(
-        responses.GET, URL + BID, status=status, headers={"X-Request-ID": RID, **(headers or {})}, **{key: body}, **kw
-    )
-
-
-def get(**kw: Any) -> m.Batch:
-    return m.get_batch(TOKEN, kw.pop("batch_id", BID), kw.pop("on_behalf_of", None), base_url=BASE, **kw)
 
 
 # --- The Batch model -------------------------------------------------------------------
@@ -546,14 +538,6 @@ def test_caller_session_auth_does_not_replace_the_token(api):
     assert api.calls[0].request.headers["Authorization"] == f"Bearer {TOKEN}"
 
 
-@pytest.fixture
-def corporate_env(monkeypatch):
-    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    monkeypatch.delenv("no_proxy", raising=False)
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/corp-ca.pem")
-
-
 def test_environment_proxies_and_ca_bundle_still_apply(api, corporate_env):
     ok(api)
     get()
@@ -697,28 +681,6 @@ def test_odd_error_bodies_still_read_one_line(api, body, text):
     assert str(info.value) == f"400 {text}"
 
 
-@pytest.mark.parametrize(
-    "status, message",
-    [
-        (300, f"300 redirect to 'https://elsewhere.example/' not followed (request {RID})"),
-        (399, f"399 redirect to 'https://elsewhere.example/' not followed (request {RID})"),
-        (400, f"400 plain (request {RID})"),
-        (401, f"401 plain (request {RID})"),
-    ],
-)
-def test_location_makes_a_redirect_message_only_for_3xx(api, status, message):
-    fail(api, status, {"error": "plain"}, {"Location": "https://elsewhere.example/"})
-    with pytest.raises(m.APIStatusError) as info:
-        get(max_retries=0)
-    assert str(info.value) == message
-
-
-def test_location_on_a_2xx_is_not_a_redirect(api):
-    fail(api, 299, {"error": "plain"}, {"Location": "https://elsewhere.example/"})
-    with pytest.raises(m.InvalidResponseError):
-        get(max_retries=0)
-
-
 def test_no_body_and_no_reason_says_no_message(api):
     api.add(responses.GET, URL + BID, status=599, body=b"")
     with pytest.raises(m.InternalServerError) as info:
@@ -732,6 +694,122 @@ def test_messages_are_cut_at_200_characters(api, length, shown):
     with pytest.raises(m.BadRequestError) as info:
         get()
     assert str(info.value) == f"400 {shown} (request {RID})"
+
+
+@pytest.mark.parametrize(
+    "exc, cls, timeout, message",
+    [
+        (requests.ConnectionError("refused"), m.APIConnectionError, False, "failed: refused"),
+        (requests.ConnectTimeout("slow"), m.APITimeoutError, True, "timed out: connect timed out"),
+        (requests.ReadTimeout("slow"), m.APITimeoutError, True, "timed out: read timed out"),
+        (requests.exceptions.ChunkedEncodingError("broken"), m.APIConnectionError, False, "failed: broken"),
+        (requests.exceptions.SSLError("bad cert"), m.APIConnectionError, False, "failed: bad cert"),
+        (RuntimeError("adapter bug"), m.APIConnectionError, False, "failed: adapter bug"),
+    ],
+)
+def test_network_failures_are_wrapped_and_retried(api, sleeps, exc, cls, timeout, message):
+    api.add(responses.GET, URL + BID, body=exc)
+    with pytest.raises(m.APIConnectionError) as info:
+        get()
+    assert type(info.value) is cls and info.value.__cause__ is exc
+    assert str(info.value) == f"GET /api/v1/llm/batches/{BID} on gw.example.test {message}"
+    assert len(api.calls) == 3 and len(sleeps) == 2
+    assert isinstance(info.value, TimeoutError) is timeout
+
+
+def test_network_failure_without_words_names_its_type(api):
+    api.add(responses.GET, URL + BID, body=requests.ConnectionError())
+    with pytest.raises(m.APIConnectionError) as info:
+        get(max_retries=0)
+    assert str(info.value) == f"GET /api/v1/llm/batches/{BID} on gw.example.test failed: ConnectionError"
+
+
+def test_network_failure_names_the_host_without_the_base_urls_user_info(api):
+    url = "https://user:pw@gw.example.test/api/v1/llm/batches/" + BID
+    api.add(responses.GET, url, body=requests.ConnectionError("x"))
+    with pytest.raises(m.APIConnectionError) as info:
+        m.get_batch(TOKEN, BID, base_url="https://user:pw@gw.example.test", max_retries=0)
+    assert str(info.value) == f"GET /api/v1/llm/batches/{BID} on gw.example.test failed: x"
+
+
+def test_oversized_body_by_content_length_is_refused_unread(api):
+    api.add(responses.GET, URL + BID, body=b"{}", headers={"Content-Length": "10485761", "X-Request-ID": RID})
+    with pytest.raises(m.InvalidResponseError) as info:
+        get()
+    assert str(info.value) == "response body of 10485761 bytes is over the 10485760-byte limit"
+    assert info.value.request_id == RID and len(api.calls) == 1
+
+
+def test_oversized_body_without_length_stops_at_the_cap(api, monkeypatch):
+    monkeypatch.setattr(m, "MAX_BODY_BYTES", 100_000)
+    raw = Endless()
+    api.add(responses.GET, URL + BID, body=io.BufferedReader(raw), headers={"X-Request-ID": RID})
+    with pytest.raises(
+        m.InvalidResponseError, match=r"^response body of more than 100000 bytes is over the 100000-byte limit$"
+    ) as info:
+        get()
+    assert info.value.request_id == RID and raw.served <= 100_000 + 2 * 65536
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308, 404, 503])
+def test_hostile_error_body_is_not_read_whole(api, status):
+    # requests reads a redirect's whole body itself, even with allow_redirects=False.
+    raw = Endless()
+    headers = {"Location": "https://evil.example/", "X-Request-ID": RID}
+    api.add(responses.GET, URL + BID, status=status, body=io.BufferedReader(raw), headers=headers)
+    with pytest.raises(m.APIStatusError) as info:
+        get(max_retries=0)
+    assert info.value.status_code == status and raw.served <= 128 * 1024
+
+
+def test_body_at_the_cap_is_accepted(api, monkeypatch):
+    body = json.dumps(EXAMPLE).encode()
+    monkeypatch.setattr(m, "MAX_BODY_BYTES", len(body))
+    api.add(responses.GET, URL + BID, body=body, headers={"Content-Length": str(len(body))})
+    assert get().id == BID
+
+
+def test_body_one_read_past_the_cap_is_refused(api, monkeypatch):
+    monkeypatch.setattr(m, "MAX_BODY_BYTES", 65536)  # the size of one read: the cap falls between reads
+    api.add(responses.GET, URL + BID, body=b" " * 65546)
+    with pytest.raises(m.InvalidResponseError, match=r"^response body of more than 65536 bytes is over"):
+        get()
+
+
+def test_large_valid_body_in_many_reads(api):
+    data = dict(EXAMPLE, notes="n" * 300_000)  # over the 64 KiB that an error body may have
+    ok(api, data)
+    assert get().extra == {"notes": "n" * 300_000}
+
+
+@pytest.mark.parametrize("body", [b"", b"<html>ok</html>", b"{", b"\xff\xfe\x00", b"[" * 100_000 + b"]" * 100_000])
+def test_2xx_body_that_is_not_json(api, body):
+    api.add(responses.GET, URL + BID, body=body, headers={"X-Request-ID": RID})
+    with pytest.raises(m.InvalidResponseError, match=r"^response is not JSON: ") as info:
+        get()
+    assert info.value.request_id == RID and len(str(info.value)) < 250
+
+
+def test_2xx_body_of_a_huge_number(api):
+    # Python 3.7.14+ refuses to parse over 4300 digits (ValueError); older ones parse an int.
+    api.add(responses.GET, URL + BID, body=b"1" * 5000, headers={"X-Request-ID": RID})
+    with pytest.raises(
+        m.InvalidResponseError, match=r"^(response is not JSON|batch: expected an object, got \d+)"
+    ) as info:
+        get()
+    assert info.value.request_id == RID and len(str(info.value)) < 250
+
+
+def test_2xx_body_that_breaks_the_schema_carries_request_id(api, sleeps):
+    ok(api, dict(EXAMPLE, created_at="yesterday"))
+    with pytest.raises(m.InvalidResponseError) as info:
+        get()
+    assert str(info.value) == "created_at: expected an integer, got 'yesterday'"
+    assert (info.value.request_id, info.value.field) == (RID, "created_at")
+    assert len(api.calls) == 1 and sleeps == []  # a bad body is not retried
+
+
+# --- Retries: which failures are retried, how often, and how long between --------------------
 
 
 @pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
@@ -832,150 +910,51 @@ def test_retry_after_on_a_non_retryable_status_is_not_slept(api, sleeps):
     assert info.value.retry_after == 1.0 and sleeps == []
 
 
-@pytest.mark.parametrize(
-    "exc, cls, timeout, message",
-    [
-        (requests.ConnectionError("refused"), m.APIConnectionError, False, "failed: refused"),
-        (requests.ConnectTimeout("slow"), m.APITimeoutError, True, "timed out: connect timed out"),
-        (requests.ReadTimeout("slow"), m.APITimeoutError, True, "timed out: read timed out"),
-        (requests.exceptions.ChunkedEncodingError("broken"), m.APIConnectionError, False, "failed: broken"),
-        (requests.exceptions.SSLError("bad cert"), m.APIConnectionError, False, "failed: bad cert"),
-        (RuntimeError("adapter bug"), m.APIConnectionError, False, "failed: adapter bug"),
-    ],
-)
-def test_network_failures_are_wrapped_and_retried(api, sleeps, exc, cls, timeout, message):
-    api.add(responses.GET, URL + BID, body=exc)
-    with pytest.raises(m.APIConnectionError) as info:
-        get()
-    assert type(info.value) is cls and info.value.__cause__ is exc
-    assert str(info.value) == f"GET /api/v1/llm/batches/{BID} on gw.example.test {message}"
-    assert len(api.calls) == 3 and len(sleeps) == 2
-    assert isinstance(info.value, TimeoutError) is timeout
-
-
-def test_network_failure_without_words_names_its_type(api):
-    api.add(responses.GET, URL + BID, body=requests.ConnectionError())
-    with pytest.raises(m.APIConnectionError) as info:
-        get(max_retries=0)
-    assert str(info.value) == f"GET /api/v1/llm/batches/{BID} on gw.example.test failed: ConnectionError"
-
-
-def test_network_failure_names_the_host_without_the_base_urls_user_info(api):
-    url = "https://user:pw@gw.example.test/api/v1/llm/batches/" + BID
-    api.add(responses.GET, url, body=requests.ConnectionError("x"))
-    with pytest.raises(m.APIConnectionError) as info:
-        m.get_batch(TOKEN, BID, base_url="https://user:pw@gw.example.test", max_retries=0)
-    assert str(info.value) == f"GET /api/v1/llm/batches/{BID} on gw.example.test failed: x"
-
-
 def test_network_failure_then_success(api, sleeps):
     api.add(responses.GET, URL + BID, body=requests.ConnectionError("reset"))
     ok(api)
     assert get().id == BID and len(sleeps) == 1
 
 
-def test_oversized_body_by_content_length_is_refused_unread(api):
-    api.add(responses.GET, URL + BID, body=b"{}", headers={"Content-Length": "10485761", "X-Request-ID": RID})
-    with pytest.raises(m.InvalidResponseError) as info:
-        get()
-    assert str(info.value) == "response body of 10485761 bytes is over the 10485760-byte limit"
-    assert info.value.request_id == RID and len(api.calls) == 1
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 410, 422])
+def test_a_file_client_error_is_not_retried(api, sleeps, status):
+    add_file(api, "file-out", json.dumps({"error": "no"}), status=status)
+    with pytest.raises(m.APIStatusError):
+        results("file-out")
+    assert len(api.calls) == 1 and sleeps == []
 
 
-class Endless(io.RawIOBase):
-    """A body that never ends, counting what was read of it."""
-
-    served = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf: Any) -> int:
-        n = min(len(buf), 50 * 1024 * 1024 - self.served)  # bounded, so that a bug cannot hang the suite
-        buf[:n] = b" " * n
-        self.served += n
-        return n
+def test_a_file_429_then_503_before_the_first_byte_are_retried(api, sleeps):
+    add_file(api, "file-out", json.dumps({"error": "Rate limit exceeded"}), status=429, headers={"Retry-After": "1"})
+    add_file(api, "file-out", "<html>busy</html>", status=503, headers={"Retry-After": "2"})
+    add_file(api, "file-out", jsonl(numbered(1), numbered(2)))
+    assert custom_ids("file-out") == ["request-1", "request-2"]
+    assert len(api.calls) == 3 and sleeps == [1.0, 2.0]
 
 
-def test_oversized_body_without_length_stops_at_the_cap(api, monkeypatch):
-    monkeypatch.setattr(m, "MAX_BODY_BYTES", 100_000)
-    raw = Endless()
-    api.add(responses.GET, URL + BID, body=io.BufferedReader(raw), headers={"X-Request-ID": RID})
-    with pytest.raises(
-        m.InvalidResponseError, match=r"^response body of more than 100000 bytes is over the 100000-byte limit$"
-    ) as info:
-        get()
-    assert info.value.request_id == RID and raw.served <= 100_000 + 2 * 65536
+@pytest.mark.parametrize("retries", [0, 1, 3])
+def test_file_retries_are_bounded(api, sleeps, retries):
+    add_file(api, "file-out", "<html>down</html>", status=503)
+    with pytest.raises(m.InternalServerError, match=r"^503 down \(request "):
+        results("file-out", max_retries=retries)
+    assert len(api.calls) == retries + 1 and len(sleeps) == retries
 
 
-@pytest.mark.parametrize("status", [301, 302, 303, 307, 308, 404, 503])
-def test_hostile_error_body_is_not_read_whole(api, status):
-    # requests reads a redirect's whole body itself, even with allow_redirects=False.
-    raw = Endless()
-    headers = {"Location": "https://evil.example/", "X-Request-ID": RID}
-    api.add(responses.GET, URL + BID, status=status, body=io.BufferedReader(raw), headers=headers)
-    with pytest.raises(m.APIStatusError) as info:
-        get(max_retries=0)
-    assert info.value.status_code == status and raw.served <= 128 * 1024
+def test_file_retries_twice_by_default(api, sleeps):
+    add_file(api, "file-out", "<html>down</html>", status=503)
+    with pytest.raises(m.InternalServerError):
+        results("file-out")
+    assert len(api.calls) == 3 and len(sleeps) == 2
 
 
-def test_body_at_the_cap_is_accepted(api, monkeypatch):
-    body = json.dumps(EXAMPLE).encode()
-    monkeypatch.setattr(m, "MAX_BODY_BYTES", len(body))
-    api.add(responses.GET, URL + BID, body=body, headers={"Content-Length": str(len(body))})
-    assert get().id == BID
+def test_wait_retries_twice_by_default(api):
+    fail(api, 503, "busy")
+    with pytest.raises(m.InternalServerError):
+        m.wait_for_batch(TOKEN, BID, base_url=BASE)
+    assert len(api.calls) == 3  # max_retries defaults to 2
 
 
-def test_body_one_read_past_the_cap_is_refused(api, monkeypatch):
-    monkeypatch.setattr(m, "MAX_BODY_BYTES", 65536)  # the size of one read: the cap falls between reads
-    api.add(responses.GET, URL + BID, body=b" " * 65546)
-    with pytest.raises(m.InvalidResponseError, match=r"^response body of more than 65536 bytes is over"):
-        get()
-
-
-def test_large_valid_body_in_many_reads(api):
-    data = dict(EXAMPLE, notes="n" * 300_000)  # over the 64 KiB that an error body may have
-    ok(api, data)
-    assert get().extra == {"notes": "n" * 300_000}
-
-
-def test_live_body_exactly_at_the_cap_keeps_the_connection(gateway, monkeypatch):
-    from standin_gateway import batch_json
-
-    monkeypatch.setattr(m, "MAX_BODY_BYTES", len(json.dumps(batch_json("batch_cap0")).encode()))
-    with requests.Session() as s:
-        assert [live(gateway, f"batch_cap{i}", session=s).id for i in range(2)] == ["batch_cap0", "batch_cap1"]
-    assert gateway.connections == 1
-
-
-@pytest.mark.parametrize("body", [b"", b"<html>ok</html>", b"{", b"\xff\xfe\x00", b"[" * 100_000 + b"]" * 100_000])
-def test_2xx_body_that_is_not_json(api, body):
-    api.add(responses.GET, URL + BID, body=body, headers={"X-Request-ID": RID})
-    with pytest.raises(m.InvalidResponseError, match=r"^response is not JSON: ") as info:
-        get()
-    assert info.value.request_id == RID and len(str(info.value)) < 250
-
-
-def test_2xx_body_of_a_huge_number(api):
-    # Python 3.7.14+ refuses to parse over 4300 digits (ValueError); older ones parse an int.
-    api.add(responses.GET, URL + BID, body=b"1" * 5000, headers={"X-Request-ID": RID})
-    with pytest.raises(
-        m.InvalidResponseError, match=r"^(response is not JSON|batch: expected an object, got \d+)"
-    ) as info:
-        get()
-    assert info.value.request_id == RID and len(str(info.value)) < 250
-
-
-def test_2xx_body_that_breaks_the_schema_carries_request_id(api, sleeps):
-    ok(api, dict(EXAMPLE, created_at="yesterday"))
-    with pytest.raises(m.InvalidResponseError) as info:
-        get()
-    assert str(info.value) == "created_at: expected an integer, got 'yesterday'"
-    assert (info.value.request_id, info.value.field) == (RID, "created_at")
-    assert len(api.calls) == 1 and sleeps == []  # a bad body is not retried
-
-
-# --- Logging and secrets -------------------------------------------------------------------
+# --- Secrecy: the token never leaks; logging --------------------------------------------------
 
 
 def test_debug_log_has_one_line_per_attempt_and_retry(api, caplog, monkeypatch):
@@ -1014,6 +993,66 @@ def test_the_token_never_leaks(api, caplog, capsys):
     assert repr(m._BearerAuth(TOKEN)) == "<_BearerAuth>"
     assert str(seen[0]) == f"401 invalid key [token] for you (request {RID})"
     assert all(TOKEN not in t and TOKEN[3:-3] not in t for t in texts)
+
+
+@pytest.mark.parametrize(
+    "body, redacted",
+    [
+        (
+            {"error": {"message": f"invalid key {TOKEN}", "details": {"key": TOKEN, "seen": [TOKEN, 1]}}},
+            {"error": {"message": "invalid key [token]", "details": {"key": "[token]", "seen": ["[token]", 1]}}},
+        ),
+        (f"<html>bad key {TOKEN}</html>", "<html>bad key [token]</html>"),
+    ],
+)
+def test_status_error_body_has_the_token_redacted(api, body, redacted):
+    fail(api, 401, body)
+    with pytest.raises(m.AuthenticationError) as info:
+        get()
+    assert info.value.body == redacted
+
+
+def test_a_token_echoed_json_escaped_is_redacted_too(api):
+    token = 'sk-"quoted"\\key'
+    fail(api, 401, {"error": {"message": f"invalid key {token}"}})
+    with pytest.raises(m.AuthenticationError) as info:
+        m.get_batch(token, BID, base_url=BASE)
+    assert (str(info.value), info.value.body) == (
+        f"401 invalid key [token] (request {RID})",
+        {"error": {"message": "invalid key [token]"}},
+    )
+
+
+def test_token_never_reaches_the_proxy_in_clear_text(start, tls_server, pki, monkeypatch):
+    proxy = start(Proxy())
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", pki.ca_pem)
+    live(tls_server, "batch_secret")
+    assert tls_server.requests[0].headers["authorization"] == "Bearer " + TOKEN  # the server had it
+    assert proxy.tunnelled[:1] == b"\x16"  # a TLS handshake record: the tunnel carried TLS
+    assert TOKEN.encode() not in bytes(proxy.seen) + bytes(proxy.tunnelled)
+
+
+ECHO = f"invalid key {TOKEN} for you"
+
+
+@pytest.mark.parametrize(
+    "body, kw",
+    [
+        (json.dumps({"error": {"message": ECHO}}), {"status": 401}),
+        (f"<html>{ECHO}</html>", {"status": 503}),
+        (requests.ConnectionError(f"proxy said {TOKEN}"), {}),
+        (b"", {"status": 302, "headers": {"Location": f"http://storage.example/?key={TOKEN}"}}),
+        (f'{{"custom_id": "c", "note": "{ECHO}"'.encode(), {}),
+        (jsonl({"custom_id": "c", "response": ECHO}), {}),
+    ],
+    ids=["401 body", "503 page", "connection error", "redirect location", "malformed line", "wrong type"],
+)
+def test_the_token_is_never_in_a_file_error(api, body, kw):
+    add_file(api, "file-out", body, **kw)
+    with pytest.raises(m.MKA1Error) as info:
+        results("file-out", max_retries=0)
+    assert all(TOKEN[3:-3] not in text for text in (str(info.value), repr(info.value)))
 
 
 # --- Import time ---------------------------------------------------------------------------
@@ -1074,10 +1113,6 @@ def test_error_classes_also_inherit_the_stdlib_type_they_mean(cls, bases):
 # --- Real sockets: the stand-in gateway on 127.0.0.1 -------------------------------------------
 
 
-def live(gw: Gateway, batch_id: str, **kw: Any) -> m.Batch:
-    return m.get_batch(DEMO_TOKEN, batch_id, kw.pop("on_behalf_of", None), base_url=gw.base_url, **kw)
-
-
 def test_live_get(gateway):
     b = live(gateway, "batch_x1")
     assert (b.id, b.status, b.extra) == ("batch_x1", "completed", {"max_concurrency": 8})
@@ -1099,22 +1134,6 @@ def test_live_scoped_batch_is_not_found_for_another_user(gateway):
 def test_live_wrong_token(gateway):
     with pytest.raises(m.AuthenticationError, match=r"^401 Invalid API key \(request "):
         m.get_batch("wrong", "batch_x", base_url=gateway.base_url)
-
-
-def test_live_keep_alive_reuses_one_connection(gateway):
-    with requests.Session() as s:
-        for i in range(5):
-            assert live(gateway, f"batch_k{i}", session=s).id == f"batch_k{i}"
-    assert gateway.connections == 1 and len(gateway.requests) == 5
-
-
-def test_live_error_bodies_also_keep_the_connection(gateway):
-    with requests.Session() as s:
-        for _ in range(3):
-            with pytest.raises(m.NotFoundError):
-                live(gateway, "nope", session=s)
-        live(gateway, "batch_ok", session=s)
-    assert gateway.connections == 1
 
 
 @pytest.mark.parametrize(
@@ -1151,290 +1170,8 @@ def test_live_slow_drip_is_cut_at_the_attempt_deadline():
     assert 1.1 <= elapsed < 4
 
 
-def test_live_threads_share_one_session(gateway):
-    errors: List[BaseException] = []
-    got: Dict[str, str] = {}
-
-    def work(n: int) -> None:
-        try:
-            for i in range(10):
-                bid = f"batch_t{n}_{i}"
-                got[bid] = live(gateway, bid, session=s).id
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    with requests.Session() as s:
-        threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-    assert not errors and len(got) == 80 and all(k == v for k, v in got.items())
-    assert gateway.connections <= 10  # the pool holds 10 connections; they are reused
-
-
 # --- The transport: ecosystem tools, TLS, proxies and framing over real sockets ---
-# Loopback servers on 127.0.0.1 that count connections, so that a test can prove what reached a
-# socket, how often, and on which connection. Every socket has a timeout; every thread is a daemon.
-
-
-class Received:
-    """One request head as a loopback server read it; header names are lower-cased."""
-
-    def __init__(self, head: bytes, number: int):
-        self.raw = head
-        self.number = number  # 1 for the first request the server saw
-        lines = head.decode("latin-1").split("\r\n")
-        self.method, self.target, _ = lines[0].split(" ", 2)
-        self.headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        self.batch_id = unquote(self.target.rsplit("/", 1)[-1])
-
-
-class Loopback:
-    """A threaded TCP server on 127.0.0.1; ``handle(conn)`` serves one connection."""
-
-    def __init__(self) -> None:
-        self.connections = 0
-        self._stop = threading.Event()
-        self._listener = socket.socket()
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(16)
-        self._listener.settimeout(0.05)
-        self.port = self._listener.getsockname()[1]
-        self._open: List[socket.socket] = []
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-
-    def __enter__(self) -> Any:
-        self._threads[0].start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._threads[0].join(5)
-        self._listener.close()
-        for sock in list(self._open):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # wakes a handler blocked in recv
-        for thread in self._threads[1:]:
-            thread.join(5)
-
-    def handle(self, conn: socket.socket) -> None:
-        raise NotImplementedError
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except socket.timeout:
-                continue
-            self.connections += 1
-            conn.settimeout(5)
-            self._open.append(conn)
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            self.handle(conn)
-        except (OSError, ValueError):  # a client that went away, a TLS handshake refused
-            pass
-        finally:
-            conn.close()
-
-    def _read_head(self, conn: socket.socket, buffer: bytes) -> Any:
-        """(head, rest) of the next request, or (None, b"") when the client closed."""
-        while b"\r\n\r\n" not in buffer:
-            data = conn.recv(65536)
-            if not data:
-                return None, b""
-            buffer += data
-        head, _, rest = buffer.partition(b"\r\n\r\n")
-        return head, rest
-
-
-class RawServer(Loopback):
-    """An HTTP/1.1 server whose answers are scripted byte for byte, over TLS if given a context.
-
-    ``script(request)`` returns the parts to send; before each part after the first, the server
-    waits (up to 2 s) for the client to move: to send more, or to close. After an answer that
-    says ``Connection: close``, the server closes; otherwise it waits for the next request.
-    """
-
-    def __init__(self, script: Any = None, context: Any = None):
-        super().__init__()
-        self.script = script or answer
-        self.context = context
-        self.requests: List[Received] = []
-        self.handshakes = 0
-        self.peer_certs: List[Any] = []
-        self.base_url = f"{'https' if context else 'http'}://127.0.0.1:{self.port}"
-
-    def handle(self, conn: socket.socket) -> None:
-        if self.context is not None:
-            conn = self.context.wrap_socket(conn, server_side=True)
-            self._open.append(conn)
-            self.handshakes += 1
-            self.peer_certs.append(conn.getpeercert())
-        with conn:
-            buffer = b""
-            while True:
-                head, buffer = self._read_head(conn, buffer)
-                if head is None:
-                    return
-                request = Received(head, len(self.requests) + 1)
-                self.requests.append(request)
-                parts = self.script(request)
-                for i, part in enumerate(parts):
-                    if i:
-                        select.select([conn], [], [], 2)
-                    conn.sendall(part)
-                if any(b"\r\nConnection: close\r\n" in part for part in parts):
-                    return
-
-
-class Proxy(Loopback):
-    """A forward proxy to 127.0.0.1 only: CONNECT tunnels, and absolute-form plain HTTP relayed.
-
-    ``seen`` holds every byte outside tunnels, ``tunnelled`` every byte inside them.
-    With ``refuse`` (a status line's code and reason), it answers each CONNECT with that.
-    """
-
-    def __init__(self, refuse: str = ""):
-        super().__init__()
-        self.refuse = refuse
-        self.connects = 0
-        self.seen = bytearray()
-        self.tunnelled = bytearray()
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def handle(self, conn: socket.socket) -> None:
-        head, rest = self._read_head(conn, b"")
-        if head is None:
-            return
-        request = Received(head, 0)
-        self.seen += head + b"\r\n\r\n" + rest
-        authority = request.target if request.method == "CONNECT" else request.target.split("/")[2]
-        if request.method == "CONNECT":
-            self.connects += 1
-            if self.refuse:
-                conn.sendall(reply(b"", self.refuse, {"Proxy-Authenticate": 'Basic realm="proxy"'}))
-                return
-        upstream = socket.create_connection(("127.0.0.1", int(authority.rpartition(":")[2])), timeout=5)
-        self._open.append(upstream)
-        with upstream:
-            if request.method == "CONNECT":
-                conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                self._relay(conn, upstream, self.tunnelled)
-            else:
-                upstream.sendall(head + b"\r\n\r\n" + rest)
-                self._relay(conn, upstream, self.seen)
-
-    def _relay(self, client: socket.socket, upstream: socket.socket, record: bytearray) -> None:
-        while True:
-            ready, _, _ = select.select([client, upstream], [], [], 5)
-            if not ready:
-                return
-            for sock in ready:
-                data = sock.recv(65536)
-                if not data:
-                    return
-                (upstream if sock is client else client).sendall(data)
-                record += data
-
-
-def reply(body: bytes = b"", status: str = "200 OK", headers: Any = None) -> bytes:
-    """One HTTP/1.1 response; Content-Length is added unless the headers frame the body themselves."""
-    fields = dict(headers or {})
-    if not {"content-length", "transfer-encoding"} & {name.lower() for name in fields}:
-        fields["Content-Length"] = str(len(body))
-    lines = ["HTTP/1.1 " + status] + [f"{name}: {value}" for name, value in fields.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-def batch_body(batch_id: str) -> bytes:
-    return json.dumps(dict(EXAMPLE, id=batch_id)).encode()
-
-
-def answer(request: Received) -> List[bytes]:
-    """The documented example, under the id asked for."""
-    return [reply(batch_body(request.batch_id), headers={"Content-Type": "application/json", "X-Request-ID": RID})]
-
-
-def chunked(body: bytes, size: int = 100) -> bytes:
-    pieces = [body[i : i + size] for i in range(0, len(body), size)]
-    return b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
-
-
-def compress(data: bytes, wbits: int, repeat: int = 1) -> bytes:
-    """``data * repeat`` as gzip (wbits 31), zlib (15) or raw deflate (-15)."""
-    packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
-    return b"".join([packer.compress(data) for _ in range(repeat)] + [packer.flush()])
-
-
-def get_from(server: RawServer, batch_id: str, **kw: Any) -> m.Batch:
-    return m.get_batch(TOKEN, batch_id, base_url=server.base_url, **kw)
-
-
-def raised(call: Any) -> Any:
-    with pytest.raises(m.MKA1Error) as info:
-        call()
-    return info.value
-
-
-@pytest.fixture
-def plain_env(monkeypatch):
-    """No proxy and no CA-bundle settings from the environment this suite runs in."""
-    for name in list(os.environ):
-        if name.lower().endswith("_proxy") or name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture
-def start(plain_env):
-    """Start a loopback server for this test; it stops after the test."""
-    servers: List[Loopback] = []
-
-    def started(server: Any) -> Any:
-        servers.append(server.__enter__())
-        return server
-
-    yield started
-    for server in reversed(servers):
-        server.__exit__(None, None, None)
-
-
-class PKI:
-    """A throwaway CA from trustme, a server certificate for 127.0.0.1, a client certificate's files."""
-
-    def __init__(self, folder: Any):
-        self.ca = trustme.CA()
-        self.server_cert = self.ca.issue_cert("127.0.0.1")
-        client = self.ca.issue_cert("client.example.test")
-        self.ca_pem = str(folder / "ca.pem")
-        self.client_cert = str(folder / "client.pem")
-        self.client_key = str(folder / "client.key")
-        self.ca.cert_pem.write_to_path(self.ca_pem)
-        client.cert_chain_pems[0].write_to_path(self.client_cert)
-        client.private_key_pem.write_to_path(self.client_key)
-
-    def context(self, client_cert_required: bool = False) -> ssl.SSLContext:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.server_cert.configure_cert(context)
-        if client_cert_required:
-            context.verify_mode = ssl.CERT_REQUIRED
-            self.ca.configure_trust(context)
-        return context
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return PKI(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-def tls_server(start, pki):
-    return start(RawServer(context=pki.context()))
+# The loopback servers (RawServer, Proxy, ScriptedServer) and the stand-ins are in conftest.py.
 
 
 def test_requests_mock_catches_the_call_and_no_socket_is_opened(start):
@@ -1445,24 +1182,16 @@ def test_requests_mock_catches_the_call_and_no_socket_is_opened(start):
             json=dict(EXAMPLE, id="batch_rm", status="in_progress"),
             headers={"X-Request-ID": RID},
         )
-        b = get_from(server, "batch_rm")
+        b = live(server, "batch_rm")
     assert (b.id, b.status, b.request_id) == ("batch_rm", "in_progress", RID)
     assert mocker.call_count == 1 and mocker.last_request.headers["Authorization"] == "Bearer " + TOKEN
     assert server.connections == 0
 
 
-class TracedSession(requests.Session):
-    """How OpenTelemetry-style instrumentation sees a call: by overriding send."""
-
-    def send(self, request: Any, **kwargs: Any) -> Any:
-        request.headers["traceparent"] = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-        return super().send(request, **kwargs)
-
-
 def test_session_subclass_overriding_send_sees_the_call(start):
     server = start(RawServer())
     with TracedSession() as s:
-        assert get_from(server, "batch_traced", session=s).id == "batch_traced"
+        assert live(server, "batch_traced", session=s).id == "batch_traced"
     assert server.requests[0].headers["traceparent"] == "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
@@ -1471,7 +1200,7 @@ def test_session_response_hooks_still_run(start):
     seen: List[Any] = []
     with requests.Session() as s:
         s.hooks["response"].append(lambda r, **kw: seen.append((r.status_code, r.url)))
-        get_from(server, "batch_hook", session=s)
+        live(server, "batch_hook", session=s)
     assert seen == [(200, server.base_url + "/api/v1/llm/batches/batch_hook")]
 
 
@@ -1482,45 +1211,9 @@ def test_session_response_hooks_see_error_responses_too(start, status, headers):
     with requests.Session() as s:
         s.hooks["response"].append(lambda r, **kw: seen.append((r.status_code, r.url)))
         with pytest.raises(m.APIStatusError):
-            get_from(server, "batch_hook", session=s, max_retries=0)
+            live(server, "batch_hook", session=s, max_retries=0)
     assert seen == [(status, server.base_url + "/api/v1/llm/batches/batch_hook")]
     assert len(server.requests) == 1
-
-
-class ReadOnly:
-    """A file-like raw body with nothing but read(amt) and close()."""
-
-    def __init__(self, data: bytes):
-        self._data = io.BytesIO(data)
-
-    def read(self, amt: int = -1) -> bytes:
-        return self._data.read(amt)
-
-    def close(self) -> None:
-        self._data.close()
-
-
-class CannedAdapter(requests.adapters.BaseAdapter):
-    """A test adapter as users write them: a Response built by hand, its raw a file-like object."""
-
-    def __init__(self, raw: Any, headers: Any = None):
-        super().__init__()
-        self.raw = raw
-        self.headers = headers or {}
-        self.sent: List[Any] = []
-
-    def send(self, request: Any, **kwargs: Any) -> requests.Response:
-        self.sent.append(request)
-        resp = requests.Response()
-        resp.status_code, resp.reason, resp.url, resp.request = 200, "OK", request.url, request
-        resp.headers["Content-Type"] = "application/json"
-        resp.headers["X-Request-ID"] = RID
-        resp.headers.update(self.headers)
-        resp.raw = self.raw
-        return resp
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.mark.parametrize("wrap", [io.BytesIO, ReadOnly])
@@ -1570,7 +1263,7 @@ def test_vcrpy_records_then_replays_without_the_server(tmp_path):
 )
 def test_tls_verification_is_on_by_default_and_a_failure_is_one_attempt(tls_server, sleeps, cause):
     with pytest.raises(m.APIConnectionError) as info:
-        get_from(tls_server, "batch_tls", max_retries=2)
+        live(tls_server, "batch_tls", max_retries=2)
     assert type(info.value) is m.APIConnectionError
     assert str(info.value) == f"GET /api/v1/llm/batches/batch_tls on 127.0.0.1:{tls_server.port} failed: {cause}"
     assert isinstance(info.value.__cause__, requests.exceptions.SSLError)
@@ -1579,14 +1272,14 @@ def test_tls_verification_is_on_by_default_and_a_failure_is_one_attempt(tls_serv
 
 def test_tls_requests_ca_bundle_is_trusted(tls_server, pki, monkeypatch):
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", pki.ca_pem)
-    assert get_from(tls_server, "batch_tls").id == "batch_tls"
+    assert live(tls_server, "batch_tls").id == "batch_tls"
     assert tls_server.handshakes == 1
 
 
 def test_tls_session_verify_path_is_trusted(tls_server, pki):
     with requests.Session() as s:
         s.verify = pki.ca_pem
-        assert get_from(tls_server, "batch_tls", session=s).id == "batch_tls"
+        assert live(tls_server, "batch_tls", session=s).id == "batch_tls"
     assert tls_server.handshakes == 1
 
 
@@ -1594,7 +1287,7 @@ def test_tls_session_verify_path_is_trusted(tls_server, pki):
 def test_tls_session_verify_false_skips_the_check(tls_server):
     with requests.Session() as s:
         s.verify = False
-        assert get_from(tls_server, "batch_tls", session=s).id == "batch_tls"
+        assert live(tls_server, "batch_tls", session=s).id == "batch_tls"
     assert tls_server.handshakes == 1
 
 
@@ -1602,7 +1295,7 @@ def test_tls_client_certificate_is_presented(start, pki):
     server = start(RawServer(context=pki.context(client_cert_required=True)))
     with requests.Session() as s:
         s.verify, s.cert = pki.ca_pem, (pki.client_cert, pki.client_key)
-        assert get_from(server, "batch_mtls", session=s).id == "batch_mtls"
+        assert live(server, "batch_mtls", session=s).id == "batch_mtls"
     assert [c["subjectAltName"] for c in server.peer_certs] == [(("DNS", "client.example.test"),)]
 
 
@@ -1611,7 +1304,7 @@ def test_tls_missing_client_certificate_is_a_connection_error(start, pki):
     with requests.Session() as s:
         s.verify = pki.ca_pem
         with pytest.raises(m.APIConnectionError) as info:
-            get_from(server, "batch_mtls", session=s, max_retries=0)
+            live(server, "batch_mtls", session=s, max_retries=0)
     assert type(info.value) is m.APIConnectionError and "\n" not in str(info.value)
     assert str(info.value).startswith(f"GET /api/v1/llm/batches/batch_mtls on 127.0.0.1:{server.port} failed: ")
     assert (server.handshakes, server.requests) == (0, [])
@@ -1621,19 +1314,9 @@ def test_https_proxy_env_tunnels_with_connect(start, tls_server, pki, monkeypatc
     proxy = start(Proxy())
     monkeypatch.setenv("HTTPS_PROXY", proxy.url)
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", pki.ca_pem)
-    assert get_from(tls_server, "batch_proxied").id == "batch_proxied"
+    assert live(tls_server, "batch_proxied").id == "batch_proxied"
     assert bytes(proxy.seen).startswith(b"CONNECT 127.0.0.1:%d HTTP/1." % tls_server.port)  # 1.0 before 3.12
     assert (proxy.connects, tls_server.connections, tls_server.handshakes) == (1, 1, 1)
-
-
-def test_token_never_reaches_the_proxy_in_clear_text(start, tls_server, pki, monkeypatch):
-    proxy = start(Proxy())
-    monkeypatch.setenv("HTTPS_PROXY", proxy.url)
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", pki.ca_pem)
-    get_from(tls_server, "batch_secret")
-    assert tls_server.requests[0].headers["authorization"] == "Bearer " + TOKEN  # the server had it
-    assert proxy.tunnelled[:1] == b"\x16"  # a TLS handshake record: the tunnel carried TLS
-    assert TOKEN.encode() not in bytes(proxy.seen) + bytes(proxy.tunnelled)
 
 
 def test_no_proxy_env_bypasses_the_proxy(start, tls_server, pki, monkeypatch):
@@ -1641,7 +1324,7 @@ def test_no_proxy_env_bypasses_the_proxy(start, tls_server, pki, monkeypatch):
     monkeypatch.setenv("HTTPS_PROXY", proxy.url)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", pki.ca_pem)
-    assert get_from(tls_server, "batch_direct").id == "batch_direct"
+    assert live(tls_server, "batch_direct").id == "batch_direct"
     assert (proxy.connections, tls_server.connections) == (0, 1)
 
 
@@ -1649,7 +1332,7 @@ def test_http_proxy_env_gets_plain_http_in_absolute_form(start, monkeypatch):
     server = start(RawServer())
     proxy = start(Proxy())
     monkeypatch.setenv("HTTP_PROXY", proxy.url)
-    assert get_from(server, "batch_plain").id == "batch_plain"
+    assert live(server, "batch_plain").id == "batch_plain"
     assert bytes(proxy.seen).startswith(
         b"GET %s/api/v1/llm/batches/batch_plain HTTP/1.1\r\n" % server.base_url.encode()
     )
@@ -1660,7 +1343,7 @@ def test_proxy_407_on_connect_is_one_attempt_naming_the_status(start, tls_server
     proxy = start(Proxy(refuse="407 Proxy Authentication Required"))
     monkeypatch.setenv("HTTPS_PROXY", proxy.url)
     with pytest.raises(m.APIConnectionError) as info:
-        get_from(tls_server, "batch_p", max_retries=2)
+        live(tls_server, "batch_p", max_retries=2)
     assert type(info.value) is m.APIConnectionError
     assert str(info.value) == (
         f"GET /api/v1/llm/batches/batch_p on 127.0.0.1:{tls_server.port} failed: proxy refused CONNECT: 407"
@@ -1695,43 +1378,9 @@ def test_name_resolution_failure_names_the_host_and_the_cause(plain_env, monkeyp
 def test_read_timeout_is_one_line_naming_the_host(start):
     server = start(RawServer(lambda r: []))  # reads the request, never answers
     with pytest.raises(m.APITimeoutError) as info:
-        get_from(server, "batch_slow", timeout=(1, 0.3), max_retries=0)
+        live(server, "batch_slow", timeout=(1, 0.3), max_retries=0)
     assert str(info.value).startswith(f"GET /api/v1/llm/batches/batch_slow on 127.0.0.1:{server.port} timed out: ")
     assert "\n" not in str(info.value) and isinstance(info.value.__cause__, requests.Timeout)
-
-
-EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n"
-
-
-@pytest.mark.parametrize("together", [True, False], ids=["one-write", "200-after-the-client-moves"])
-def test_interim_1xx_taken_as_final_closes_the_connection(start, together):
-    def script(request: Received) -> List[bytes]:
-        if request.number > 1:
-            return answer(request)
-        (ok_,) = answer(request)
-        return [EARLY_HINTS + ok_] if together else [EARLY_HINTS, ok_]
-
-    server = start(RawServer(script))
-    with requests.Session() as s:
-        with pytest.raises(m.APIConnectionError) as info:
-            get_from(server, "batch_first", session=s, max_retries=0)
-        message = f"GET /api/v1/llm/batches/batch_first on 127.0.0.1:{server.port} failed: interim response 103"
-        assert str(info.value) == message + " taken as final"
-        assert get_from(server, "batch_second", session=s, max_retries=0).id == "batch_second"
-    assert [r.batch_id for r in server.requests] == ["batch_first", "batch_second"]
-    assert server.connections == 2
-
-
-def test_interim_1xx_is_retried_on_a_fresh_connection(start, sleeps):
-    def script(request: Received) -> List[bytes]:
-        (ok_,) = answer(request)
-        return [EARLY_HINTS + ok_] if request.number == 1 else [ok_]
-
-    server = start(RawServer(script))
-    with requests.Session() as s:
-        assert get_from(server, "batch_first", session=s).id == "batch_first"
-    assert [r.batch_id for r in server.requests] == ["batch_first", "batch_first"]
-    assert server.connections == 2 and len(sleeps) == 1
 
 
 def test_a_batch_with_another_id_is_refused_naming_both(api):
@@ -1744,7 +1393,7 @@ def test_a_batch_with_another_id_is_refused_naming_both(api):
 
 def test_an_id_that_needs_encoding_matches_itself(start):
     server = start(RawServer())
-    assert get_from(server, "batch/ü x?#").id == "batch/ü x?#"
+    assert live(server, "batch/ü x?#").id == "batch/ü x?#"
     assert server.requests[0].target == "/api/v1/llm/batches/batch%2F%C3%BC%20x%3F%23"
 
 
@@ -1752,7 +1401,7 @@ def test_an_id_that_needs_encoding_matches_itself(start):
 def test_compressed_body_is_decoded(start, encoding, wbits):
     headers = {"Content-Encoding": encoding, "X-Request-ID": RID}
     server = start(RawServer(lambda r: [reply(compress(batch_body(r.batch_id), wbits), headers=headers)]))
-    b = get_from(server, "batch_gz")
+    b = live(server, "batch_gz")
     assert b.to_dict() == dict(EXAMPLE, id="batch_gz") and b.request_id == RID
     assert server.requests[0].headers["accept-encoding"] == "identity"
 
@@ -1763,7 +1412,7 @@ def test_compressed_error_body_is_decoded(start, encoding, wbits):
     headers = {"Content-Encoding": encoding, "X-Request-ID": RID}
     server = start(RawServer(lambda r: [reply(body, "404 Not Found", headers)]))
     with pytest.raises(m.NotFoundError) as info:
-        get_from(server, "batch_gz")
+        live(server, "batch_gz")
     assert str(info.value) == f"404 Batch not found (request {RID})"
     assert info.value.body == {"error": {"message": "Batch not found", "details": None}}
 
@@ -1775,7 +1424,7 @@ def test_compression_bomb_is_refused_without_inflating_it(start, encoding, wbits
     tracemalloc.start()
     try:
         with pytest.raises(m.InvalidResponseError, match=r"over the 10485760-byte limit$") as info:
-            get_from(server, "batch_bomb")
+            live(server, "batch_bomb")
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -1787,8 +1436,9 @@ def test_chunked_body_ignores_content_length(start, length):
     headers = {"Transfer-Encoding": "chunked", "Content-Length": length, "X-Request-ID": RID}
     server = start(RawServer(lambda r: [reply(chunked(batch_body(r.batch_id)), headers=headers)]))
     with requests.Session() as s:
-        ids = [get_from(server, b, session=s, max_retries=0).id for b in ("batch_c1", "batch_c2")]
+        ids = [live(server, b, session=s, max_retries=0).id for b in ("batch_c1", "batch_c2")]
     assert ids == ["batch_c1", "batch_c2"]  # the second call would read leftovers if the length were followed
+    assert server.connections == 1  # and it did read on the first call's connection
 
 
 def odd_length_server(start: Any, value: str) -> "RawServer":
@@ -1805,7 +1455,7 @@ def odd_length_server(start: Any, value: str) -> "RawServer":
 def test_invalid_content_length_is_a_broken_connection_retried(start, sleeps, value):
     server = odd_length_server(start, value)
     with pytest.raises(m.APIConnectionError) as info:
-        get_from(server, "batch_cl", max_retries=1)
+        live(server, "batch_cl", max_retries=1)
     assert type(info.value) is m.APIConnectionError
     shown = repr(value.format(n=len(batch_body("batch_cl"))).strip())
     assert (
@@ -1818,32 +1468,7 @@ def test_invalid_content_length_is_a_broken_connection_retried(start, sleeps, va
 @pytest.mark.parametrize("value, outcome", [("99999999999999999999", m.InvalidResponseError), ("10, 11", m.MKA1Error)])
 def test_contradictory_or_huge_content_length_is_a_documented_error(start, value, outcome):
     with pytest.raises(outcome):
-        get_from(odd_length_server(start, value), "batch_cl", max_retries=0)
-
-
-HALF_READ = {
-    # name: (first answer, the error it gives)
-    "2xx over the cap": (
-        reply(chunked(b" " * 300_000, 8192), headers={"Transfer-Encoding": "chunked"}),
-        m.InvalidResponseError,
-    ),
-    "Content-Length over the cap": (reply(b" " * 300_000), m.InvalidResponseError),
-    "error body over its cap": (reply(b"x" * 2**20, "404 Not Found"), m.NotFoundError),
-    "read timeout mid-body": (reply(b" " * 1000)[:-500], m.APITimeoutError),
-}
-
-
-@pytest.mark.parametrize("case", list(HALF_READ))
-def test_half_read_connection_is_never_reused(start, monkeypatch, case):
-    monkeypatch.setattr(m, "MAX_BODY_BYTES", 100_000)
-    first, error = HALF_READ[case]
-    server = start(RawServer(lambda r: [first] if r.number == 1 else answer(r)))
-    with requests.Session() as s:
-        with pytest.raises(error):
-            get_from(server, "batch_first", session=s, timeout=(1, 0.3), max_retries=0)
-        assert get_from(server, "batch_next", session=s, max_retries=0).id == "batch_next"
-    assert [r.batch_id for r in server.requests] == ["batch_first", "batch_next"]
-    assert server.connections == 2
+        live(odd_length_server(start, value), "batch_cl", max_retries=0)
 
 
 def test_mounted_urllib3_retry_exhausted_on_503_is_a_status_error(start):
@@ -1852,7 +1477,7 @@ def test_mounted_urllib3_retry_exhausted_on_503_is_a_status_error(start):
     with requests.Session() as s:
         s.mount("http://", requests.adapters.HTTPAdapter(max_retries=retry))
         with pytest.raises(m.APIStatusError) as info:
-            get_from(server, "batch_busy", session=s)
+            live(server, "batch_busy", session=s)
     assert type(info.value) is m.InternalServerError and info.value.status_code == 503
     assert str(info.value) == "503 after the session adapter's own retries"
     assert len(server.requests) == 3  # urllib3's three tries, inside one attempt of ours: no retry of ours on top
@@ -1874,32 +1499,7 @@ def test_proxy_html_error_page_says_its_status_once(api, headers, message):
     assert str(info.value) == message and info.value.body == NGINX_502
 
 
-@pytest.mark.parametrize(
-    "body, redacted",
-    [
-        (
-            {"error": {"message": f"invalid key {TOKEN}", "details": {"key": TOKEN, "seen": [TOKEN, 1]}}},
-            {"error": {"message": "invalid key [token]", "details": {"key": "[token]", "seen": ["[token]", 1]}}},
-        ),
-        (f"<html>bad key {TOKEN}</html>", "<html>bad key [token]</html>"),
-    ],
-)
-def test_status_error_body_has_the_token_redacted(api, body, redacted):
-    fail(api, 401, body)
-    with pytest.raises(m.AuthenticationError) as info:
-        get()
-    assert info.value.body == redacted
-
-
-def test_a_token_echoed_json_escaped_is_redacted_too(api):
-    token = 'sk-"quoted"\\key'
-    fail(api, 401, {"error": {"message": f"invalid key {token}"}})
-    with pytest.raises(m.AuthenticationError) as info:
-        m.get_batch(token, BID, base_url=BASE)
-    assert (str(info.value), info.value.body) == (
-        f"401 invalid key [token] (request {RID})",
-        {"error": {"message": "invalid key [token]"}},
-    )
+# --- Pickling: multiprocessing and Celery pickle exceptions -------------------------------------
 
 
 @pytest.mark.parametrize("status, cls", [(status, cls) for status, cls in STATUS_CLASSES if status >= 400])
@@ -1950,10 +1550,182 @@ def test_wait_timeout_error_pickles_with_its_batch(api, fake_clock):
     assert back.batch.to_dict() == dict(EXAMPLE, status="in_progress")
 
 
+# --- Keep-alive: connections reused, and never one left half read ----------------------------
+# Connections are counted at the server; test_a_reuse_test_fails_when_the_pool_is_dropped shows that the
+# count sees a pool that is never given its connections back (the pool_dropped fixture).
+
+
+def test_live_keep_alive_reuses_one_connection(gateway):
+    with requests.Session() as s:
+        for i in range(5):
+            assert live(gateway, f"batch_k{i}", session=s).id == f"batch_k{i}"
+    assert gateway.connections == 1 and len(gateway.requests) == 5
+
+
+def test_live_error_bodies_also_keep_the_connection(gateway):
+    with requests.Session() as s:
+        for _ in range(3):
+            with pytest.raises(m.NotFoundError):
+                live(gateway, "nope", session=s)
+        live(gateway, "batch_ok", session=s)
+    assert gateway.connections == 1
+
+
+def test_live_body_exactly_at_the_cap_keeps_the_connection(gateway, monkeypatch):
+    from standin_gateway import batch_json
+
+    monkeypatch.setattr(m, "MAX_BODY_BYTES", len(json.dumps(batch_json("batch_cap0")).encode()))
+    with requests.Session() as s:
+        assert [live(gateway, f"batch_cap{i}", session=s).id for i in range(2)] == ["batch_cap0", "batch_cap1"]
+    assert gateway.connections == 1
+
+
+def test_live_threads_share_one_session(gateway):
+    errors: List[BaseException] = []
+    got: Dict[str, str] = {}
+
+    def work(n: int) -> None:
+        try:
+            for i in range(10):
+                bid = f"batch_t{n}_{i}"
+                got[bid] = live(gateway, bid, session=s).id
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    with requests.Session() as s:
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert not errors and len(got) == 80 and all(k == v for k, v in got.items())
+    assert gateway.connections <= 10  # the pool holds 10 connections; they are reused
+
+
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n"
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["one-write", "200-after-the-client-moves"])
+def test_interim_1xx_taken_as_final_closes_the_connection(start, together):
+    def script(request: Received) -> List[bytes]:
+        if request.number > 1:
+            return answer(request)
+        (ok_,) = answer(request)
+        return [EARLY_HINTS + ok_] if together else [EARLY_HINTS, ok_]
+
+    server = start(RawServer(script))
+    with requests.Session() as s:
+        with pytest.raises(m.APIConnectionError) as info:
+            live(server, "batch_first", session=s, max_retries=0)
+        message = f"GET /api/v1/llm/batches/batch_first on 127.0.0.1:{server.port} failed: interim response 103"
+        assert str(info.value) == message + " taken as final"
+        assert live(server, "batch_second", session=s, max_retries=0).id == "batch_second"
+    assert [r.batch_id for r in server.requests] == ["batch_first", "batch_second"]
+    assert server.connections == 2
+
+
+def test_interim_1xx_is_retried_on_a_fresh_connection(start, sleeps):
+    def script(request: Received) -> List[bytes]:
+        (ok_,) = answer(request)
+        return [EARLY_HINTS + ok_] if request.number == 1 else [ok_]
+
+    server = start(RawServer(script))
+    with requests.Session() as s:
+        assert live(server, "batch_first", session=s).id == "batch_first"
+    assert [r.batch_id for r in server.requests] == ["batch_first", "batch_first"]
+    assert server.connections == 2 and len(sleeps) == 1
+
+
+HALF_READ = {
+    # name: (first answer, the error it gives)
+    "2xx over the cap": (
+        reply(chunked(b" " * 300_000, 8192), headers={"Transfer-Encoding": "chunked"}),
+        m.InvalidResponseError,
+    ),
+    "Content-Length over the cap": (reply(b" " * 300_000), m.InvalidResponseError),
+    "error body over its cap": (reply(b"x" * 2**20, "404 Not Found"), m.NotFoundError),
+    "read timeout mid-body": (reply(b" " * 1000)[:-500], m.APITimeoutError),
+}
+
+
+@pytest.mark.parametrize("case", list(HALF_READ))
+def test_half_read_connection_is_never_reused(start, monkeypatch, case):
+    monkeypatch.setattr(m, "MAX_BODY_BYTES", 100_000)
+    first, error = HALF_READ[case]
+    server = start(RawServer(lambda r: [first] if r.number == 1 else answer(r)))
+    with requests.Session() as s:
+        with pytest.raises(error):
+            live(server, "batch_first", session=s, timeout=(1, 0.3), max_retries=0)
+        assert live(server, "batch_next", session=s, max_retries=0).id == "batch_next"
+    assert [r.batch_id for r in server.requests] == ["batch_first", "batch_next"]
+    assert server.connections == 2
+
+
+ANSWERS_READ_WHOLE = {
+    # name: (first answer, the error it gives)
+    "404 with a JSON body": (reply(b'{"error": {"message": "Batch not found"}}', "404 Not Found"), m.NotFoundError),
+    "302": (reply(b"", "302 Found", {"Location": "https://elsewhere.example/"}), m.APIStatusError),
+    "200 whose body is not JSON": (reply(b"<html>ok</html>"), m.InvalidResponseError),
+}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "404 with a JSON body",
+        "302",
+        "200 whose body is not JSON",
+    ],
+)
+def test_an_answer_read_whole_leaves_its_connection_to_the_next_call(start, case):
+    first, error = ANSWERS_READ_WHOLE[case]
+    server = start(RawServer(lambda r: [first] if r.number == 1 else answer(r)))
+    with requests.Session() as s:
+        with pytest.raises(error):
+            live(server, "batch_first", session=s, max_retries=0)
+        assert live(server, "batch_next", session=s, max_retries=0).id == "batch_next"
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize("pool", ["kept", "dropped"])
+def test_a_reuse_test_fails_when_the_pool_is_dropped(start, request, pool):
+    """The count the keep-alive tests check, with urllib3's pool as it is and with every connection dropped."""
+    if pool == "dropped":
+        request.getfixturevalue("pool_dropped")
+    server = start(RawServer())
+    with requests.Session() as s:
+        assert [live(server, f"batch_k{i}", session=s).id for i in range(3)] == ["batch_k0", "batch_k1", "batch_k2"]
+    assert server.connections == {"kept": 1, "dropped": 3}[pool]
+
+
+def test_live_stopping_early_closes_the_connection():
+    whole = jsonl(*[numbered(i) for i in range(1, 5)])
+    closed = threading.Event()
+
+    def hold(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(cut(whole, len(jsonl(numbered(1))) + 10))
+        if conn.recv(1) == b"":  # the client closed its end
+            closed.set()
+
+    with ScriptedServer(hold) as server:
+        for result in live_results(server.url, "file-x"):
+            assert result.custom_id == "request-1"
+            break
+        assert closed.wait(2)
+
+
+def test_live_the_session_works_on_after_stopping_early(gateway):
+    with requests.Session() as s:
+        for result in live_results(gateway.base_url, "file-large-16384", session=s):
+            assert result.custom_id == "request-1"
+            break
+        assert live(gateway, "batch_after", session=s).id == "batch_after"
+    assert gateway.connections == 2 and len(gateway.requests) == 2  # the rest of the file was not drained
+
+
 # --- Results: iter_results and BatchResult ------------------------------------------------------
 # The contract is "After the batch" in mka1-api.md: GET /api/v1/llm/files/{id}/content, JSONL.
 
-FILES = BASE + "/api/v1/llm/files/"
 SUCCESS_LINE = {
     "id": "batch_req_123",
     "custom_id": "request-1",
@@ -1968,27 +1740,8 @@ FAILED_LINE = {
 }
 
 
-def numbered(n: int) -> Dict[str, Any]:
-    """A successful result line for ``request-<n>``."""
-    response = {"status_code": 200, "request_id": f"req_{n}", "body": {"n": n}}
-    return {"id": f"batch_req_{n}", "custom_id": f"request-{n}", "response": response, "error": None}
-
-
-def jsonl(*lines: Any) -> bytes:
-    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
-
-
-def requests_up_to(n: int) -> List[str]:
-    return [f"request-{i}" for i in range(1, n + 1)]
-
-
 def finished(status: str = "completed", output: Any = "file-out", errors: Any = "file-err") -> m.Batch:
     return m.Batch.from_dict(dict(EXAMPLE, status=status, output_file_id=output, error_file_id=errors))
-
-
-def add_file(api: responses.RequestsMock, file_id: str, body: Any = b"", **kw: Any) -> None:
-    headers = {"X-Request-ID": RID, "Content-Type": "application/jsonl", **kw.pop("headers", {})}
-    api.add(responses.GET, FILES + file_id + "/content", body=body, headers=headers, **kw)
 
 
 def results(batch: Any, **kw: Any) -> List[m.BatchResult]:
@@ -1997,19 +1750,6 @@ def results(batch: Any, **kw: Any) -> List[m.BatchResult]:
 
 def custom_ids(batch: Any, **kw: Any) -> List[str]:
     return [r.custom_id for r in results(batch, **kw)]
-
-
-def read_until_error(it: Any, error: Any) -> Any:
-    """The custom_ids yielded before ``it`` raised ``error``, and the raised exception."""
-    seen: List[str] = []
-
-    def read() -> None:
-        for result in it:
-            seen.append(result.custom_id)
-
-    with pytest.raises(error) as info:
-        read()
-    return seen, info.value
 
 
 @pytest.mark.parametrize(
@@ -2171,12 +1911,6 @@ def test_crlf_endings_and_a_last_line_without_newline_are_read(api):
     assert custom_ids("file-out") == ["request-1", "request-2"]
 
 
-def padded_line(custom_id: str, size: int) -> bytes:
-    """A result line of exactly ``size`` bytes, its newline not counted."""
-    head, tail = b'{"custom_id": "' + custom_id.encode() + b'", "pad": "', b'"}'
-    return head + b"x" * (size - len(head) - len(tail)) + tail
-
-
 # 1000: the line ends inside one read; 100000: it spans reads, and the cap falls between them.
 @pytest.mark.parametrize("cap", [1000, 100_000])
 def test_a_line_at_the_cap_is_read(api, monkeypatch, cap):
@@ -2194,24 +1928,6 @@ def test_a_line_one_byte_over_the_cap_is_refused(api, monkeypatch, cap):
     assert (str(error), error.request_id) == (f"file file-out line 2: longer than the {cap}-byte limit", RID)
 
 
-class LongLine(io.RawIOBase):
-    """A result line, then a second line that never ends, counting what was read of it."""
-
-    def __init__(self) -> None:
-        self.head = jsonl(numbered(1)) + b'{"custom_id": "request-2", "pad": "'
-        self.served = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf: Any) -> int:
-        data = self.head[self.served :] or b"x" * min(len(buf), 50 * 1024 * 1024 - self.served)  # bounded
-        n = min(len(buf), len(data))
-        buf[:n] = data[:n]
-        self.served += n
-        return n
-
-
 def test_a_long_line_is_refused_without_reading_it_whole(api, monkeypatch):
     monkeypatch.setattr(m, "MAX_LINE_BYTES", 100_000)
     raw = LongLine()
@@ -2219,23 +1935,6 @@ def test_a_long_line_is_refused_without_reading_it_whole(api, monkeypatch):
     seen, error = read_until_error(m.iter_results(TOKEN, "file-out", base_url=BASE), m.InvalidResponseError)
     assert seen == ["request-1"] and str(error) == "file file-out line 2: longer than the 100000-byte limit"
     assert raw.served <= len(raw.head) + 100_000 + 2 * 65536
-
-
-class Pieces(io.RawIOBase):
-    """A body served in the pieces given, one a read, as the network may split it."""
-
-    def __init__(self, body: bytes, *cuts: int) -> None:
-        assert list(cuts) == sorted(set(cuts)) and all(0 < cut < len(body) for cut in cuts), cuts
-        ends = [*cuts, len(body)]
-        self.pieces = [body[start:end] for start, end in zip([0, *cuts], ends)]
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf: Any) -> int:
-        piece = self.pieces.pop(0) if self.pieces else b""
-        buf[: len(piece)] = piece  # each piece is far smaller than a read asks for
-        return len(piece)
 
 
 LINE_1 = jsonl(numbered(1))
@@ -2428,37 +2127,6 @@ def test_a_file_status_error_is_its_class_with_the_request_id(api, sleeps, statu
     assert len(api.calls) == 1 and sleeps == []
 
 
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 410, 422])
-def test_a_file_client_error_is_not_retried(api, sleeps, status):
-    add_file(api, "file-out", json.dumps({"error": "no"}), status=status)
-    with pytest.raises(m.APIStatusError):
-        results("file-out")
-    assert len(api.calls) == 1 and sleeps == []
-
-
-def test_a_file_429_then_503_before_the_first_byte_are_retried(api, sleeps):
-    add_file(api, "file-out", json.dumps({"error": "Rate limit exceeded"}), status=429, headers={"Retry-After": "1"})
-    add_file(api, "file-out", "<html>busy</html>", status=503, headers={"Retry-After": "2"})
-    add_file(api, "file-out", jsonl(numbered(1), numbered(2)))
-    assert custom_ids("file-out") == ["request-1", "request-2"]
-    assert len(api.calls) == 3 and sleeps == [1.0, 2.0]
-
-
-@pytest.mark.parametrize("retries", [0, 1, 3])
-def test_file_retries_are_bounded(api, sleeps, retries):
-    add_file(api, "file-out", "<html>down</html>", status=503)
-    with pytest.raises(m.InternalServerError, match=r"^503 down \(request "):
-        results("file-out", max_retries=retries)
-    assert len(api.calls) == retries + 1 and len(sleeps) == retries
-
-
-def test_file_retries_twice_by_default(api, sleeps):
-    add_file(api, "file-out", "<html>down</html>", status=503)
-    with pytest.raises(m.InternalServerError):
-        results("file-out")
-    assert len(api.calls) == 3 and len(sleeps) == 2
-
-
 def deflated(data: bytes) -> bytes:
     import zlib
 
@@ -2529,26 +2197,176 @@ def test_resuming_is_bounded_by_max_retries(api, sleeps):
     )
 
 
-ECHO = f"invalid key {TOKEN} for you"
+# Over real sockets: the stand-in gateway, and a bare loopback server for what it does not do.
+
+
+def cut(body: bytes, size: int) -> bytes:
+    """A 200 that promises ``body`` but sends only its first ``size`` bytes before closing."""
+    whole = reply(body, close=True)
+    return whole[: len(whole) - len(body) + size]
+
+
+def large_ids(n: int) -> List[str]:
+    return [json.loads(large_line(i).decode())["custom_id"] for i in range(1, n + 1)]
+
+
+def test_live_demo_batch_results(gateway):
+    batch = m.wait_for_batch(DEMO_TOKEN, "batch_progress", base_url=gateway.base_url)
+    got = list(live_results(gateway.base_url, batch))
+    assert [r.custom_id for r in got] == ["request-3", "request-1", "request-2"]
+    assert [(r.id, r.response.status_code, r.response.request_id, r.error) for r in got[:2]] == [
+        ("batch_req_3", 200, "req_3", None),
+        ("batch_req_1", 200, "req_1", None),
+    ]
+    assert got[0].response.body["choices"][0]["message"]["content"] == "The answer to request 3."
+    assert (got[2].id, got[2].response) == ("batch_req_2", None)
+    assert got[2].error == m.ResultError("processing_error", "The request could not be processed.")
+    assert [r["path"] for r in gateway.requests[-2:]] == [
+        "/api/v1/llm/files/file-batch_progress-output/content",
+        "/api/v1/llm/files/file-batch_progress-errors/content",
+    ]
+
+
+def test_live_cut_file_is_resumed_every_line_once_in_order(gateway, sleeps):
+    got = [r.custom_id for r in live_results(gateway.base_url, "file-cut-64", on_behalf_of="user_7")]
+    assert got == large_ids(64)
+    assert [(r["path"], r["X-On-Behalf-Of"]) for r in gateway.requests] == [
+        ("/api/v1/llm/files/file-cut-64/content", "user_7")
+    ] * 2
+    assert len(sleeps) == 1
+
+
+def test_live_cut_file_without_retries_is_a_connection_error_after_the_whole_lines(gateway):
+    seen, error = read_until_error(live_results(gateway.base_url, "file-cut-64", max_retries=0), m.APIConnectionError)
+    assert seen == large_ids(32)  # the cut falls inside line 33: it is never yielded in part
+    host = gateway.base_url[len("http://") :]
+    assert str(error) == (
+        f"GET /api/v1/llm/files/file-cut-64/content on {host} failed: connection closed after 32868 of 65536 bytes"
+    )
+    assert len(gateway.requests) == 1
 
 
 @pytest.mark.parametrize(
-    "body, kw",
+    "again",
     [
-        (json.dumps({"error": {"message": ECHO}}), {"status": 401}),
-        (f"<html>{ECHO}</html>", {"status": 503}),
-        (requests.ConnectionError(f"proxy said {TOKEN}"), {}),
-        (b"", {"status": 302, "headers": {"Location": f"http://storage.example/?key={TOKEN}"}}),
-        (f'{{"custom_id": "c", "note": "{ECHO}"'.encode(), {}),
-        (jsonl({"custom_id": "c", "response": ECHO}), {}),
+        jsonl(numbered(1), numbered(2)),  # shorter
+        jsonl(numbered(1), numbered(2), dict(numbered(3), id="batch_req_x"), numbered(4)),  # line 3 differs
+        b"",  # empty
     ],
-    ids=["401 body", "503 page", "connection error", "redirect location", "malformed line", "wrong type"],
+    ids=["shorter", "different", "empty"],
 )
-def test_the_token_is_never_in_a_file_error(api, body, kw):
-    add_file(api, "file-out", body, **kw)
-    with pytest.raises(m.MKA1Error) as info:
-        results("file-out", max_retries=0)
-    assert all(TOKEN[3:-3] not in text for text in (str(info.value), repr(info.value)))
+def test_live_a_file_that_changed_when_read_again_is_refused(sleeps, again):
+    whole = jsonl(*[numbered(i) for i in range(1, 5)])
+    changed = reply(again, headers={"X-Request-ID": "req-again"}, close=True)
+    with ScriptedServer(cut(whole, whole.index(b'{"id": "batch_req_4"') + 10), changed) as server:
+        seen, error = read_until_error(live_results(server.url, "file-x"), m.InvalidResponseError)
+    assert seen == requests_up_to(3)
+    assert (str(error), error.request_id) == (
+        "file file-x changed while it was read again after a broken connection",
+        "req-again",  # the answer that changed
+    )
+    assert len(server.requests) == 2 and len(sleeps) == 1
+
+
+def test_live_a_stalled_file_is_resumed_after_the_read_timeout(sleeps):
+    whole = jsonl(*[numbered(i) for i in range(1, 5)])
+
+    def stall(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(cut(whole, whole.index(b'{"id": "batch_req_3"') + 10))
+        stop.wait(10)
+
+    with ScriptedServer(stall, reply(whole, close=True)) as server:
+        start = time.monotonic()
+        got = [r.custom_id for r in live_results(server.url, "file-x", timeout=(0.3, 0.3))]
+        elapsed = time.monotonic() - start
+    assert got == requests_up_to(4) and len(server.requests) == 2 and len(sleeps) == 1
+    assert 0.3 <= elapsed < 4  # one read timeout, not the server's 10 s stall
+
+
+def test_live_gzip_file_is_decoded(gateway):
+    assert [r.custom_id for r in live_results(gateway.base_url, "file-gzip-300")] == large_ids(300)
+
+
+def test_live_memory_stays_flat_for_a_16_mib_file(gateway):
+    # In a child process, whose peak RSS is its own: the reader's, not the stand-in's or pytest's.
+    code = (
+        "import resource, sys, mka1_batches as m\n"
+        "def read(n):\n"
+        "    return sum(1 for _ in m.iter_results('demo-key', 'file-large-%d' % n, base_url=sys.argv[1]))\n"
+        "read(256)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "count = read(16384)\n"
+        "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
+        "print(count, grown // 1024 if sys.platform == 'darwin' else grown)\n"  # bytes there, KiB elsewhere
+    )
+    out = run_text([sys.executable, "-c", code, gateway.base_url], cwd=HERE, timeout=60)
+    count, grown_kib = map(int, out.stdout.split())
+    assert count == 16384 and grown_kib < 4096, out.stderr  # holding the file would take 16384 KiB
+
+
+def test_live_a_line_dripping_past_the_deadline_times_out_naming_it(sleeps):
+    lines = jsonl(numbered(1), numbered(2))
+    whole = reply(lines, headers={"Content-Type": "application/jsonl"}, close=True)
+    first = len(whole) - len(lines) + len(jsonl(numbered(1)))
+
+    def drip(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(whole[:first])
+        for byte in whole[first:]:  # each byte well inside the 0.4 s read timeout
+            if stop.wait(0.05):
+                return
+            conn.sendall(bytes([byte]))
+
+    with ScriptedServer(drip) as server:
+        start = time.monotonic()
+        seen, error = read_until_error(
+            live_results(server.url, "file-slow", timeout=(0.4, 0.4), max_retries=0), m.APITimeoutError
+        )
+        elapsed = time.monotonic() - start
+    host = server.url[len("http://") :]
+    assert seen == ["request-1"]
+    assert str(error) == f"GET /api/v1/llm/files/file-slow/content on {host} timed out: line 2 not read within 0.8s"
+    assert 0.8 <= elapsed < 4  # the line's deadline, not the whole drip
+
+
+def test_live_the_deadline_is_per_line_not_per_file(sleeps):
+    lines = [jsonl(numbered(i)) for i in range(1, 6)]
+    whole = reply(b"".join(lines), close=True)
+
+    def pace(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(whole[: len(whole) - sum(map(len, lines))] + lines[0])
+        for line in lines[1:]:  # 1.2 s in all, past the 1 s deadline; each line well inside it
+            if stop.wait(0.3):
+                return
+            conn.sendall(line)
+
+    with ScriptedServer(pace) as server:
+        got = [r.custom_id for r in live_results(server.url, "file-x", timeout=(0.5, 0.5), max_retries=0)]
+    assert got == requests_up_to(5)
+
+
+# --- Redirects: never for a batch; for a file, 3 hops, credentials only within the origin -------
+
+
+@pytest.mark.parametrize(
+    "status, message",
+    [
+        (300, f"300 redirect to 'https://elsewhere.example/' not followed (request {RID})"),
+        (399, f"399 redirect to 'https://elsewhere.example/' not followed (request {RID})"),
+        (400, f"400 plain (request {RID})"),
+        (401, f"401 plain (request {RID})"),
+    ],
+)
+def test_location_makes_a_redirect_message_only_for_3xx(api, status, message):
+    fail(api, status, {"error": "plain"}, {"Location": "https://elsewhere.example/"})
+    with pytest.raises(m.APIStatusError) as info:
+        get(max_retries=0)
+    assert str(info.value) == message
+
+
+def test_location_on_a_2xx_is_not_a_redirect(api):
+    fail(api, 299, {"error": "plain"}, {"Location": "https://elsewhere.example/"})
+    with pytest.raises(m.InvalidResponseError):
+        get(max_retries=0)
 
 
 # Redirects, decided: file content may be redirected to storage, and at most 3 hops are followed.
@@ -2689,256 +2507,8 @@ def test_a_batch_get_never_follows_a_redirect(api, status, location):
     assert [c.request.url for c in api.calls] == [URL + BID]
 
 
-# Over real sockets: the stand-in gateway, and a bare loopback server for what it does not do.
-
-
-class ScriptedServer:
-    """An HTTP server on 127.0.0.1 that gives request n ``answers[n]`` (the last repeats), then closes.
-
-    An answer is the bytes to send, or a function of the socket and a stop event.
-    """
-
-    def __init__(self, *answers: Any, tls: Any = None) -> None:
-        self.answers = list(answers)
-        self.requests: List[Dict[str, str]] = []
-        self.stop = threading.Event()
-        self._tls = tls
-        self._lock = threading.Lock()
-        self._listener = socket.socket()
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(16)
-        self._listener.settimeout(0.02)  # so that the accept loop sees the stop event
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self._listener.getsockname()[1]}"
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-
-    def __enter__(self) -> "ScriptedServer":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self._thread.join(5)
-        self._listener.close()
-
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except socket.timeout:
-                continue
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
-    def _answer(self, conn: socket.socket) -> None:
-        try:
-            conn.settimeout(10)
-            if self._tls is not None:
-                conn = self._tls.wrap_socket(conn, server_side=True)
-            head = b""
-            while b"\r\n\r\n" not in head:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                head += data
-            first, *fields = head.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
-            request = dict([("path", first.split(" ")[1])] + [tuple(f.split(": ", 1)) for f in fields])
-            with self._lock:
-                self.requests.append(request)
-                answer = self.answers[min(len(self.requests), len(self.answers)) - 1]
-            if callable(answer):
-                answer(conn, self.stop)
-            else:
-                conn.sendall(answer)
-        except OSError:
-            pass  # the client hung up, as a reader that stops early does
-        finally:
-            conn.close()
-
-
-def reply(body: bytes = b"", status: str = "200 OK", headers: Any = None) -> bytes:
-    items = {"Content-Length": str(len(body)), "Connection": "close", **(headers or {})}
-    head = f"HTTP/1.1 {status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in items.items()) + "\r\n"
-    return head.encode("latin-1") + body
-
-
-def moved(location: str) -> bytes:
-    return reply(status="302 Found", headers={"Location": location})
-
-
-def cut(body: bytes, size: int) -> bytes:
-    """A 200 that promises ``body`` but sends only its first ``size`` bytes before closing."""
-    whole = reply(body)
-    return whole[: len(whole) - len(body) + size]
-
-
-def large_ids(n: int) -> List[str]:
-    return [json.loads(large_line(i).decode())["custom_id"] for i in range(1, n + 1)]
-
-
-def live_results(base_url: str, batch: Any, **kw: Any) -> Any:
-    return m.iter_results(DEMO_TOKEN, batch, kw.pop("on_behalf_of", None), base_url=base_url, **kw)
-
-
-def test_live_demo_batch_results(gateway):
-    batch = m.wait_for_batch(DEMO_TOKEN, "batch_progress", base_url=gateway.base_url)
-    got = list(live_results(gateway.base_url, batch))
-    assert [r.custom_id for r in got] == ["request-3", "request-1", "request-2"]
-    assert [(r.id, r.response.status_code, r.response.request_id, r.error) for r in got[:2]] == [
-        ("batch_req_3", 200, "req_3", None),
-        ("batch_req_1", 200, "req_1", None),
-    ]
-    assert got[0].response.body["choices"][0]["message"]["content"] == "The answer to request 3."
-    assert (got[2].id, got[2].response) == ("batch_req_2", None)
-    assert got[2].error == m.ResultError("processing_error", "The request could not be processed.")
-    assert [r["path"] for r in gateway.requests[-2:]] == [
-        "/api/v1/llm/files/file-batch_progress-output/content",
-        "/api/v1/llm/files/file-batch_progress-errors/content",
-    ]
-
-
-def test_live_cut_file_is_resumed_every_line_once_in_order(gateway, sleeps):
-    got = [r.custom_id for r in live_results(gateway.base_url, "file-cut-64", on_behalf_of="user_7")]
-    assert got == large_ids(64)
-    assert [(r["path"], r["X-On-Behalf-Of"]) for r in gateway.requests] == [
-        ("/api/v1/llm/files/file-cut-64/content", "user_7")
-    ] * 2
-    assert len(sleeps) == 1
-
-
-def test_live_cut_file_without_retries_is_a_connection_error_after_the_whole_lines(gateway):
-    seen, error = read_until_error(live_results(gateway.base_url, "file-cut-64", max_retries=0), m.APIConnectionError)
-    assert seen == large_ids(32)  # the cut falls inside line 33: it is never yielded in part
-    host = gateway.base_url[len("http://") :]
-    assert str(error) == (
-        f"GET /api/v1/llm/files/file-cut-64/content on {host} failed: connection closed after 32868 of 65536 bytes"
-    )
-    assert len(gateway.requests) == 1
-
-
-@pytest.mark.parametrize(
-    "again",
-    [
-        jsonl(numbered(1), numbered(2)),  # shorter
-        jsonl(numbered(1), numbered(2), dict(numbered(3), id="batch_req_x"), numbered(4)),  # line 3 differs
-        b"",  # empty
-    ],
-    ids=["shorter", "different", "empty"],
-)
-def test_live_a_file_that_changed_when_read_again_is_refused(sleeps, again):
-    whole = jsonl(*[numbered(i) for i in range(1, 5)])
-    changed = reply(again, headers={"X-Request-ID": "req-again"})
-    with ScriptedServer(cut(whole, whole.index(b'{"id": "batch_req_4"') + 10), changed) as server:
-        seen, error = read_until_error(live_results(server.url, "file-x"), m.InvalidResponseError)
-    assert seen == requests_up_to(3)
-    assert (str(error), error.request_id) == (
-        "file file-x changed while it was read again after a broken connection",
-        "req-again",  # the answer that changed
-    )
-    assert len(server.requests) == 2 and len(sleeps) == 1
-
-
-def test_live_a_stalled_file_is_resumed_after_the_read_timeout(sleeps):
-    whole = jsonl(*[numbered(i) for i in range(1, 5)])
-
-    def stall(conn: socket.socket, stop: threading.Event) -> None:
-        conn.sendall(cut(whole, whole.index(b'{"id": "batch_req_3"') + 10))
-        stop.wait(10)
-
-    with ScriptedServer(stall, reply(whole)) as server:
-        start = time.monotonic()
-        got = [r.custom_id for r in live_results(server.url, "file-x", timeout=(0.3, 0.3))]
-        elapsed = time.monotonic() - start
-    assert got == requests_up_to(4) and len(server.requests) == 2 and len(sleeps) == 1
-    assert 0.3 <= elapsed < 4  # one read timeout, not the server's 10 s stall
-
-
-def test_live_gzip_file_is_decoded(gateway):
-    assert [r.custom_id for r in live_results(gateway.base_url, "file-gzip-300")] == large_ids(300)
-
-
-def test_live_memory_stays_flat_for_a_16_mib_file(gateway):
-    # In a child process, whose peak RSS is its own: the reader's, not the stand-in's or pytest's.
-    code = (
-        "import resource, sys, mka1_batches as m\n"
-        "def read(n):\n"
-        "    return sum(1 for _ in m.iter_results('demo-key', 'file-large-%d' % n, base_url=sys.argv[1]))\n"
-        "read(256)\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "count = read(16384)\n"
-        "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
-        "print(count, grown // 1024 if sys.platform == 'darwin' else grown)\n"  # bytes there, KiB elsewhere
-    )
-    out = run_text([sys.executable, "-c", code, gateway.base_url], cwd=HERE, timeout=60)
-    count, grown_kib = map(int, out.stdout.split())
-    assert count == 16384 and grown_kib < 4096, out.stderr  # holding the file would take 16384 KiB
-
-
-def test_live_stopping_early_closes_the_connection():
-    whole = jsonl(*[numbered(i) for i in range(1, 5)])
-    closed = threading.Event()
-
-    def hold(conn: socket.socket, stop: threading.Event) -> None:
-        conn.sendall(cut(whole, len(jsonl(numbered(1))) + 10))
-        if conn.recv(1) == b"":  # the client closed its end
-            closed.set()
-
-    with ScriptedServer(hold) as server:
-        for result in live_results(server.url, "file-x"):
-            assert result.custom_id == "request-1"
-            break
-        assert closed.wait(2)
-
-
-def test_live_the_session_works_on_after_stopping_early(gateway):
-    with requests.Session() as s:
-        for result in live_results(gateway.base_url, "file-large-16384", session=s):
-            assert result.custom_id == "request-1"
-            break
-        assert live(gateway, "batch_after", session=s).id == "batch_after"
-    assert gateway.connections == 2 and len(gateway.requests) == 2  # the rest of the file was not drained
-
-
-def test_live_a_line_dripping_past_the_deadline_times_out_naming_it(sleeps):
-    lines = jsonl(numbered(1), numbered(2))
-    whole = reply(lines, headers={"Content-Type": "application/jsonl"})
-    first = len(whole) - len(lines) + len(jsonl(numbered(1)))
-
-    def drip(conn: socket.socket, stop: threading.Event) -> None:
-        conn.sendall(whole[:first])
-        for byte in whole[first:]:  # each byte well inside the 0.4 s read timeout
-            if stop.wait(0.05):
-                return
-            conn.sendall(bytes([byte]))
-
-    with ScriptedServer(drip) as server:
-        start = time.monotonic()
-        seen, error = read_until_error(
-            live_results(server.url, "file-slow", timeout=(0.4, 0.4), max_retries=0), m.APITimeoutError
-        )
-        elapsed = time.monotonic() - start
-    host = server.url[len("http://") :]
-    assert seen == ["request-1"]
-    assert str(error) == f"GET /api/v1/llm/files/file-slow/content on {host} timed out: line 2 not read within 0.8s"
-    assert 0.8 <= elapsed < 4  # the line's deadline, not the whole drip
-
-
-def test_live_the_deadline_is_per_line_not_per_file(sleeps):
-    lines = [jsonl(numbered(i)) for i in range(1, 6)]
-    whole = reply(b"".join(lines))
-
-    def pace(conn: socket.socket, stop: threading.Event) -> None:
-        conn.sendall(whole[: len(whole) - sum(map(len, lines))] + lines[0])
-        for line in lines[1:]:  # 1.2 s in all, past the 1 s deadline; each line well inside it
-            if stop.wait(0.3):
-                return
-            conn.sendall(line)
-
-    with ScriptedServer(pace) as server:
-        got = [r.custom_id for r in live_results(server.url, "file-x", timeout=(0.5, 0.5), max_retries=0)]
-    assert got == requests_up_to(5)
-
-
 def test_live_redirect_to_another_origin_gets_no_credentials():
-    with ScriptedServer(reply(jsonl(numbered(1)))) as storage, ScriptedServer(
+    with ScriptedServer(reply(jsonl(numbered(1)), close=True)) as storage, ScriptedServer(
         moved(storage.url + "/signed?sig=1")
     ) as gw:
         got = [r.custom_id for r in live_results(gw.url, "file-out", on_behalf_of="user_123")]
@@ -2954,7 +2524,7 @@ def test_live_redirect_to_another_origin_gets_no_credentials():
 def test_live_three_redirect_hops_are_followed():
     with ScriptedServer() as storage, ScriptedServer() as gw:
         gw.answers = [moved(storage.url + "/1")]
-        storage.answers = [moved(storage.url + "/2"), moved(storage.url + "/3"), reply(jsonl(numbered(1)))]
+        storage.answers = [moved(storage.url + "/2"), moved(storage.url + "/3"), reply(jsonl(numbered(1)), close=True)]
         assert [r.custom_id for r in live_results(gw.url, "file-out")] == ["request-1"]
     assert len(gw.requests) == 1 and [r["path"] for r in storage.requests] == ["/1", "/2", "/3"]
 
@@ -2969,33 +2539,13 @@ def test_live_a_fourth_redirect_hop_is_not_followed():
     assert len(gw.requests) == 1 and [r["path"] for r in storage.requests] == ["/1", "/2", "/3"]
 
 
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1, made with the openssl command."""
-    import shutil
-
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command")
-    d = tmp_path_factory.mktemp("tls")
-    cert, key = str(d / "cert.pem"), str(d / "key.pem")
-    command = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    command += ["-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1"]
-    command += ["-addext", "subjectAltName=IP:127.0.0.1"]
-    made = run_text(command, timeout=60)
-    assert made.returncode == 0, made.stderr
-    return cert, key
-
-
-def test_live_redirect_from_https_to_http_is_refused(tls_files, monkeypatch):
-    import ssl
-
-    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):  # they would override the session's verify
-        monkeypatch.delenv(name, raising=False)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(*tls_files)
-    with ScriptedServer(reply(jsonl(numbered(1)))) as plain, ScriptedServer(tls=context) as gw, requests.Session() as s:
+def test_live_redirect_from_https_to_http_is_refused(pki, plain_env):
+    # plain_env: REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE would override the session's verify.
+    with ScriptedServer(reply(jsonl(numbered(1)), close=True)) as plain, ScriptedServer(
+        tls=pki.context()
+    ) as gw, requests.Session() as s:
         gw.answers = [moved(plain.url + "/file-out")]
-        s.verify = tls_files[0]
+        s.verify = pki.ca_pem
         with pytest.raises(m.APIStatusError) as info:
             list(live_results(gw.url, "file-out", session=s))
     assert str(info.value) == f"302 redirect to '{plain.url}/file-out' refused: https to http"
@@ -3003,7 +2553,7 @@ def test_live_redirect_from_https_to_http_is_refused(tls_files, monkeypatch):
 
 
 def test_live_batch_get_never_follows_a_redirect():
-    with ScriptedServer(reply(json.dumps(EXAMPLE).encode())) as storage, ScriptedServer() as gw:
+    with ScriptedServer(reply(json.dumps(EXAMPLE).encode(), close=True)) as storage, ScriptedServer() as gw:
         gw.answers = [moved(storage.url + "/" + BID)]
         with pytest.raises(m.APIStatusError) as info:
             m.get_batch(DEMO_TOKEN, BID, base_url=gw.url)
@@ -3071,13 +2621,6 @@ def test_wait_polls_every_2_s_by_default_as_the_user(api, sleeps):
     ok(api)
     m.wait_for_batch(TOKEN, BID, "user_9", base_url=BASE)
     assert sleeps == [2.0] and [c.request.headers["X-On-Behalf-Of"] for c in api.calls] == ["user_9", "user_9"]
-
-
-def test_wait_retries_twice_by_default(api):
-    fail(api, 503, "busy")
-    with pytest.raises(m.InternalServerError):
-        m.wait_for_batch(TOKEN, BID, base_url=BASE)
-    assert len(api.calls) == 3  # max_retries defaults to 2
 
 
 def test_wait_deadline_in_a_retry_keeps_the_last_batch(api, fake_clock):
