@@ -48,6 +48,7 @@ __all__ = [
     "BatchError",
     "BatchErrors",
     "BatchResult",
+    "File",
     "InternalServerError",
     "InvalidResponseError",
     "MKA1Error",
@@ -439,6 +440,25 @@ class BatchResult(_Model):
     id: Optional[str] = attr.ib(default=None, metadata={"kind": str})
     response: Optional[ResultResponse] = attr.ib(default=None, metadata={"kind": ResultResponse.from_dict})
     error: Optional[ResultError] = attr.ib(default=None, metadata={"kind": ResultError.from_dict})
+    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
+
+
+@attr.s(frozen=True)
+class File(_Model):
+    """An uploaded file, such as a batch's input, as the API's JSON object names it."""
+
+    _where = "file"
+
+    id: str = attr.ib(metadata={"kind": str})
+    object: str = attr.ib(metadata={"kind": _exactly("file")})
+    bytes: int = attr.ib(metadata={"kind": int})
+    created_at: int = attr.ib(metadata={"kind": int})
+    filename: str = attr.ib(metadata={"kind": str})
+    purpose: str = attr.ib(metadata={"kind": str})
+    expires_at: Optional[int] = attr.ib(default=None, metadata={"kind": int})
+    status: Optional[str] = attr.ib(default=None, metadata={"kind": str})
+    status_details: Optional[str] = attr.ib(default=None, metadata={"kind": str})
+    sha256: Optional[str] = attr.ib(default=None, metadata={"kind": str})
     extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
 
 
@@ -1138,7 +1158,7 @@ def _positive(seconds: Any) -> bool:
 
 
 def _path(where: str, key: str) -> str:
-    return key if where in ("batch", "result") else where + "." + key
+    return key if where in ("batch", "file", "result") else where + "." + key
 
 
 def _invalid(field: str, expected: str, value: Any) -> InvalidResponseError:
