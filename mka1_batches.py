@@ -272,213 +272,89 @@ _STATUS_ERRORS = {
 }
 
 
-@attr.s(frozen=True)
-class RequestCounts:
-    """How many of a batch's requests there are, and how many have finished."""
+_M = TypeVar("_M", bound="_Model")
 
-    total: int = attr.ib()
-    completed: int = attr.ib()
-    failed: int = attr.ib()
+
+class _Model:
+    """The one from_dict and to_dict of the data classes below."""
+
+    # Each field but ``extra`` names its kind in its attrs metadata: str or int (exactly: a bool is
+    # not an int), object (any JSON value, as received), or a function of the value and its path
+    # that checks the value and builds what the field holds. A field without a default is required.
+
+    #: Where in a response the object sits: the start of every message and of ``field``.
+    _where = ""
     #: Keys the server sent that this version does not know, kept as received.
-    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
+    extra: Dict[str, Any]
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "request_counts") -> "RequestCounts":
+    def from_dict(cls: Type[_M], data: Any, where: Optional[str] = None) -> _M:
         """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
-        return cls(**_fields(data, where, {"total": int, "completed": int, "failed": int}, required=3))
-
-    def to_dict(self) -> Dict[str, Any]:
-        """The JSON object, unknown keys included."""
-        return _to_dict(self)
-
-
-@attr.s(frozen=True)
-class BatchError:
-    """One reason a batch failed validation."""
-
-    code: str = attr.ib()
-    message: str = attr.ib()
-    param: Optional[str] = attr.ib(default=None)
-    line: Optional[int] = attr.ib(default=None)
-    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "error") -> "BatchError":
-        """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
-        return cls(**_fields(data, where, {"code": str, "message": str, "param": str, "line": int}, required=2))
-
-    def to_dict(self) -> Dict[str, Any]:
-        """The JSON object, unknown keys included."""
-        return _to_dict(self)
-
-
-@attr.s(frozen=True)
-class BatchErrors:
-    """The ``errors`` of a failed batch: ``batch.errors.data[0].code``."""
-
-    data: Tuple[BatchError, ...] = attr.ib()
-    object: Optional[str] = attr.ib(default=None)
-    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "errors") -> "BatchErrors":
-        """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
-        return cls(**_fields(data, where, {"data": _error_list, "object": str}, required=1))
-
-    def to_dict(self) -> Dict[str, Any]:
-        """The JSON object, unknown keys included."""
-        return _to_dict(self)
-
-
-@attr.s(frozen=True)
-class Batch:
-    """A batch, field for field as the API's JSON object names it."""
-
-    id: str = attr.ib()
-    object: str = attr.ib()
-    endpoint: str = attr.ib()
-    input_file_id: str = attr.ib()
-    completion_window: str = attr.ib()
-    status: str = attr.ib()
-    created_at: int = attr.ib()
-    request_counts: RequestCounts = attr.ib()
-    errors: Optional[BatchErrors] = attr.ib(default=None)
-    output_file_id: Optional[str] = attr.ib(default=None)
-    error_file_id: Optional[str] = attr.ib(default=None)
-    in_progress_at: Optional[int] = attr.ib(default=None)
-    expires_at: Optional[int] = attr.ib(default=None)
-    finalizing_at: Optional[int] = attr.ib(default=None)
-    completed_at: Optional[int] = attr.ib(default=None)
-    failed_at: Optional[int] = attr.ib(default=None)
-    expired_at: Optional[int] = attr.ib(default=None)
-    cancelling_at: Optional[int] = attr.ib(default=None)
-    cancelled_at: Optional[int] = attr.ib(default=None)
-    metadata: Optional[Dict[str, str]] = attr.ib(default=None)
-    #: Keys the server sent that this version does not know, kept as received.
-    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
-    #: The X-Request-ID of the response this came from; quote it to support. Not an attrs
-    #: field, so that two reads of one batch compare equal on every attrs release.
-    request_id: Optional[str] = None
-
-    @property
-    def is_terminal(self) -> bool:
-        """True once the batch is completed, failed, expired or cancelled."""
-        return self.status in TERMINAL_STATUSES
-
-    @classmethod
-    def from_dict(cls, data: Any, request_id: Optional[str] = None) -> "Batch":
-        """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
-        batch = cls(**_fields(data, "batch", _BATCH_FIELDS, required=8))
-        if batch.object != "batch":
-            raise _invalid("object", '"batch"', batch.object)
-        batch.__dict__["request_id"] = request_id  # frozen: set once, here
-        return batch
+        where = where or cls._where
+        if type(data) is not dict:
+            raise _invalid(where, "an object", data)
+        kinds, required = _kinds(cls)
+        for key in required:
+            if key not in data:
+                raise InvalidResponseError(f"{where}: missing required field {key!r}", field=_path(where, key))
+        extra: Dict[str, Any] = {}
+        args = {"extra": extra}
+        for key, value in data.items():
+            kind = kinds.get(key)
+            if kind is None:
+                extra[key] = value
+            elif type(value) is kind or kind is object:
+                args[key] = value
+            elif value is None and key not in required:
+                continue  # an optional null: the default, None, stands
+            elif kind is str:
+                raise _invalid(_path(where, key), "a string", value)
+            elif kind is int:
+                raise _invalid(_path(where, key), "an integer", value)
+            else:
+                args[key] = kind(value, _path(where, key))
+        return cls(**args)
 
     def to_dict(self) -> Dict[str, Any]:
         """The JSON object: every field (absent optional ones as None), unknown keys included."""
-        return _to_dict(self)
+        out = {}
+        for key in _kinds(type(self))[0]:
+            value = getattr(self, key)
+            if isinstance(value, tuple):
+                value = [item.to_dict() for item in value]
+            elif isinstance(value, dict):
+                value = dict(value)
+            elif isinstance(value, _Model):
+                value = value.to_dict()
+            out[key] = value
+        out.update(self.extra)
+        return out
 
 
-@attr.s(frozen=True)
-class ResultResponse:
-    """The response to one request of a batch."""
-
-    status_code: Optional[int] = attr.ib(default=None)
-    request_id: Optional[str] = attr.ib(default=None)
-    #: The endpoint's JSON response, as received.
-    body: Any = attr.ib(default=None)
-    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "response") -> "ResultResponse":
-        """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
-        return cls(**_fields(data, where, {"status_code": int, "request_id": str, "body": _any}, required=0))
-
-    def to_dict(self) -> Dict[str, Any]:
-        """The JSON object, unknown keys included."""
-        return _to_dict(self)
+# Each data class's kinds by field name, and its required fields. Built on first use, as attrs
+# makes a class's fields only after its body has run.
+_KINDS: Dict[type, Tuple[Dict[str, Any], Tuple[str, ...]]] = {}
 
 
-@attr.s(frozen=True)
-class ResultError:
-    """Why one request of a batch failed."""
-
-    code: Optional[str] = attr.ib(default=None)
-    message: Optional[str] = attr.ib(default=None)
-    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "error") -> "ResultError":
-        """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
-        return cls(**_fields(data, where, {"code": str, "message": str}, required=0))
-
-    def to_dict(self) -> Dict[str, Any]:
-        """The JSON object, unknown keys included."""
-        return _to_dict(self)
+def _kinds(cls: type) -> Tuple[Dict[str, Any], Tuple[str, ...]]:
+    if cls not in _KINDS:
+        fields = [field for field in attr.fields(cls) if "kind" in field.metadata]
+        kinds = {f.name: f.metadata["kind"] for f in fields}
+        _KINDS[cls] = kinds, tuple(f.name for f in fields if f.default is attr.NOTHING)
+    return _KINDS[cls]
 
 
-@attr.s(frozen=True)
-class BatchResult:
-    """One line of a batch's output or error file: the outcome of one request, by ``custom_id``."""
+# The kinds that are functions, defined before the classes whose fields name them.
+def _exactly(expected: str) -> Callable[[Any, str], str]:
+    def check(value: Any, path: str) -> str:
+        if value != expected:
+            raise _invalid(path, f'"{expected}"', value)
+        return expected
 
-    custom_id: str = attr.ib()
-    id: Optional[str] = attr.ib(default=None)
-    response: Optional[ResultResponse] = attr.ib(default=None)
-    error: Optional[ResultError] = attr.ib(default=None)
-    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "result") -> "BatchResult":
-        """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
-        return cls(**_fields(data, where, _RESULT_FIELDS, required=1))
-
-    def to_dict(self) -> Dict[str, Any]:
-        """The JSON object, unknown keys included."""
-        return _to_dict(self)
+    return check
 
 
-@attr.s(frozen=True)
-class File:
-    """An uploaded file, field for field as the API's JSON object names it."""
-
-    id: str = attr.ib()
-    object: str = attr.ib()
-    bytes: int = attr.ib()
-    created_at: int = attr.ib()
-    filename: str = attr.ib()
-    purpose: str = attr.ib()
-    expires_at: Optional[int] = attr.ib(default=None)
-    status: Optional[str] = attr.ib(default=None)
-    status_details: Optional[str] = attr.ib(default=None)
-    sha256: Optional[str] = attr.ib(default=None)
-    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "file") -> "File":
-        """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
-        kinds = {
-            "id": str,
-            "object": str,
-            "bytes": int,
-            "created_at": int,
-            "filename": str,
-            "purpose": str,
-            "expires_at": int,
-            "status": str,
-            "status_details": str,
-            "sha256": str,
-        }
-        file = cls(**_fields(data, where, kinds, required=6))
-        if file.object != "file":
-            raise _invalid("object", '"file"', file.object)
-        return file
-
-    def to_dict(self) -> Dict[str, Any]:
-        """The JSON object, unknown keys included."""
-        return _to_dict(self)
-
-
-def _error_list(value: Any, path: str) -> Tuple[BatchError, ...]:
+def _error_list(value: Any, path: str) -> Tuple["BatchError", ...]:
     if type(value) is not list:
         raise _invalid(path, "a list", value)
     return tuple(BatchError.from_dict(item, f"{path}[{i}]") for i, item in enumerate(value))
@@ -493,40 +369,140 @@ def _metadata(value: Any, path: str) -> Dict[str, str]:
     return dict(value)
 
 
-def _any(value: Any, path: str) -> Any:
-    return value
+@attr.s(frozen=True)
+class RequestCounts(_Model):
+    """How many of a batch's requests there are, and how many have finished."""
+
+    _where = "request_counts"
+
+    total: int = attr.ib(metadata={"kind": int})
+    completed: int = attr.ib(metadata={"kind": int})
+    failed: int = attr.ib(metadata={"kind": int})
+    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
 
 
-# Each data class's fields and their kinds: str or int, or a function that checks and builds
-# the value. The first ``required`` of them are required; the rest may be absent or null.
-_BATCH_FIELDS = {
-    "id": str,
-    "object": str,
-    "endpoint": str,
-    "input_file_id": str,
-    "completion_window": str,
-    "status": str,
-    "created_at": int,
-    "request_counts": RequestCounts.from_dict,
-    "errors": BatchErrors.from_dict,
-    "output_file_id": str,
-    "error_file_id": str,
-    "in_progress_at": int,
-    "expires_at": int,
-    "finalizing_at": int,
-    "completed_at": int,
-    "failed_at": int,
-    "expired_at": int,
-    "cancelling_at": int,
-    "cancelled_at": int,
-    "metadata": _metadata,
-}
-_RESULT_FIELDS = {
-    "custom_id": str,
-    "id": str,
-    "response": ResultResponse.from_dict,
-    "error": ResultError.from_dict,
-}
+@attr.s(frozen=True)
+class BatchError(_Model):
+    """One reason a batch failed validation."""
+
+    _where = "error"
+
+    code: str = attr.ib(metadata={"kind": str})
+    message: str = attr.ib(metadata={"kind": str})
+    param: Optional[str] = attr.ib(default=None, metadata={"kind": str})
+    line: Optional[int] = attr.ib(default=None, metadata={"kind": int})
+    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
+
+
+@attr.s(frozen=True)
+class BatchErrors(_Model):
+    """The ``errors`` of a failed batch: ``batch.errors.data[0].code``."""
+
+    _where = "errors"
+
+    data: Tuple[BatchError, ...] = attr.ib(metadata={"kind": _error_list})
+    object: Optional[str] = attr.ib(default=None, metadata={"kind": str})
+    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
+
+
+@attr.s(frozen=True)
+class Batch(_Model):
+    """A batch, field for field as the API's JSON object names it."""
+
+    _where = "batch"
+
+    id: str = attr.ib(metadata={"kind": str})
+    object: str = attr.ib(metadata={"kind": _exactly("batch")})
+    endpoint: str = attr.ib(metadata={"kind": str})
+    input_file_id: str = attr.ib(metadata={"kind": str})
+    completion_window: str = attr.ib(metadata={"kind": str})
+    status: str = attr.ib(metadata={"kind": str})
+    created_at: int = attr.ib(metadata={"kind": int})
+    request_counts: RequestCounts = attr.ib(metadata={"kind": RequestCounts.from_dict})
+    errors: Optional[BatchErrors] = attr.ib(default=None, metadata={"kind": BatchErrors.from_dict})
+    output_file_id: Optional[str] = attr.ib(default=None, metadata={"kind": str})
+    error_file_id: Optional[str] = attr.ib(default=None, metadata={"kind": str})
+    in_progress_at: Optional[int] = attr.ib(default=None, metadata={"kind": int})
+    expires_at: Optional[int] = attr.ib(default=None, metadata={"kind": int})
+    finalizing_at: Optional[int] = attr.ib(default=None, metadata={"kind": int})
+    completed_at: Optional[int] = attr.ib(default=None, metadata={"kind": int})
+    failed_at: Optional[int] = attr.ib(default=None, metadata={"kind": int})
+    expired_at: Optional[int] = attr.ib(default=None, metadata={"kind": int})
+    cancelling_at: Optional[int] = attr.ib(default=None, metadata={"kind": int})
+    cancelled_at: Optional[int] = attr.ib(default=None, metadata={"kind": int})
+    metadata: Optional[Dict[str, str]] = attr.ib(default=None, metadata={"kind": _metadata})
+    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
+    #: The X-Request-ID of the response this came from; quote it to support. Not an attrs
+    #: field, so that two reads of one batch compare equal on every attrs release.
+    request_id: Optional[str] = None
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the batch is completed, failed, expired or cancelled."""
+        return self.status in TERMINAL_STATUSES
+
+    @classmethod
+    def from_dict(cls, data: Any, request_id: Optional[str] = None) -> "Batch":
+        """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
+        batch = super().from_dict(data)
+        batch.__dict__["request_id"] = request_id  # frozen: set once, here
+        return batch
+
+
+@attr.s(frozen=True)
+class ResultResponse(_Model):
+    """The response to one request of a batch."""
+
+    _where = "response"
+
+    status_code: Optional[int] = attr.ib(default=None, metadata={"kind": int})
+    request_id: Optional[str] = attr.ib(default=None, metadata={"kind": str})
+    #: The endpoint's JSON response, as received.
+    body: Any = attr.ib(default=None, metadata={"kind": object})
+    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
+
+
+@attr.s(frozen=True)
+class ResultError(_Model):
+    """Why one request of a batch failed."""
+
+    _where = "error"
+
+    code: Optional[str] = attr.ib(default=None, metadata={"kind": str})
+    message: Optional[str] = attr.ib(default=None, metadata={"kind": str})
+    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
+
+
+@attr.s(frozen=True)
+class BatchResult(_Model):
+    """One line of a batch's output or error file: the outcome of one request, by ``custom_id``."""
+
+    _where = "result"
+
+    custom_id: str = attr.ib(metadata={"kind": str})
+    id: Optional[str] = attr.ib(default=None, metadata={"kind": str})
+    response: Optional[ResultResponse] = attr.ib(default=None, metadata={"kind": ResultResponse.from_dict})
+    error: Optional[ResultError] = attr.ib(default=None, metadata={"kind": ResultError.from_dict})
+    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
+
+
+@attr.s(frozen=True)
+class File(_Model):
+    """An uploaded file, such as a batch's input, as the API's JSON object names it."""
+
+    _where = "file"
+
+    id: str = attr.ib(metadata={"kind": str})
+    object: str = attr.ib(metadata={"kind": _exactly("file")})
+    bytes: int = attr.ib(metadata={"kind": int})
+    created_at: int = attr.ib(metadata={"kind": int})
+    filename: str = attr.ib(metadata={"kind": str})
+    purpose: str = attr.ib(metadata={"kind": str})
+    expires_at: Optional[int] = attr.ib(default=None, metadata={"kind": int})
+    status: Optional[str] = attr.ib(default=None, metadata={"kind": str})
+    status_details: Optional[str] = attr.ib(default=None, metadata={"kind": str})
+    sha256: Optional[str] = attr.ib(default=None, metadata={"kind": str})
+    extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
 
 
 def get_batch(
@@ -1805,50 +1781,8 @@ def _positive(seconds: Any) -> bool:
     return type(seconds) in (int, float) and 0 < seconds < float("inf")
 
 
-def _fields(data: Any, where: str, kinds: Dict[str, Any], required: int) -> Dict[str, Any]:
-    """A data class's keyword arguments, checked; unknown keys go to ``extra``."""
-    if type(data) is not dict:
-        raise _invalid(where, "an object", data)
-    for key in list(kinds)[:required]:
-        if key not in data:
-            raise InvalidResponseError(f"{where}: missing required field {key!r}", field=_path(where, key))
-    optional = list(kinds)[required:]
-    args: Dict[str, Any] = {"extra": {}}
-    for key, value in data.items():
-        kind = kinds.get(key)
-        if kind is None:
-            args["extra"][key] = value
-        elif type(value) is kind:  # exact types: a bool is not an int
-            args[key] = value
-        elif value is None and key in optional:
-            continue  # an optional null: the default, None, stands
-        elif kind is str:
-            raise _invalid(_path(where, key), "a string", value)
-        elif kind is int:
-            raise _invalid(_path(where, key), "an integer", value)
-        else:
-            args[key] = kind(value, _path(where, key))
-    return args
-
-
-def _to_dict(obj: Any) -> Dict[str, Any]:
-    """A data class as its JSON object: nested classes as objects, tuples as lists, extra merged in."""
-    out = {}
-    for field in attr.fields(type(obj)):
-        value = getattr(obj, field.name)
-        if field.name == "extra":
-            out.update(value)
-        elif isinstance(value, tuple):
-            out[field.name] = [item.to_dict() for item in value]
-        elif isinstance(value, dict):
-            out[field.name] = dict(value)
-        else:
-            out[field.name] = value.to_dict() if hasattr(value, "to_dict") else value
-    return out
-
-
 def _path(where: str, key: str) -> str:
-    return key if where in ("batch", "result") else where + "." + key
+    return key if where in ("batch", "file", "result") else where + "." + key
 
 
 def _invalid(field: str, expected: str, value: Any) -> InvalidResponseError:

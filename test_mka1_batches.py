@@ -349,6 +349,44 @@ def test_long_values_are_cut_in_messages():
     assert len(str(info.value)) < 260 and str(info.value).endswith("…")
 
 
+FILE = {
+    "id": "file-abc123",
+    "object": "file",
+    "bytes": 120,
+    "created_at": 1704067200,
+    "filename": "in.jsonl",
+    "purpose": "batch",
+}
+
+
+def test_file_parses_keeps_unknown_keys_and_round_trips():
+    data = dict(FILE, expires_at=None, sha256="ab12", new={"x": [1]})
+    f = m.File.from_dict(data)
+    assert f == m.File("file-abc123", "file", 120, 1704067200, "in.jsonl", "batch", sha256="ab12", extra=f.extra)
+    assert (f.expires_at, f.status, f.status_details, f.extra) == (None, None, None, {"new": {"x": [1]}})
+    assert f.to_dict() == dict(data, status=None, status_details=None)
+    assert m.File.from_dict(f.to_dict()) == f
+    with pytest.raises(attr.exceptions.FrozenInstanceError):
+        f.bytes = 0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "data, message, field",
+    [
+        ({k: v for k, v in FILE.items() if k != "purpose"}, "file: missing required field 'purpose'", "purpose"),
+        (dict(FILE, object="batch"), "object: expected \"file\", got 'batch'", "object"),
+        (dict(FILE, object=None), 'object: expected "file", got null', "object"),
+        (dict(FILE, bytes=True), "bytes: expected an integer, got True", "bytes"),
+        (dict(FILE, sha256=5), "sha256: expected a string, got 5", "sha256"),
+        ([FILE], "file: expected an object, got list", "file"),
+    ],
+)
+def test_file_refuses_what_breaks_the_spec(data, message, field):
+    with pytest.raises(m.InvalidResponseError) as info:
+        m.File.from_dict(data)
+    assert (str(info.value), info.value.field) == (message, field)
+
+
 # --- Input checks, all before any I/O ---------------------------------------------------
 
 
