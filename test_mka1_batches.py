@@ -943,9 +943,9 @@ def test_large_valid_body_in_many_reads(api):
 def test_live_body_exactly_at_the_cap_keeps_the_connection(gateway, monkeypatch):
     from standin_gateway import batch_json
 
-    monkeypatch.setattr(m, "MAX_BODY_BYTES", len(json.dumps(batch_json("batch_cap0")).encode()))
+    monkeypatch.setattr(m, "MAX_BODY_BYTES", len(json.dumps(batch_json("batch_x0")).encode()))
     with requests.Session() as s:
-        assert [live(gateway, f"batch_cap{i}", session=s).id for i in range(2)] == ["batch_cap0", "batch_cap1"]
+        assert [live(gateway, f"batch_x{i}", session=s).id for i in range(2)] == ["batch_x0", "batch_x1"]
     assert gateway.connections == 1
 
 
@@ -1101,7 +1101,7 @@ def test_live_wrong_token(gateway):
 def test_live_keep_alive_reuses_one_connection(gateway):
     with requests.Session() as s:
         for i in range(5):
-            assert live(gateway, f"batch_k{i}", session=s).id == f"batch_k{i}"
+            assert live(gateway, f"batch_x{i}", session=s).id == f"batch_x{i}"
     assert gateway.connections == 1 and len(gateway.requests) == 5
 
 
@@ -1110,7 +1110,7 @@ def test_live_error_bodies_also_keep_the_connection(gateway):
         for _ in range(3):
             with pytest.raises(m.NotFoundError):
                 live(gateway, "nope", session=s)
-        live(gateway, "batch_ok", session=s)
+        live(gateway, "batch_x", session=s)
     assert gateway.connections == 1
 
 
@@ -1155,7 +1155,7 @@ def test_live_threads_share_one_session(gateway):
     def work(n: int) -> None:
         try:
             for i in range(10):
-                bid = f"batch_t{n}_{i}"
+                bid = f"batch_x{n * 10 + i}"
                 got[bid] = live(gateway, bid, session=s).id
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
@@ -1545,11 +1545,11 @@ def test_vcrpy_records_then_replays_without_the_server(tmp_path):
     vcr = pytest.importorskip("vcr")
     recorder = vcr.VCR(cassette_library_dir=str(tmp_path), filter_headers=["authorization"])
     with Gateway() as gw, recorder.use_cassette("batch.yaml", record_mode="once"):
-        recorded = live(gw, "batch_vcr")
+        recorded = live(gw, "batch_x")
     with recorder.use_cassette("batch.yaml", record_mode="none"):
-        replayed = live(gw, "batch_vcr")  # the gateway has stopped: only the cassette can answer
+        replayed = live(gw, "batch_x")  # the gateway has stopped: only the cassette can answer
     assert (replayed, replayed.request_id) == (recorded, recorded.request_id)
-    assert recorded.id == "batch_vcr" and len(gw.requests) == 1
+    assert recorded.id == "batch_x" and len(gw.requests) == 1
 
 
 @pytest.mark.parametrize(
@@ -2875,7 +2875,7 @@ def test_live_the_session_works_on_after_stopping_early(gateway):
         for result in live_results(gateway.base_url, "file-large-16384", session=s):
             assert result.custom_id == "request-1"
             break
-        assert live(gateway, "batch_after", session=s).id == "batch_after"
+        assert live(gateway, "batch_x", session=s).id == "batch_x"
     assert gateway.connections == 2 and len(gateway.requests) == 2  # the rest of the file was not drained
 
 
@@ -3109,7 +3109,7 @@ def test_wait_uses_and_keeps_the_callers_session(gateway):
         s.close = lambda: closed.append(True)  # type: ignore[method-assign]
         m.wait_for_batch(DEMO_TOKEN, "batch_progress", base_url=gateway.base_url, session=s)
         assert not closed
-        live(gateway, "batch_after", session=s)
+        live(gateway, "batch_x", session=s)
     assert gateway.connections == 1
 
 
@@ -3698,12 +3698,12 @@ def test_module_runs_from_a_lone_copy(gateway, tmp_path):
         "    try: __import__(absent)\n"
         "    except ImportError: pass\n"
         "    else: raise SystemExit(absent + ' is importable')\n"
-        f"b = mka1_batches.get_batch({DEMO_TOKEN!r}, 'batch_vendored', base_url={gateway.base_url!r})\n"
+        f"b = mka1_batches.get_batch({DEMO_TOKEN!r}, 'batch_x', base_url={gateway.base_url!r})\n"
         "print(b.id, b.status)\n"
     )
     # -S: no site-packages at all; -E: no PYTHONPATH; only the copies above are importable.
     r = run_text([sys.executable, "-S", "-E", "-c", code], cwd=work, timeout=60)
-    assert r.stdout == "batch_vendored completed\n", r.stderr
+    assert r.stdout == "batch_x completed\n", r.stderr
 
 
 # --results: the batch's results as JSON lines, their progress on a terminal, and closed pipes.
@@ -4451,7 +4451,7 @@ def test_thread_storm_shares_one_session(caplog):
 
     def work(t: int) -> None:
         for i in range(100):
-            bid = f"batch_storm_{t}_{i}"
+            bid = f"batch_x{t * 100 + i}"
             try:
                 outcome: Any = live(gw, bid, session=session, timeout=(2, 5)).id
             except (m.RateLimitError, m.InternalServerError, m.APIConnectionError) as exc:
