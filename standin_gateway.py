@@ -570,7 +570,7 @@ class Gateway:
                 return _invalid(f"the input file {file_id} has purpose {purpose}, not batch")
             now = int(time.time())
             batch = dict(DOCUMENTED_EXAMPLE, id="batch_" + uuid.uuid4().hex, endpoint=endpoint)
-            batch.update({key: None for key in batch if key.endswith("_at") or key.endswith("_file_id")})
+            batch.update({key: None for key in batch if key.endswith(("_at", "_file_id"))})
             batch.update(input_file_id=file_id, status="validating", created_at=now, expires_at=now + 86400)
             batch["metadata"] = metadata
             batch["request_counts"] = {"total": 0, "completed": 0, "failed": 0}
@@ -835,7 +835,7 @@ def _partial_files() -> Dict[str, bytes]:
         }
         for n, (custom_id, _) in enumerate(PARTIAL, 1)
     ]
-    files = {name: b"" for name in _PARTIAL_FILES}
+    files = dict.fromkeys(_PARTIAL_FILES, b"")
     files[_PARTIAL_FILES[0]] = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
     for n, (custom_id, kind) in reversed(list(enumerate(PARTIAL, 1))):
         body = dict(lines[n - 1]["body"], mka1_standin_fail=kind)
