@@ -989,11 +989,12 @@ def _handler(gateway: Gateway) -> type:
             path, _, scope = self._record()
             length = self.headers.get("Content-Length", "0")
             if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-                self._send(411, {"error": {"message": "Length Required: send the body with a Content-Length"}})
+                message = {"error": {"message": "Length Required: send the body with a Content-Length"}}
+                self._send(411, message, {"Connection": "close"})
                 self.close_connection = True  # the body is not read: nothing else on this connection can be
                 return
             if not re.fullmatch(r"[0-9]{1,12}", length.strip()):
-                self._send(400, {"error": {"message": "Content-Length is not a number", "details": None}})
+                self._send(400, {"error": {"message": "Content-Length is not a number"}}, {"Connection": "close"})
                 self.close_connection = True
                 return
             body = self.rfile.read(int(length))
