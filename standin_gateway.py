@@ -245,7 +245,7 @@ class Gateway:
       file (counted completed: the lost line). Counts: 8 total, 4 completed, 4 failed.
 
     Ids ``fault_<kind>`` break the connection (see _fault). ``chaos`` makes every
-    ``chaos_every``-th request one of those faults, in turn.
+    ``chaos_every``-th request (counting POSTs), if a GET, one of those faults, in turn.
 
     Files (``GET /api/v1/llm/files/{id}/content``, JSONL, scoped like their batch):
     ``file-<batch_id>-output`` and ``file-<batch_id>-errors`` for the scripted batches that
