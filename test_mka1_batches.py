@@ -26,6 +26,7 @@ import copy
 import email.utils
 import functools
 import gzip
+import hashlib
 import io
 import json
 import logging
@@ -1279,11 +1280,11 @@ def test_vcrpy_records_then_replays_without_the_server(tmp_path):
     vcr = pytest.importorskip("vcr")
     recorder = vcr.VCR(cassette_library_dir=str(tmp_path), filter_headers=["authorization"])
     with Gateway() as gw, recorder.use_cassette("batch.yaml", record_mode="once"):
-        recorded = live(gw, "batch_vcr")
+        recorded = live(gw, "batch_x")
     with recorder.use_cassette("batch.yaml", record_mode="none"):
-        replayed = live(gw, "batch_vcr")  # the gateway has stopped: only the cassette can answer
+        replayed = live(gw, "batch_x")  # the gateway has stopped: only the cassette can answer
     assert (replayed, replayed.request_id) == (recorded, recorded.request_id)
-    assert recorded.id == "batch_vcr" and len(gw.requests) == 1
+    assert recorded.id == "batch_x" and len(gw.requests) == 1
 
 
 @pytest.mark.parametrize(
@@ -1596,7 +1597,7 @@ def test_wait_timeout_error_pickles_with_its_batch(api, fake_clock):
 def test_live_keep_alive_reuses_one_connection(gateway):
     with requests.Session() as s:
         for i in range(5):
-            assert live(gateway, f"batch_k{i}", session=s).id == f"batch_k{i}"
+            assert live(gateway, f"batch_x{i}", session=s).id == f"batch_x{i}"
     assert gateway.connections == 1 and len(gateway.requests) == 5
 
 
@@ -1605,16 +1606,16 @@ def test_live_error_bodies_also_keep_the_connection(gateway):
         for _ in range(3):
             with pytest.raises(m.NotFoundError):
                 live(gateway, "nope", session=s)
-        live(gateway, "batch_ok", session=s)
+        live(gateway, "batch_x", session=s)
     assert gateway.connections == 1
 
 
 def test_live_body_exactly_at_the_cap_keeps_the_connection(gateway, monkeypatch):
     from standin_gateway import batch_json
 
-    monkeypatch.setattr(m, "MAX_BODY_BYTES", len(json.dumps(batch_json("batch_cap0")).encode()))
+    monkeypatch.setattr(m, "MAX_BODY_BYTES", len(json.dumps(batch_json("batch_x0")).encode()))
     with requests.Session() as s:
-        assert [live(gateway, f"batch_cap{i}", session=s).id for i in range(2)] == ["batch_cap0", "batch_cap1"]
+        assert [live(gateway, f"batch_x{i}", session=s).id for i in range(2)] == ["batch_x0", "batch_x1"]
     assert gateway.connections == 1
 
 
@@ -1625,7 +1626,7 @@ def test_live_threads_share_one_session(gateway):
     def work(n: int) -> None:
         try:
             for i in range(10):
-                bid = f"batch_t{n}_{i}"
+                bid = f"batch_x{n * 10 + i}"
                 got[bid] = live(gateway, bid, session=s).id
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
@@ -1757,7 +1758,7 @@ def test_live_the_session_works_on_after_stopping_early(gateway):
         for result in live_results(gateway.base_url, "file-large-16384", session=s):
             assert result.custom_id == "request-1"
             break
-        assert live(gateway, "batch_after", session=s).id == "batch_after"
+        assert live(gateway, "batch_x", session=s).id == "batch_x"
     assert gateway.connections == 2 and len(gateway.requests) == 2  # the rest of the file was not drained
 
 
@@ -2708,7 +2709,7 @@ def test_wait_uses_and_keeps_the_callers_session(gateway):
         s.close = lambda: closed.append(True)  # type: ignore[method-assign]
         m.wait_for_batch(DEMO_TOKEN, "batch_progress", base_url=gateway.base_url, session=s)
         assert not closed
-        live(gateway, "batch_after", session=s)
+        live(gateway, "batch_x", session=s)
     assert gateway.connections == 1
 
 
@@ -3297,12 +3298,12 @@ def test_module_runs_from_a_lone_copy(gateway, tmp_path):
         "    try: __import__(absent)\n"
         "    except ImportError: pass\n"
         "    else: raise SystemExit(absent + ' is importable')\n"
-        f"b = mka1_batches.get_batch({DEMO_TOKEN!r}, 'batch_vendored', base_url={gateway.base_url!r})\n"
+        f"b = mka1_batches.get_batch({DEMO_TOKEN!r}, 'batch_x', base_url={gateway.base_url!r})\n"
         "print(b.id, b.status)\n"
     )
     # -S: no site-packages at all; -E: no PYTHONPATH; only the copies above are importable.
     r = run_text([sys.executable, "-S", "-E", "-c", code], cwd=work, timeout=60)
-    assert r.stdout == "batch_vendored completed\n", r.stderr
+    assert r.stdout == "batch_x completed\n", r.stderr
 
 
 # --results: the batch's results as JSON lines, their progress on a terminal, and closed pipes.
@@ -4050,7 +4051,7 @@ def test_thread_storm_shares_one_session(caplog):
 
     def work(t: int) -> None:
         for i in range(100):
-            bid = f"batch_storm_{t}_{i}"
+            bid = f"batch_x{t * 100 + i}"
             try:
                 outcome: Any = live(gw, bid, session=session, timeout=(2, 5)).id
             except (m.RateLimitError, m.InternalServerError, m.APIConnectionError) as exc:
@@ -4077,3 +4078,422 @@ def test_thread_storm_shares_one_session(caplog):
     assert len(faults) >= 1600 // 5 * 0.8
     texts = [str(e) for e in results.values() if isinstance(e, Exception)] + [r.getMessage() for r in caplog.records]
     assert all(DEMO_TOKEN not in text for text in texts)
+
+
+# --- The stand-in gateway's write endpoints ---
+# Upload, list and get files; create, list and cancel batches; the write faults. Plain requests
+# over the socket: what a write API of the module will be tested against.
+
+CHAT = "/v1/chat/completions"
+
+
+def post(gw: Gateway, path: str, who: Any = None, bearer: str = DEMO_TOKEN, **kw: Any) -> requests.Response:
+    headers = {"Authorization": "Bearer " + bearer, **kw.pop("headers", {})}
+    if who is not None:
+        headers["X-On-Behalf-Of"] = who
+    return requests.post(gw.base_url + path, headers=headers, timeout=kw.pop("timeout", 10), **kw)
+
+
+def requests_file(*fails: Any, url: str = CHAT) -> bytes:
+    """A batch input file, one line per item: request-<n>, its body asking for that failure (None: none)."""
+    lines = []
+    for n, failure in enumerate(fails, 1):
+        body: Dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": f"q{n}"}]}
+        if failure is not None:
+            body["mka1_standin_fail"] = failure
+        lines.append({"custom_id": f"request-{n}", "method": "POST", "url": url, "body": body})
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
+
+def upload(gw: Gateway, data: bytes, who: Any = None, filename: Any = "input.jsonl", **kw: Any) -> requests.Response:
+    return post(gw, "/api/v1/llm/files", who, files={"file": (filename, data)}, data={"purpose": "batch"}, **kw)
+
+
+def create(gw: Gateway, file_id: str, who: Any = None, **fields: Any) -> requests.Response:
+    timeout = fields.pop("timeout", 10)
+    body = {"input_file_id": file_id, "endpoint": CHAT, "completion_window": "24h", **fields}
+    return post(gw, "/api/v1/llm/batches", who, json=body, timeout=timeout)
+
+
+def created(gw: Gateway, data: bytes, who: Any = None, **fields: Any) -> Dict[str, Any]:
+    r = create(gw, upload(gw, data, who).json()["id"], who, **fields)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def poll(gw: Gateway, batch_id: str, who: Any = None) -> Dict[str, Any]:
+    r = fetch(gw, "/api/v1/llm/batches/" + batch_id, who)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def to_the_end(gw: Gateway, batch_id: str, who: Any = None) -> List[Dict[str, Any]]:
+    """Each state a created batch goes through, one GET each, to a terminal one."""
+    states = [poll(gw, batch_id, who)]
+    while states[-1]["status"] not in ("completed", "failed", "cancelled", "expired"):
+        states.append(poll(gw, batch_id, who))
+    return states
+
+
+def file_lines(gw: Gateway, file_id: Any, who: Any = None) -> Any:
+    return file_id and lines_of(fetch(gw, content(file_id), who))
+
+
+def test_standin_upload_answers_a_file_object_found_by_its_sha256(gateway):
+    data = requests_file(None, None)
+    r = upload(gateway, data)
+    f = r.json()
+    assert r.status_code == 200 and r.headers["X-Request-ID"] and re.fullmatch(r"file-[0-9a-f]+", f["id"])
+    assert f == {
+        "id": f["id"],
+        "object": "file",
+        "bytes": len(data),
+        "created_at": f["created_at"],
+        "filename": "input.jsonl",
+        "purpose": "batch",
+        "expires_at": None,
+        "status": "processed",
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    assert abs(f["created_at"] - time.time()) < 60
+    other = upload(gateway, b"{}\n").json()
+    listed = fetch(gateway, "/api/v1/llm/files", params={"sha256": f["sha256"], "purpose": "batch"}).json()
+    assert listed == {"object": "list", "data": [f], "has_more": False, "first_id": f["id"], "last_id": f["id"]}
+    assert [x["id"] for x in fetch(gateway, "/api/v1/llm/files").json()["data"]] == [other["id"], f["id"]]
+    assert [x["id"] for x in fetch(gateway, "/api/v1/llm/files?order=asc&limit=1").json()["data"]] == [f["id"]]
+    assert fetch(gateway, "/api/v1/llm/files", params={"purpose": "evals"}).json()["data"] == []
+    assert fetch(gateway, "/api/v1/llm/files/" + f["id"]).json() == f
+    assert fetch(gateway, content(f["id"])).content == data
+    assert gateway.stored_files(None) == [f, other] and gateway.file_data(f["id"]) == data
+    assert (gateway.requests[0]["method"], gateway.requests[0]["path"]) == ("POST", "/api/v1/llm/files")
+    assert gateway.requests[2]["query"] == f"sha256={f['sha256']}&purpose=batch"
+
+
+def test_standin_files_are_scoped_per_user(gateway):
+    f = upload(gateway, b"{}\n", "user_a").json()
+    assert fetch(gateway, "/api/v1/llm/files", "user_a").json()["data"] == [f]
+    for who in ["user_b", None]:
+        assert fetch(gateway, "/api/v1/llm/files", who).json()["data"] == []
+        assert fetch(gateway, "/api/v1/llm/files/" + f["id"], who).status_code == 404
+        assert fetch(gateway, content(f["id"]), who).status_code == 404
+        assert create(gateway, f["id"], who).status_code == 404
+    assert (len(gateway.stored_files("user_a")), gateway.stored_files("user_b")) == (1, [])
+
+
+def test_standin_upload_keeps_the_filename_as_sent(gateway):
+    for name in ['données "v2".jsonl', "a;b.jsonl"]:
+        assert upload(gateway, b"{}\n", filename=name).json()["filename"] == name
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"files": {"file": ("", b"{}\n")}, "data": {"purpose": "batch"}}, "the file part needs a filename"),
+        ({"files": {"file": ("  ", b"{}\n")}, "data": {"purpose": "batch"}}, "the file part needs a filename"),
+        ({"files": {"file": ("blob", b"{}\n")}, "data": {"purpose": "batch"}}, "the file part needs a filename"),
+        ({"files": {"file": (None, b"{}\n")}, "data": {"purpose": "batch"}}, "the file part needs a filename"),
+        ({"files": {"file": ("a.jsonl", b"{}\n")}}, "purpose is required"),
+        ({"files": {"file": ("a.jsonl", b"{}\n")}, "data": {"purpose": "bach"}}, "purpose must be one of batch, "),
+        ({"files": {"other": ("a.jsonl", b"{}\n")}, "data": {"purpose": "batch"}}, "a multipart part named file"),
+        ({"json": {"purpose": "batch"}}, "the body must be multipart/form-data"),
+        ({"data": b"--x\r\n\r\n", "headers": {"Content-Type": "multipart/form-data"}}, "multipart/form-data needs a"),
+        (
+            {"data": b"--x\r\n\r\nc", "headers": {"Content-Type": "multipart/form-data; boundary=x"}},
+            "the multipart body has",
+        ),
+    ],
+)
+def test_standin_upload_refusals_are_400_and_store_nothing(gateway, kw, message):
+    r = post(gateway, "/api/v1/llm/files", **kw)
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith(message)
+    assert gateway.stored_files(None) == []
+
+
+def test_standin_upload_refuses_a_chunked_body_with_411(gateway):
+    r = post(gateway, "/api/v1/llm/files", data=iter([b"--x\r\n", b"--x--\r\n"]))
+    assert r.request.headers["Transfer-Encoding"] == "chunked"
+    assert r.status_code == 411 and r.headers["Connection"] == "close" and gateway.stored_files(None) == []
+
+
+def test_standin_writes_need_the_key_and_a_route(gateway):
+    gateway.write_faults = ["500"]
+    assert upload(gateway, b"{}\n", bearer="wrong").status_code == 401
+    assert post(gateway, "/api/v1/llm/batches/batch_x/pause").json()["error"]["message"] == "no route"
+    assert gateway.write_faults == ["500"] and gateway.stored_files(None) == []  # no fault taken
+
+
+def test_standin_created_batch_goes_one_state_per_get_to_one_output_line_per_input_line(gateway):
+    batch = created(gateway, requests_file(None, None, None), "user_1", metadata={"project": "eval"}, max_concurrency=4)
+    assert re.fullmatch(r"batch_[0-9a-f]{32}", batch["id"]) and batch["status"] == "validating"
+    assert (batch["metadata"], batch["max_concurrency"], batch["endpoint"]) == ({"project": "eval"}, 4, CHAT)
+    assert batch["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
+    assert m.Batch.from_dict(batch).status == "validating"  # the module reads it
+    states = to_the_end(gateway, batch["id"], "user_1")
+    assert [s["status"] for s in states] == ["in_progress", "finalizing", "completed"]
+    assert [s["request_counts"]["completed"] for s in states] == [0, 3, 3]
+    end = states[-1]
+    assert end["completed_at"] and end["error_file_id"] is None and poll(gateway, batch["id"], "user_1") == end
+    lines = file_lines(gateway, end["output_file_id"], "user_1")
+    assert [x["custom_id"] for x in lines] == ["request-3", "request-2", "request-1"]  # not in input order
+    for x in lines:
+        n = x["custom_id"][-1]
+        assert (x["id"], x["error"], x["response"]["status_code"], x["response"]["request_id"]) == (
+            "batch_req_" + n,
+            None,
+            200,
+            "req_" + n,
+        )
+        assert x["response"]["body"]["choices"][0]["message"]["content"] == "You said: q" + n
+    assert gateway.created_batches("user_1") == [end] and gateway.created_batches(None) == []
+    assert fetch(gateway, "/api/v1/llm/batches/" + batch["id"], "user_2").status_code == 404
+    assert "max_concurrency" not in created(gateway, requests_file(None))
+
+
+def test_standin_created_batch_fails_each_way_its_input_asks(gateway):
+    batch = created(gateway, requests_file(None, "error", 429, "drop", 500, None))
+    end = to_the_end(gateway, batch["id"])[-1]
+    assert end["status"] == "completed" and end["request_counts"] == {"total": 6, "completed": 3, "failed": 3}
+    output = file_lines(gateway, end["output_file_id"])
+    assert [(x["custom_id"], x["response"]["status_code"]) for x in output] == [
+        ("request-6", 200),
+        ("request-5", 500),
+        ("request-3", 429),
+        ("request-1", 200),
+    ]
+    assert output[2]["response"]["body"]["error"]["message"] == "Rate limit exceeded"
+    assert file_lines(gateway, end["error_file_id"]) == [
+        {
+            "id": "batch_req_2",
+            "custom_id": "request-2",
+            "response": None,
+            "error": {"code": "processing_error", "message": "The request could not be processed."},
+        }
+    ]  # and request-4 is in neither file
+
+
+@pytest.mark.parametrize(
+    "data, code, line",
+    [
+        (requests_file(None) + b"not json\n", "invalid_json_line", 2),
+        (b"[1, 2]\n", "invalid_json_line", 1),
+        (requests_file(None, url="/v1/embeddings"), "invalid_url", 1),
+        (requests_file(None) * 2, "duplicate_custom_id", 2),
+        (b"\xef\xbb\xbf" + requests_file(None), "invalid_json_line", 1),
+        (b"", "empty_file", 1),
+    ],
+)
+def test_standin_created_batch_with_a_bad_input_file_fails_naming_the_line(gateway, data, code, line):
+    batch = created(gateway, data)
+    end = poll(gateway, batch["id"])
+    assert end["status"] == "failed" and end["failed_at"] and end["output_file_id"] is None
+    assert [(e["code"], e["line"]) for e in end["errors"]["data"]] == [(code, line)]
+    assert m.Batch.from_dict(end).errors.data[0].line == line and poll(gateway, batch["id"]) == end
+
+
+@pytest.mark.parametrize(
+    "fields, status, message",
+    [
+        ({"input_file_id": "file-nope"}, 404, "File not found"),
+        ({"endpoint": "/v1/completions"}, 400, "endpoint must be one of /v1/chat/completions, /v1/responses, "),
+        ({"completion_window": "48h"}, 400, 'completion_window must be "24h"'),
+        ({"metadata": {str(i): "v" for i in range(17)}}, 400, "metadata must be"),
+        ({"metadata": {"k": 1}}, 400, "metadata must be"),
+        ({"metadata": ["k"]}, 400, "metadata must be"),
+        ({"max_concurrency": 0}, 400, "max_concurrency must be a positive integer"),
+        ({"max_concurrency": "8"}, 400, "max_concurrency must be a positive integer"),
+        ({"max_concurrency": True}, 400, "max_concurrency must be a positive integer"),
+    ],
+)
+def test_standin_create_refusals_create_nothing(gateway, fields, status, message):
+    file_id = upload(gateway, requests_file(None)).json()["id"]
+    r = create(gateway, **{"file_id": file_id, **fields})
+    assert r.status_code == status and r.json()["error"]["message"].startswith(message)
+    assert gateway.created_batches(None) == []
+
+
+def test_standin_create_refuses_a_body_that_is_not_a_json_object_and_a_file_not_for_batches(gateway):
+    assert post(gateway, "/api/v1/llm/batches", data=b"{").json()["error"]["message"] == "the body is not JSON"
+    assert post(gateway, "/api/v1/llm/batches", json=[]).status_code == 400
+    r = post(gateway, "/api/v1/llm/files", files={"file": ("a.jsonl", b"{}\n")}, data={"purpose": "evals"})
+    assert create(gateway, r.json()["id"]).json()["error"]["message"].endswith("has purpose evals, not batch")
+    assert gateway.created_batches(None) == []
+
+
+def test_standin_lists_batches_newest_first_a_page_at_a_time(gateway):
+    ids = [created(gateway, requests_file(None), "user_123")["id"] for _ in range(3)][::-1]
+    scripted = [b for b, _ in standin_gateway.SCRIPTED_BATCHES if "<" not in b]
+    seen, after, pages = [], None, 0
+    while True:
+        page = fetch(gateway, "/api/v1/llm/batches", "user_123", params={"limit": 4, "after": after}).json()
+        assert page["object"] == "list" and 0 < len(page["data"]) <= 4 and pages < 10
+        assert (page["first_id"], page["last_id"]) == (page["data"][0]["id"], page["data"][-1]["id"])
+        seen += [b["id"] for b in page["data"]]
+        after, pages = page["last_id"], pages + 1
+        if not page["has_more"]:
+            break
+    assert seen == ids + scripted and "batch_private" in seen
+    assert fetch(gateway, "/api/v1/llm/batches", "user_123").json()["data"][0]["status"] == "validating"  # not moved
+    others = [b["id"] for b in fetch(gateway, "/api/v1/llm/batches", "user_9").json()["data"]]
+    assert others == [b for b in scripted if b != "batch_private"]
+    for limit in ["0", "101", "x", "-1"]:
+        r = fetch(gateway, "/api/v1/llm/batches?limit=" + limit)
+        assert r.status_code == 400 and r.json()["error"]["message"] == "limit must be an integer from 1 to 100"
+    assert fetch(gateway, "/api/v1/llm/batches?after=batch_nope").status_code == 400
+
+
+def test_standin_list_switches_make_a_stuck_cursor_and_an_empty_page_with_more():
+    with Gateway(stuck_cursor=True) as gw:
+        first = fetch(gw, "/api/v1/llm/batches?limit=2").json()
+        again = fetch(gw, "/api/v1/llm/batches", params={"limit": 2, "after": first["last_id"]}).json()
+        assert again == first and first["has_more"] is True
+    with Gateway(empty_has_more=True) as gw:
+        page = fetch(gw, "/api/v1/llm/batches").json()
+        assert page == {"object": "list", "data": [], "has_more": True, "first_id": None, "last_id": None}
+
+
+def test_standin_files_list_can_ignore_the_sha256_filter():
+    with Gateway(ignore_sha256_filter=True) as gw:
+        files = [upload(gw, data).json() for data in [b"{}\n", b"[]\n"]]
+        assert fetch(gw, "/api/v1/llm/files", params={"sha256": files[0]["sha256"]}).json()["data"] == files[::-1]
+
+
+def test_standin_cancel_a_running_batch_then_a_second_time_then_an_ended_one(gateway):
+    batch = created(gateway, requests_file(None, None, None, None))
+    assert poll(gateway, batch["id"])["status"] == "in_progress"
+    cancel = "/api/v1/llm/batches/" + batch["id"] + "/cancel"
+    first = post(gateway, cancel).json()
+    assert first["status"] == "cancelling" and first["cancelling_at"] and post(gateway, cancel).json() == first
+    end = poll(gateway, batch["id"])
+    assert (end["status"], end["cancelled_at"] > 0, end["request_counts"]) == (
+        "cancelled",
+        True,
+        {"total": 4, "completed": 2, "failed": 0},
+    )
+    assert [x["custom_id"] for x in file_lines(gateway, end["output_file_id"])] == ["request-4", "request-3"]
+    r = post(gateway, cancel)
+    assert (r.status_code, r.json()["error"]["message"]) == (
+        409,
+        f"Batch {batch['id']} is cancelled and cannot be cancelled",
+    )
+    r = post(gateway, "/api/v1/llm/batches/batch_x/cancel")
+    assert r.status_code == 409 and r.json()["error"]["message"] == "Batch batch_x is completed and cannot be cancelled"
+    r = post(gateway, "/api/v1/llm/batches/batch_nope/cancel")
+    assert r.status_code == 404 and r.json()["error"]["message"] == "Batch not found"
+    assert post(gateway, "/api/v1/llm/batches/batch_private/cancel", "user_9").status_code == 404
+
+
+def test_standin_cancel_a_scripted_batch_in_one_scope(gateway):
+    r = post(gateway, "/api/v1/llm/batches/batch_status_in_progress/cancel", "user_1")
+    assert r.json()["status"] == "cancelling"
+    end = poll(gateway, "batch_status_in_progress", "user_1")
+    assert end["status"] == "cancelled" and file_lines(gateway, end["output_file_id"], "user_1")
+    assert poll(gateway, "batch_status_in_progress", "user_2")["status"] == "in_progress"
+    assert post(gateway, "/api/v1/llm/batches/batch_progress/cancel").json()["status"] == "cancelling"
+    assert poll(gateway, "batch_progress")["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("kind", ["500", "502", "503", "504", "reset", "silent"])
+def test_standin_write_fault_creates_the_batch_then_fails_the_answer(kind):
+    with Gateway(silence=0.3) as gw:
+        file_id = upload(gw, requests_file(None)).json()["id"]
+        gw.write_faults = [kind]
+        start = time.monotonic()
+        try:
+            r = create(gw, file_id, timeout=5)
+        except requests.exceptions.ConnectionError:
+            assert kind in ("reset", "silent")
+        else:
+            assert kind not in ("reset", "silent") and r.status_code == int(kind)
+            assert ("<html>" in r.text) == (kind != "500") and "batch" not in r.text
+        assert time.monotonic() - start < 4
+        assert len(gw.created_batches(None)) == 1 and gw.write_faults == []
+        assert create(gw, file_id).status_code == 200 and len(gw.created_batches(None)) == 2
+
+
+@pytest.mark.parametrize("kind, status", [("429", 429), ("refuse-502", 502)])
+def test_standin_write_fault_that_refuses_creates_nothing(gateway, kind, status):
+    file_id = upload(gateway, requests_file(None)).json()["id"]
+    gateway.write_faults = [kind, kind]
+    r = create(gateway, file_id)
+    assert r.status_code == status and gateway.created_batches(None) == []
+    if kind == "429":
+        assert (r.json(), r.headers["Retry-After"]) == ({"error": "Rate limit exceeded"}, "0")
+    assert upload(gateway, b"{}\n").status_code == status and len(gateway.stored_files(None)) == 1
+
+
+@pytest.mark.parametrize("kind", ["cut-upload", "reset", "503"])
+def test_standin_write_fault_stores_the_upload_then_fails_the_answer(gateway, kind):
+    gateway.write_faults = [kind]
+    data = requests_file(None, None)
+    try:
+        assert upload(gateway, data, "user_1").status_code == 503
+    except requests.exceptions.ConnectionError:
+        assert kind != "503"
+    (stored,) = gateway.stored_files("user_1")
+    assert stored["sha256"] == hashlib.sha256(data).hexdigest() and gateway.file_data(stored["id"], "user_1") == data
+
+
+def test_standin_write_fault_cancels_then_fails_the_answer(gateway):
+    gateway.write_faults = ["504"]
+    assert post(gateway, "/api/v1/llm/batches/batch_status_validating/cancel").status_code == 504
+    assert poll(gateway, "batch_status_validating")["status"] == "cancelled"
+
+
+def test_standin_write_faults_are_taken_one_per_write_in_order(gateway):
+    file_id = upload(gateway, requests_file(None)).json()["id"]
+    gateway.write_faults = ["503", "429"]
+    assert [create(gateway, file_id).status_code for _ in range(3)] == [503, 429, 200]
+    assert len(gateway.created_batches(None)) == 2  # the 503 one and the last; the 429 did not act
+
+
+def test_standin_partial_batch_has_each_kind_of_result(gateway):
+    batch = poll(gateway, "batch_partial")
+    assert batch["status"] == "completed" and batch["request_counts"] == {"total": 8, "completed": 4, "failed": 4}
+    inputs = file_lines(gateway, batch["input_file_id"])
+    assert [x["custom_id"] for x in inputs] == [custom_id for custom_id, _ in standin_gateway.PARTIAL]
+    assert all((x["method"], x["url"]) == ("POST", CHAT) and "mka1_standin_fail" not in x["body"] for x in inputs)
+    output = {x["custom_id"]: x["response"]["status_code"] for x in file_lines(gateway, batch["output_file_id"])}
+    errors = [x["custom_id"] for x in file_lines(gateway, batch["error_file_id"])]
+    assert output == {f"request-{n}": code for n, code in [(1, 200), (2, 429), (3, 200), (5, 500), (7, 400), (8, 200)]}
+    assert errors == ["request-4"]  # and request-6 is in neither
+    assert fetch(gateway, "/api/v1/llm/files/" + batch["input_file_id"]).json()["purpose"] == "batch"
+    resubmitted = create(gateway, batch["input_file_id"]).json()  # the scripted input can be created from
+    end = to_the_end(gateway, resubmitted["id"])[-1]
+    assert end["request_counts"] == {"total": 8, "completed": 8, "failed": 0}
+
+
+def test_standin_example_file_is_all_successes(gateway, tmp_path):
+    path = str(tmp_path / "example.jsonl")
+    ids = standin_gateway.write_example(path)
+    with open(path, "rb") as f:
+        batch = created(gateway, f.read())
+    end = to_the_end(gateway, batch["id"])[-1]
+    assert 3 <= len(ids) <= 4 and end["request_counts"] == {"total": len(ids), "completed": len(ids), "failed": 0}
+    assert sorted(x["custom_id"] for x in file_lines(gateway, end["output_file_id"])) == sorted(ids)
+
+
+def test_standin_every_scripted_batch_answers_and_a_mistyped_id_is_not_found(gateway):
+    for batch_id, _ in standin_gateway.SCRIPTED_BATCHES:
+        batch_id = batch_id.replace("<N>", "12345")
+        if batch_id != "batch_ratelimited":
+            assert live(gateway, batch_id, on_behalf_of="user_123").id == batch_id
+    for mistyped in ["batch_progres", "batch_xx", "batch_x123456", "batch_status_paused", "batch_aa87e2b1112a455b8"]:
+        with pytest.raises(m.NotFoundError, match=r"^404 Batch not found \(request "):
+            live(gateway, mistyped)
+
+
+def test_standin_help_lists_the_scripted_batches_and_files():
+    r = standin("--help")
+    for name, _ in standin_gateway.SCRIPTED_BATCHES + standin_gateway.SCRIPTED_FILES:
+        assert f"\n  {name} " in r.stdout
+    assert "batch_partial" in (standin_gateway.Gateway.__doc__ or "")
+
+
+def test_demo_ends_saying_how_to_keep_a_stand_in_running(demo):
+    tail = demo.stderr.splitlines()[-4:]
+    assert tail == [
+        "  python standin_gateway.py --serve --port 8080",
+        "and, in another shell:",
+        "  export MKA1_BASE_URL=http://127.0.0.1:8080",
+        "  export MKA1_API_KEY=demo-key",
+    ]

@@ -72,7 +72,7 @@ def the_results_stream_and_resume(gw):
 
 @check
 def a_404_is_not_found_error(gw):
-    # The stand-in answers 404 for any id not starting with "batch_".
+    # The stand-in answers 404 for any id it does not list.
     e = raises(mka1_batches.NotFoundError, mka1_batches.get_batch, DEMO_TOKEN, "nope", base_url=gw.base_url)
     assert e.status_code == 404, e.status_code
     assert "Batch not found" in str(e), str(e)
@@ -131,7 +131,7 @@ import mka1_batches, requests, attr
 assert mka1_batches.__file__.startswith({vendor!r}), mka1_batches.__file__
 assert requests.__file__.startswith({deps!r}), requests.__file__
 assert attr.__file__.startswith({deps!r}), attr.__file__
-batch = mka1_batches.get_batch({token!r}, "batch_vendored", base_url={url!r})
+batch = mka1_batches.get_batch({token!r}, "batch_x", base_url={url!r})
 print("vendored:", batch.id, batch.status)
 """
 
@@ -165,7 +165,7 @@ def the_vendored_copy_alone_on_the_path(gw):
             timeout=60,
         )
         assert proc.returncode == 0, proc.stdout
-        assert proc.stdout.strip() == "vendored: batch_vendored completed", proc.stdout
+        assert proc.stdout.strip() == "vendored: batch_x completed", proc.stdout
     finally:
         shutil.rmtree(tmp)
 
