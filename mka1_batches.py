@@ -1681,11 +1681,14 @@ def _cause(chain: List[BaseException], proxy: Optional[str]) -> Tuple[str, bool]
     if text is None:
         last = chain[-1] if chain else None
         text = _excerpt(str(last) or type(last).__name__)
-    if proxy is not None and any(isinstance(e, _PROXY_ERRORS) for e in chain):
-        host = _host(proxy if "://" in proxy else "http://" + proxy)
-        said = {"connection refused": " refused the connection", "connect timed out": " timed out"}
-        text = f"proxy {host}" + said.get(text, " timed out" if "timed out" in text else ": " + text)
-    return text, False
+    if proxy is None:
+        return text, False
+    host = _host(proxy if "://" in proxy else "http://" + proxy)
+    if not any(isinstance(e, _PROXY_ERRORS) for e in chain):
+        # urllib3 2 words a CONNECT that timed out as any read timeout: say the proxy was on the way.
+        return f"{text} (via proxy {host})", False
+    said = {"connection refused": " refused the connection", "connect timed out": " timed out"}
+    return f"proxy {host}" + said.get(text, " timed out" if "timed out" in text else ": " + text), False
 
 
 def _said(chain: List[BaseException], what: str) -> Optional[int]:

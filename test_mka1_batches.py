@@ -31,6 +31,7 @@ import io
 import json
 import logging
 import os
+import pathlib
 import pickle
 import re
 import signal
@@ -4497,3 +4498,515 @@ def test_demo_ends_saying_how_to_keep_a_stand_in_running(demo):
         "  export MKA1_BASE_URL=http://127.0.0.1:8080",
         "  export MKA1_API_KEY=demo-key",
     ]
+
+
+# --- Writes: upload, create, list and cancel, each exactly once ---------------------------------
+# The retry policy as a table, then each write over the stand-in's sockets, with the gateway
+# acting and then failing the answer, and what it holds counted afterwards.
+
+
+def failure(kind: str, status: Any = None) -> Any:
+    error = m.APIConnectionError("x") if status is None else m._status_class(status)("x", status_code=status)
+    return m._Failure(error, kind)
+
+
+@pytest.mark.parametrize(
+    "kind, status, read, write, ambiguous",
+    [
+        ("unsent", None, True, True, False),  # refused, name resolution, connect timeout
+        ("sent", None, True, False, True),  # reset or read timeout after sending
+        ("final", None, False, False, False),  # certificate, proxy 407
+        ("sent", 408, True, True, False),
+        ("sent", 429, True, True, False),
+        ("sent", 500, True, False, True),
+        ("sent", 502, True, False, True),
+        ("sent", 503, True, False, True),
+        ("sent", 504, True, False, True),
+        ("sent", 501, False, False, False),
+        ("sent", 400, False, False, False),
+        ("sent", 404, False, False, False),
+        ("sent", 409, False, False, False),
+        ("final", 503, False, False, False),  # a mounted urllib3 Retry gave up
+    ],
+)
+def test_retry_policy_of_call_and_failure(kind, status, read, write, ambiguous):
+    f = failure(kind, status)
+    assert (m._may_retry(f, True), m._may_retry(f, False), f.ambiguous) == (read, write, ambiguous)
+
+
+def input_file(tmp_path: Any, *fails: Any, name: str = "requests.jsonl", url: str = CHAT) -> str:
+    path = tmp_path / name
+    path.write_bytes(requests_file(*fails, url=url))
+    return str(path)
+
+
+def writer(gw: Gateway, **kw: Any) -> m.Client:
+    return m.Client(DEMO_TOKEN, base_url=gw.base_url, **kw)
+
+
+def posts(gw: Gateway) -> List[str]:
+    return [r["path"] for r in gw.requests if r["method"] == "POST"]
+
+
+@pytest.mark.parametrize("fault", ["500", "502", "503", "504", "reset"])
+def test_create_after_the_gateway_made_it_and_failed_the_answer_returns_that_batch(gateway, tmp_path, fault):
+    with writer(gateway) as client:
+        uploaded = client.upload_file(input_file(tmp_path, None))
+        gateway.write_faults = [fault]
+        batch = client.create_batch(uploaded.id, CHAT, metadata={"project": "eval"})
+    (made,) = gateway.created_batches()
+    assert batch.id == made["id"] and batch.input_file_id == uploaded.id
+    assert batch.metadata == {"project": "eval", m.CREATE_KEY: made["metadata"][m.CREATE_KEY]}
+    assert posts(gateway).count("/api/v1/llm/batches") == 1  # looked, found, not sent again
+
+
+def test_create_after_silence_past_the_read_timeout_returns_the_batch_it_made(tmp_path):
+    with Gateway(silence=2.0) as gw, writer(gw, timeout=(2, 0.3)) as client:
+        uploaded = client.upload_file(input_file(tmp_path, None))
+        gw.write_faults = ["silent"]
+        batch = client.create_batch(uploaded.id, CHAT)
+        assert [b["id"] for b in gw.created_batches()] == [batch.id]
+
+
+@pytest.mark.parametrize("fault", ["429", "refuse-502"])
+def test_create_refused_before_the_gateway_acted_is_sent_again_once(gateway, tmp_path, sleeps, fault):
+    with writer(gateway) as client:
+        uploaded = client.upload_file(input_file(tmp_path, None))
+        gateway.write_faults = [fault]
+        batch = client.create_batch(uploaded.id, CHAT)
+    assert [b["id"] for b in gateway.created_batches()] == [batch.id]
+    assert posts(gateway).count("/api/v1/llm/batches") == 2 and len(sleeps) == 1
+
+
+def test_create_gives_up_after_max_retries_and_has_made_no_batch_twice(gateway, tmp_path, sleeps):
+    with writer(gateway, max_retries=1) as client:
+        uploaded = client.upload_file(input_file(tmp_path, None))
+        gateway.write_faults = ["refuse-502", "refuse-502"]
+        with pytest.raises(m.InternalServerError) as info:
+            client.create_batch(uploaded.id, CHAT)
+    assert info.value.status_code == 502 and gateway.created_batches() == []
+    assert posts(gateway).count("/api/v1/llm/batches") == 2
+
+
+def test_create_with_full_metadata_is_sent_once_and_an_ambiguous_failure_raised(gateway, tmp_path, sleeps):
+    full = {f"k{i}": "v" for i in range(16)}
+    with writer(gateway) as client:
+        uploaded = client.upload_file(input_file(tmp_path, None))
+        gateway.write_faults = ["502"]
+        with pytest.raises(m.InternalServerError):
+            client.create_batch(uploaded.id, CHAT, metadata=full)
+    (made,) = gateway.created_batches()
+    assert made["metadata"] == full and sleeps == []
+
+
+def test_two_threads_creating_the_same_batch_at_once_make_two_each_returning_its_own(gateway, tmp_path):
+    with writer(gateway) as client:
+        uploaded = client.upload_file(input_file(tmp_path, None))
+        gateway.write_faults = ["502", "502"]
+        got: List[m.Batch] = []
+        threads = [
+            threading.Thread(target=lambda: got.append(client.create_batch(uploaded.id, CHAT, metadata={"a": "b"})))
+            for _ in range(2)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert sorted(b.id for b in got) == sorted(b["id"] for b in gateway.created_batches())
+    assert len({b.id for b in got}) == 2
+
+
+def test_create_sends_max_concurrency_only_when_given(api):
+    api.add(responses.POST, BASE + "/api/v1/llm/batches", json=dict(EXAMPLE, status="validating"))
+    with m.Client(TOKEN, base_url=BASE) as client:
+        client.create_batch("file_abc123", CHAT)
+        client.create_batch("file_abc123", CHAT, max_concurrency=8, completion_window="24h")
+    first, second = (json.loads(call.request.body) for call in api.calls)
+    assert set(first) == {"input_file_id", "endpoint", "completion_window", "metadata"}
+    assert (second["max_concurrency"], second["completion_window"], list(second["metadata"])) == (
+        8,
+        "24h",
+        [m.CREATE_KEY],
+    )
+    assert api.calls[0].request.headers["Content-Type"] == "application/json"
+
+
+@pytest.mark.parametrize(
+    "status, cls", [(400, m.BadRequestError), (404, m.NotFoundError), (422, m.UnprocessableEntityError)]
+)
+def test_create_4xx_is_raised_at_once(api, sleeps, status, cls):
+    api.add(responses.POST, BASE + "/api/v1/llm/batches", status=status, json={"error": {"message": "no"}})
+    with pytest.raises(cls):
+        m.create_batch(TOKEN, "file_abc123", CHAT, base_url=BASE)
+    assert len(api.calls) == 1 and sleeps == []
+
+
+@pytest.mark.parametrize(
+    "kw, exc, message",
+    [
+        ({"input_file_id": ""}, ValueError, "input_file_id must be"),
+        ({"endpoint": "v1/chat"}, ValueError, "endpoint must be a path"),
+        ({"metadata": {"a": 1}}, TypeError, "metadata must be a dict of strings to strings"),
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, ValueError, "metadata holds at most 16 pairs, not 17"),
+        ({"metadata": {m.CREATE_KEY: "x"}}, ValueError, "metadata key 'mka1_batches_create' is this module's own"),
+        ({"max_concurrency": 0}, ValueError, "max_concurrency must be None or a positive integer, not 0"),
+        ({"max_concurrency": True}, ValueError, "max_concurrency must be None or a positive integer, not True"),
+        ({"completion_window": ""}, ValueError, "completion_window must be a string"),
+    ],
+)
+def test_create_refuses_bad_arguments_before_any_io(api, kw, exc, message):
+    args = dict({"input_file_id": "file_abc123", "endpoint": CHAT}, **kw)
+    with pytest.raises(exc, match="^" + re.escape(message)):
+        m.create_batch(TOKEN, args.pop("input_file_id"), args.pop("endpoint"), base_url=BASE, **args)
+    assert len(api.calls) == 0
+
+
+def test_upload_sends_one_multipart_body_with_its_length_up_front(api, tmp_path):
+    path = input_file(tmp_path, None, None, name='my "q"\r.jsonl')
+    data = pathlib.Path(path).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    answer = {
+        "id": "file-1",
+        "object": "file",
+        "bytes": len(data),
+        "created_at": 1,
+        "filename": "x",
+        "purpose": "batch",
+    }
+    api.add(responses.GET, BASE + "/api/v1/llm/files", json={"object": "list", "data": [], "has_more": False})
+    bodies: List[bytes] = []
+
+    def stored(request: Any) -> Any:
+        bodies.append(b"".join(request.body))  # streamed: read while the file is open
+        return 200, {}, json.dumps(dict(answer, sha256=digest))
+
+    api.add_callback(responses.POST, BASE + "/api/v1/llm/files", callback=stored)
+    assert m.upload_file(TOKEN, path, base_url=BASE).sha256 == digest
+    listed, sent = (call.request for call in api.calls)
+    assert listed.url == f"{BASE}/api/v1/llm/files?purpose=batch&sha256={digest}&limit=100"
+    boundary = sent.headers["Content-Type"].split("boundary=")[1]
+    (body,) = bodies
+    assert (
+        body
+        == (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="my %22q%22%0D.jsonl"\r\n'
+            f"Content-Type: application/jsonl\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    assert sent.headers["Content-Length"] == str(len(body)) and "Transfer-Encoding" not in sent.headers
+    assert sent.headers["Authorization"] == "Bearer " + TOKEN
+
+
+def test_upload_bytes_arrive_whole_over_a_socket(gateway, tmp_path):
+    path = input_file(tmp_path, *[None] * 50)
+    uploaded = m.upload_file(DEMO_TOKEN, path, base_url=gateway.base_url)
+    assert gateway.file_data(uploaded.id, None) == pathlib.Path(path).read_bytes()
+    (sent,) = [r for r in gateway.requests if r["method"] == "POST"]
+    assert sent["Content-Length"] and "Transfer-Encoding" not in sent
+
+
+def test_upload_of_the_same_bytes_twice_stores_them_once(gateway, tmp_path):
+    path = input_file(tmp_path, None)
+    first = m.upload_file(DEMO_TOKEN, path, base_url=gateway.base_url)
+    with open(path, "rb") as f:
+        f.read(0)
+        again = m.upload_file(DEMO_TOKEN, f, base_url=gateway.base_url)
+    assert again == first and len(gateway.stored_files()) == 1
+    other = m.upload_file(DEMO_TOKEN, io.BytesIO(requests_file(None, None)), base_url=gateway.base_url)
+    assert other.id != first.id and other.filename == "input.jsonl" and len(gateway.stored_files()) == 2
+
+
+def test_upload_does_not_trust_a_server_that_ignores_the_sha256_filter(tmp_path):
+    with Gateway(ignore_sha256_filter=True) as gw, writer(gw) as client:
+        a = client.upload_file(input_file(tmp_path, None, name="a.jsonl"))
+        b = client.upload_file(input_file(tmp_path, None, None, name="b.jsonl"))
+        assert a.id != b.id and len(gw.stored_files()) == 2
+        assert client.upload_file(input_file(tmp_path, None, None, name="c.jsonl")) == b
+
+
+@pytest.mark.parametrize("fault", ["cut-upload", "502", "reset"])
+def test_upload_cut_after_the_server_stored_it_is_found_not_sent_again(gateway, tmp_path, fault):
+    gateway.write_faults = [fault]
+    uploaded = m.upload_file(DEMO_TOKEN, input_file(tmp_path, None), base_url=gateway.base_url)
+    (stored,) = gateway.stored_files()
+    assert uploaded.id == stored["id"] and posts(gateway) == ["/api/v1/llm/files"]
+
+
+# The child's own peak (VmHWM, in KiB): ru_maxrss would keep the forking pytest's across exec.
+UPLOAD_RSS = """\
+import re, sys, mka1_batches
+f = mka1_batches.upload_file("demo-key", sys.argv[1], base_url=sys.argv[2])
+print(f.bytes, re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+"""
+
+
+def test_upload_memory_stays_flat_whatever_the_files_size(gateway, tmp_path):
+    line = json.dumps({"custom_id": "r", "method": "POST", "url": CHAT, "body": {"x": "y" * 1000}}).encode() + b"\n"
+    peaks = []
+    for mib in (2, 34):
+        path = tmp_path / f"{mib}.jsonl"
+        with open(path, "wb") as f:
+            f.write(line * (mib * 1024))
+        env = {"PATH": os.environ["PATH"]}  # no coverage in the child: it would hold what it traces
+        out = run_text([sys.executable, "-c", UPLOAD_RSS, str(path), gateway.base_url], cwd=HERE, env=env)
+        size, peak_kib = map(int, out.stdout.split())
+        assert size == os.path.getsize(path), out.stderr
+        peaks.append(peak_kib)
+    assert peaks[1] - peaks[0] < 8 * 1024, peaks  # holding the file would take 32 MiB more
+
+
+def test_upload_refuses_a_text_file_and_an_unseekable_one_before_any_io(api, tmp_path):
+    path = input_file(tmp_path, None)
+    with open(path) as text, pytest.raises(TypeError, match=r"^file must be a path or a binary file object"):
+        m.upload_file(TOKEN, text, base_url=BASE)
+
+    class Pipe(io.RawIOBase):
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b: Any) -> int:
+            return 0
+
+    with pytest.raises(TypeError, match=r"^file must be seekable to be uploaded"):
+        m.upload_file(TOKEN, Pipe(), base_url=BASE)
+    assert len(api.calls) == 0
+
+
+def test_submit_checks_uploads_and_creates_then_the_results_come_back(gateway, tmp_path):
+    with writer(gateway) as client:
+        batch = client.submit_batch(input_file(tmp_path, None, "error", 500), CHAT, metadata={"p": "q"})
+        assert batch.status == "validating" and batch.metadata["p"] == "q"
+        done = client.wait_for_batch(batch.id, poll_interval=0.01)
+        results = {r.custom_id: r for r in client.iter_results(done)}
+    assert done.status == "completed" and sorted(results) == ["request-1", "request-2", "request-3"]
+    assert results["request-2"].error.code == "processing_error"
+    assert results["request-3"].response.status_code == 500
+    assert posts(gateway) == ["/api/v1/llm/files", "/api/v1/llm/batches"]
+
+
+def test_submit_of_a_bad_file_sends_nothing(gateway, tmp_path):
+    path = input_file(tmp_path, None, url="/v1/embeddings")
+    with pytest.raises(m.InvalidBatchFileError) as info:
+        m.submit_batch(DEMO_TOKEN, path, CHAT, base_url=gateway.base_url)
+    assert info.value.line == 1 and gateway.requests == []
+
+
+def test_check_batch_file_counts_requests_with_crlf_and_blank_lines(tmp_path):
+    data = requests_file(None, None, None).replace(b"\n", b"\r\n") + b"\r\n  \n"
+    assert m.check_batch_file(io.BytesIO(data), CHAT) == 3
+    stream = io.BytesIO(b"xx" + data)
+    stream.read(2)
+    assert m.check_batch_file(stream, CHAT) == 3 and stream.tell() == 2  # put back where it stood
+
+
+GOOD = {"custom_id": "r1", "method": "POST", "url": CHAT, "body": {}}
+
+
+@pytest.mark.parametrize(
+    "lines, line, message",
+    [
+        ([b"{"], 1, "line 1: not JSON: '{'"),
+        ([b"[1, 2]"], 1, "line 1: not a JSON object: '[1, 2]'"),
+        ([b'{"custom_id": "\xff"}'], 1, "line 1: not UTF-8 (byte 16)"),
+        ([dict(GOOD, custom_id=None)], 1, "line 1: custom_id must be a string, not NoneType"),
+        ([{k: v for k, v in GOOD.items() if k != "custom_id"}], 1, "line 1: custom_id is missing"),
+        ([dict(GOOD, custom_id=7)], 1, "line 1: custom_id must be a string, not 7"),
+        ([GOOD, dict(GOOD, custom_id="r2"), GOOD], 3, "line 3: custom_id 'r1' is a duplicate: it is on line 1 too"),
+        ([dict(GOOD, method="GET")], 1, "line 1: method must be \"POST\", not 'GET'"),
+        ([{k: v for k, v in GOOD.items() if k != "method"}], 1, "line 1: method is missing"),
+        (
+            [dict(GOOD, url="/v1/embeddings")],
+            1,
+            "line 1: url must be the batch's endpoint '/v1/chat/completions', not '/v1/embeddings'",
+        ),
+        ([{k: v for k, v in GOOD.items() if k != "body"}], 1, "line 1: body is missing"),
+        ([dict(GOOD, body=[])], 1, "line 1: body must be an object, not list"),
+        (
+            [b"\xef\xbb\xbf" + json.dumps(GOOD).encode()],
+            1,
+            "line 1: starts with a UTF-8 byte order mark; save it without one",
+        ),
+        ([], None, "the file has no requests"),
+        ([b"", b"   "], None, "the file has no requests"),
+    ],
+)
+def test_check_batch_file_names_the_line_and_what_is_wrong(tmp_path, lines, line, message):
+    data = b"".join((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines)
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(data)
+    with pytest.raises(m.InvalidBatchFileError) as info:
+        m.check_batch_file(path, CHAT)  # a PathLike
+    assert (info.value.line, str(info.value)) == (line, message)
+
+
+def test_list_batches_is_lazy_and_follows_the_cursor(gateway, tmp_path):
+    with writer(gateway) as client:
+        file_id = client.upload_file(input_file(tmp_path, None)).id
+        made = [client.create_batch(file_id, CHAT).id for _ in range(5)]
+        before = len(gateway.requests)
+        listed = client.list_batches(page_size=2)
+        assert len(gateway.requests) == before
+        assert next(listed).id == made[-1] and len(gateway.requests) == before + 1
+        rest = [b.id for b in listed]
+    ours = [bid for bid in [made[-1], *rest] if bid in made]
+    assert ours == made[::-1]
+    queries = [r["query"] for r in gateway.requests[before:]]
+    assert all("limit=2" in q for q in queries) and "after=" + made[-2] in queries[1]
+
+
+@pytest.mark.parametrize("switch, message", [("stuck_cursor", "did not advance"), ("empty_has_more", "page is empty")])
+def test_list_batches_refuses_a_stuck_cursor_and_an_empty_page_with_more(switch, message):
+    with Gateway(**{switch: True}) as gw:
+        with pytest.raises(m.InvalidResponseError, match=message) as info:
+            list(m.list_batches(DEMO_TOKEN, base_url=gw.base_url, page_size=1))
+        assert info.value.field == "data" and len(gw.requests) <= 3
+
+
+@pytest.mark.parametrize("size", [0, 101, True, 2.0])
+def test_list_batches_page_size_is_checked_before_any_io(api, size):
+    with pytest.raises(ValueError, match=r"^page_size must be an integer from 1 to 100"):
+        m.list_batches(TOKEN, base_url=BASE, page_size=size)
+    assert len(api.calls) == 0
+
+
+def test_cancel_answers_cancelling_and_a_finished_batch_is_a_conflict(gateway, tmp_path):
+    with writer(gateway) as client:
+        batch = client.submit_batch(input_file(tmp_path, None), CHAT)
+        assert client.cancel_batch(batch.id).status == "cancelling"
+        assert client.cancel_batch(batch.id).status == "cancelling"  # twice is harmless
+        with pytest.raises(m.ConflictError) as info:
+            client.cancel_batch("batch_status_completed")
+    assert info.value.status_code == 409
+    assert str(info.value).startswith("409 Batch batch_status_completed is completed and cannot be cancelled")
+
+
+def test_cancel_is_retried_after_a_reset_as_a_read_is(gateway, tmp_path, sleeps):
+    with writer(gateway) as client:
+        batch = client.submit_batch(input_file(tmp_path, None), CHAT)
+        gateway.write_faults = ["reset"]
+        assert client.cancel_batch(batch.id).status == "cancelling"
+    assert posts(gateway)[-2:] == [f"/api/v1/llm/batches/{batch.id}/cancel"] * 2 and len(sleeps) == 1
+
+
+# --- Client: settings held once, one Session, shared by threads ------------------------------------
+
+
+def test_client_closes_the_session_it_made_never_one_it_was_given(monkeypatch):
+    closed: List[Any] = []
+    monkeypatch.setattr(requests.Session, "close", lambda self: closed.append(self))
+    with m.Client(TOKEN) as own:
+        pass
+    given = requests.Session()
+    with m.Client(TOKEN, session=given) as client:
+        assert client.session is given
+    assert closed == [own.session]
+
+
+def test_client_base_url_comes_from_the_environment_when_it_is_made(monkeypatch):
+    monkeypatch.setenv("MKA1_BASE_URL", "https://staging.example.test/")
+    client = m.Client(TOKEN)
+    monkeypatch.setenv("MKA1_BASE_URL", "https://later.example.test")
+    assert client.base_url == "https://staging.example.test"
+    assert m.Client(TOKEN, base_url="https://given.example.test").base_url == "https://given.example.test"
+    monkeypatch.delenv("MKA1_BASE_URL")
+    assert m.Client(TOKEN).base_url == m.DEFAULT_BASE_URL
+
+
+def test_module_functions_read_mka1_base_url_too(api, monkeypatch):
+    monkeypatch.setenv("MKA1_BASE_URL", BASE)
+    ok(api)
+    assert m.get_batch(TOKEN, BID).id == BID and api.calls[0].request.url == URL + BID
+
+
+def test_client_repr_and_attributes_hold_no_token():
+    client = m.Client("Bearer " + TOKEN, "user_1", base_url=BASE)
+    assert TOKEN not in repr(client) and repr(client) == f"<mka1_batches.Client {BASE} on_behalf_of='user_1'>"
+    assert TOKEN not in repr(vars(client).get("session"))
+
+
+def test_client_call_may_act_for_another_user(gateway):
+    with m.Client(DEMO_TOKEN, "user_9", base_url=gateway.base_url) as client:
+        with pytest.raises(m.NotFoundError):
+            client.get_batch("batch_private")
+        assert client.get_batch("batch_private", on_behalf_of="user_123").id == "batch_private"
+    assert [r.get("X-On-Behalf-Of") for r in gateway.requests] == ["user_9", "user_123"]
+
+
+def test_one_client_shared_by_threads_keeps_each_answer_apart(gateway):
+    got: Dict[str, str] = {}
+    with m.Client(DEMO_TOKEN, base_url=gateway.base_url) as client:
+
+        def work(n: int) -> None:
+            for i in range(10):
+                bid = f"batch_x{n * 10 + i}"
+                got[bid] = client.get_batch(bid).id
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert len(got) == 60 and all(k == v for k, v in got.items()) and gateway.connections <= 10
+
+
+# --- Faults: what a server's headers and bodies may be, over real sockets --------------------------
+
+
+@given(
+    st.text(max_size=60)
+    | st.from_regex(r"[A-Za-z]{3}, [0-9]{1,30} [A-Za-z]{3} [0-9]{1,30} [0-9:]{1,20}( [A-Z+0-9-]{1,6})?")
+)
+@settings(max_examples=300, deadline=None)
+def test_retry_after_of_any_text_is_seconds_or_none(value):
+    got = m._retry_after(value)
+    assert got is None or (isinstance(got, float) and got >= 0)
+
+
+@pytest.mark.parametrize(
+    "value", ["21 Oct 99999999999999999999 07:28:00 GMT", "1000000 Oct 1000000 99:99 00:00:00:00 , 99:99"]
+)
+def test_retry_after_dates_out_of_range_are_none(value):
+    assert m._retry_after(value) is None
+
+
+def test_a_fractional_retry_after_is_honoured(api, sleeps):
+    fail(api, 429, {"error": "Rate limit exceeded"}, {"Retry-After": "1.5"})
+    ok(api)
+    assert get().id == BID and sleeps == [1.5]
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-32"])
+def test_a_batch_body_with_a_byte_order_mark_or_in_utf_16_or_32_is_read(start, encoding):
+    server = start(
+        RawServer(lambda r: [reply(batch_body(r.batch_id).decode().encode(encoding), headers={"X-Request-ID": RID})])
+    )
+    assert live(server, "batch_bom").id == "batch_bom"
+
+
+def test_a_proxy_that_is_down_is_named_as_the_proxy(plain_env, monkeypatch, sleeps):
+    port = free_port()
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+    with pytest.raises(m.APIConnectionError) as info:
+        m.get_batch(TOKEN, "batch_x", base_url="https://gw.example.test", max_retries=0)
+    assert str(info.value) == (
+        f"GET /api/v1/llm/batches/batch_x on gw.example.test failed: proxy 127.0.0.1:{port} refused the connection"
+    )
+
+
+def test_a_proxy_that_never_answers_is_named_as_timing_out(start, plain_env, monkeypatch):
+    silent = start(RawServer(lambda r: []))  # takes the CONNECT, never answers
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{silent.port}")
+    with pytest.raises(m.APITimeoutError) as info:
+        m.get_batch(TOKEN, "batch_x", base_url="https://gw.example.test", max_retries=0, timeout=(1, 0.3))
+    assert str(info.value) == (
+        f"GET /api/v1/llm/batches/batch_x on gw.example.test timed out: read timed out (via proxy 127.0.0.1:{silent.port})"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
