@@ -834,7 +834,7 @@ class Client:
 
         :param file: a path, or a seekable binary file object (read from where it stands).
         """
-        if not isinstance(purpose, str) or not purpose:
+        if not isinstance(purpose, str) or not purpose.strip() or not purpose.isprintable():
             raise ValueError(f"purpose must be a non-empty string such as 'batch', not {purpose!r}")
         who = self._who(on_behalf_of)
         with _opened(file) as (stream, name):

@@ -5002,7 +5002,8 @@ def test_a_proxy_that_never_answers_is_named_as_timing_out(start, plain_env, mon
     with pytest.raises(m.APITimeoutError) as info:
         m.get_batch(TOKEN, "batch_x", base_url="https://gw.example.test", max_retries=0, timeout=(1, 0.3))
     assert str(info.value) == (
-        f"GET /api/v1/llm/batches/batch_x on gw.example.test timed out: read timed out (via proxy 127.0.0.1:{silent.port})"
+        "GET /api/v1/llm/batches/batch_x on gw.example.test timed out:"
+        f" read timed out (via proxy 127.0.0.1:{silent.port})"
     )
 
 
@@ -5010,3 +5011,67 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_module_cancel_batch_and_list_batches_after_a_cursor(gateway, tmp_path):
+    batch = m.submit_batch(DEMO_TOKEN, input_file(tmp_path, None), CHAT, base_url=gateway.base_url)
+    assert m.cancel_batch(DEMO_TOKEN, batch.id, base_url=gateway.base_url).status == "cancelling"
+    listed = list(m.list_batches(DEMO_TOKEN, base_url=gateway.base_url, after=batch.id))
+    assert batch.id not in [b.id for b in listed] and "after=" + batch.id in gateway.requests[-1]["query"]
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ([], "list: expected an object, got list"),
+        ({"data": {}, "has_more": False}, "data: expected a list, got dict"),
+        ({"data": []}, "has_more: expected true or false, got null"),
+    ],
+)
+def test_a_list_page_of_the_wrong_shape_is_refused(api, body, message):
+    api.add(responses.GET, BASE + "/api/v1/llm/batches", json=body, headers={"X-Request-ID": RID})
+    with pytest.raises(m.InvalidResponseError) as info:
+        next(m.list_batches(TOKEN, base_url=BASE))
+    assert (str(info.value), info.value.request_id) == (message, RID)
+
+
+@pytest.mark.parametrize("bad", ["", " ", None, "x\n"])
+def test_bad_purpose_is_refused_before_any_io(api, bad):
+    with pytest.raises(ValueError, match=r"^purpose must be a non-empty string such as 'batch', not "):
+        m.upload_file(TOKEN, io.BytesIO(b"x"), base_url=BASE, purpose=bad)
+    assert len(api.calls) == 0
+
+
+@pytest.mark.parametrize("bad, exc", [("", ValueError), ("..", ValueError), (7, TypeError)])
+def test_bad_after_is_refused_before_any_io(api, bad, exc):
+    with pytest.raises(exc, match=r"^after must be "):
+        m.list_batches(TOKEN, base_url=BASE, after=bad)
+    assert len(api.calls) == 0
+
+
+def test_create_lookup_stops_at_batches_older_than_the_call(api, sleeps, monkeypatch):
+    """A 502 with nothing made: the lookup reads the newest page, stops at an old batch, then sends again."""
+    monkeypatch.setattr(m.random, "uniform", lambda a, b: 0.5)
+    old = dict(EXAMPLE, status="completed", created_at=1, metadata=None)
+    made = dict(EXAMPLE, status="validating", created_at=2**31)
+    api.add(responses.POST, BASE + "/api/v1/llm/batches", status=502, body="<title>502 Bad Gateway</title>")
+    api.add(responses.POST, BASE + "/api/v1/llm/batches", json=made)
+    page = {"object": "list", "data": [old, dict(old, id="batch_older")], "has_more": True}
+    api.add(responses.GET, BASE + "/api/v1/llm/batches", json=page)
+    assert m.create_batch(TOKEN, "file_abc123", CHAT, base_url=BASE) == m.Batch.from_dict(made)
+    assert [c.request.method for c in api.calls] == ["POST", "GET", "POST"] and sleeps == [0.5]
+
+
+def test_a_file_that_shrinks_while_it_is_uploaded_is_refused(api, tmp_path, monkeypatch):
+    api.add(responses.GET, BASE + "/api/v1/llm/files", json={"object": "list", "data": [], "has_more": False})
+
+    def stored(request: Any) -> Any:
+        return 200, {}, b"".join(request.body)
+
+    api.add_callback(responses.POST, BASE + "/api/v1/llm/files", callback=stored)
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"x" * 100)
+    real = m._digest
+    monkeypatch.setattr(m, "_digest", lambda stream: (real(stream)[0] + 1, real(stream)[1]))
+    with pytest.raises(m.InvalidBatchFileError, match=r"^the file got shorter while it was uploaded$"):
+        m.upload_file(TOKEN, str(path), base_url=BASE)
