@@ -40,6 +40,7 @@ __all__ = [
     "MAX_BODY_BYTES",
     "MAX_LINE_BYTES",
     "MAX_RETRY_AFTER",
+    "RESUBMIT_KEY",
     "TERMINAL_STATUSES",
     "APIConnectionError",
     "APIStatusError",
@@ -72,6 +73,7 @@ __all__ = [
     "iter_results",
     "list_batches",
     "main",
+    "resubmit_failed",
     "submit_batch",
     "upload_file",
     "wait_for_batch",
@@ -93,6 +95,8 @@ MAX_LINE_BYTES = 64 * 1024 * 1024
 MAX_RETRY_AFTER = 60.0
 #: The metadata key whose value, new to each create_batch call, finds the batch it made.
 CREATE_KEY = "mka1_batches_create"
+#: The metadata key of a batch made by resubmit_failed: the id of the batch it came from.
+RESUBMIT_KEY = "mka1_batches_resubmit_of"
 
 _T = TypeVar("_T")
 _Timeout = Union[float, Tuple[float, float]]
@@ -614,6 +618,23 @@ def submit_batch(
         return c.submit_batch(file, endpoint, metadata=metadata, max_concurrency=max_concurrency)
 
 
+def resubmit_failed(
+    token: str,
+    batch: Union[Batch, str],
+    on_behalf_of: Optional[str] = None,
+    *,
+    metadata: Optional[Dict[str, str]] = None,
+    on_kept: Optional[Callable[[BatchResult], None]] = None,
+    base_url: Optional[str] = None,
+    timeout: _Timeout = DEFAULT_TIMEOUT,
+    max_retries: int = 2,
+    session: Optional[requests.Session] = None,
+) -> Optional[Batch]:
+    """Send what failed in a finished batch again, as a new batch: :meth:`Client.resubmit_failed`."""
+    with Client(token, on_behalf_of, base_url=base_url, timeout=timeout, max_retries=max_retries, session=session) as c:
+        return c.resubmit_failed(batch, metadata=metadata, on_kept=on_kept)
+
+
 def list_batches(
     token: str,
     on_behalf_of: Optional[str] = None,
@@ -819,10 +840,11 @@ class Client:
         on_progress: Optional[Callable[[str, int, int, Optional[int]], None]] = None,
         on_behalf_of: Optional[str] = None,
     ) -> Iterator[Tuple[bytes, BatchResult]]:
-        """As :meth:`iter_results`, each result beside its line as the server sent it (without its newline)."""
+        """As :meth:`iter_results`, each result beside its line as the server sent it (without its CRLF or LF)."""
         file_ids = _file_ids(batch, include_errors)
         who = self._who(on_behalf_of)
-        return (pair for file_id in file_ids for pair in _FileReader(self, file_id, on_progress).pairs(who))
+        pairs = (pair for file_id in file_ids for pair in _FileReader(self, file_id, on_progress).pairs(who))
+        return ((line[:-1] if line.endswith(b"\r") else line, result) for line, result in pairs)
 
     def upload_file(self, file: _Input, *, purpose: str = "batch", on_behalf_of: Optional[str] = None) -> "File":
         """Upload a file, streamed from disk with its length up front, and never the same bytes twice.
@@ -910,6 +932,55 @@ class Client:
         return self.create_batch(
             uploaded.id, endpoint, metadata=metadata, max_concurrency=max_concurrency, on_behalf_of=on_behalf_of
         )
+
+    def resubmit_failed(
+        self,
+        batch: Union[Batch, str],
+        *,
+        metadata: Optional[Dict[str, str]] = None,
+        on_kept: Optional[Callable[[BatchResult], None]] = None,
+        on_behalf_of: Optional[str] = None,
+    ) -> Optional[Batch]:
+        """Send the requests of a finished batch that failed again, as a new batch; None if none failed.
+
+        Failed: every line of its error file, every output line whose status is 408, 429 or 5xx,
+        and every ``custom_id`` of its input that came back in neither file. An output line with
+        another 4xx would fail the same way again: it is not resent, and ``on_kept`` sees it.
+        The new input holds the failed lines of the original input file, byte for byte and in
+        their order, streamed through a temporary file: memory grows with the number of
+        requests (a set of ids), never with their size. It is then checked, uploaded and created
+        as :meth:`submit_batch` does, with the batch's endpoint and ``metadata[RESUBMIT_KEY]``
+        naming the batch it came from.
+
+        :param batch: a terminal Batch, or its id (fetched first).
+        :param metadata: up to 15 pairs of strings, kept on the new batch beside RESUBMIT_KEY.
+        :raises ValueError: also for a batch that has not finished.
+        """
+        _check_metadata(metadata, 15)
+        who = self._who(on_behalf_of)
+        if not isinstance(batch, Batch):
+            batch = self.get_batch(batch, on_behalf_of=on_behalf_of)
+        seen: Set[str] = set()
+        failed: Set[str] = set()
+        for file_id in _file_ids(batch, True):  # a batch that has not finished is refused here
+            for _, result in _FileReader(self, file_id, None).pairs(who):
+                seen.add(result.custom_id)
+                status = result.response.status_code if result.response is not None else None
+                if file_id == batch.error_file_id or status is None or status in (408, 429) or status >= 500:
+                    failed.add(result.custom_id)
+                elif status >= 400 and on_kept is not None:
+                    on_kept(result)
+        import tempfile  # only here: a plain get_batch does not need it
+
+        with tempfile.TemporaryFile() as again:
+            for line, custom_id in _FileReader(self, batch.input_file_id, None, _custom_id).pairs(who):
+                if custom_id in failed or custom_id not in seen:
+                    again.write(line + b"\n")
+            if not again.tell():
+                return None
+            again.seek(0)
+            sent = dict(metadata or {}, **{RESUBMIT_KEY: batch.id})
+            return self.submit_batch(again, batch.endpoint, metadata=sent, on_behalf_of=on_behalf_of)
 
     def list_batches(
         self, *, page_size: int = 20, after: Optional[str] = None, on_behalf_of: Optional[str] = None
@@ -1377,10 +1448,15 @@ class _FileReader:
     """Reads one file's JSONL lines as results, and resumes after a break without repeating one."""
 
     def __init__(
-        self, client: Client, file_id: str, progress: Optional[Callable[[str, int, int, Optional[int]], None]]
+        self,
+        client: Client,
+        file_id: str,
+        progress: Optional[Callable[[str, int, int, Optional[int]], None]],
+        parse: Callable[[Any], Any] = BatchResult.from_dict,
     ):
         self.client = client
         self.file_id = file_id
+        self.parse = parse
         self.path = _FILES + "/" + _check_id(file_id, "file id") + "/content"
         self.progress = progress
         #: Lines yielded so far (blank ones included), and the bytes of those lines.
@@ -1391,7 +1467,7 @@ class _FileReader:
         self.bytes_read = 0
         self.total: Optional[int] = None
 
-    def pairs(self, who: Optional[str]) -> Iterator[Tuple[bytes, BatchResult]]:
+    def pairs(self, who: Optional[str]) -> Iterator[Tuple[bytes, Any]]:
         """Each line and its result; after a break, the file is asked for again and read on from where it was."""
         attempt = 1
         while True:
@@ -1406,7 +1482,7 @@ class _FileReader:
                 raise
             attempt += 1
 
-    def _read(self, resp: requests.Response) -> Iterator[Tuple[bytes, BatchResult]]:
+    def _read(self, resp: requests.Response) -> Iterator[Tuple[bytes, Any]]:
         request_id = resp.headers.get("X-Request-ID")
         # bytes_read counts decoded bytes, so the length of an encoded body is no total for it.
         self.total = _content_length(resp.headers) if _encoding(resp) == "identity" else None
@@ -1427,14 +1503,14 @@ class _FileReader:
             if not line.strip():
                 continue
             try:
-                result = BatchResult.from_dict(json.loads(line))
+                result = self.parse(json.loads(line))
             except (ValueError, RecursionError) as exc:  # InvalidResponseError is a ValueError too
                 field = getattr(exc, "field", None)
                 what = str(exc) if field else f"not a JSON object: {_excerpt(line)!r}"
                 raise InvalidResponseError(
                     f"file {self.file_id} line {number}: {what}", field=field, request_id=request_id
                 ) from exc
-            yield (line[:-1] if line.endswith(b"\r") else line), result
+            yield line, result
         if number < self.lines:
             raise self._changed(request_id)
 
@@ -1503,15 +1579,20 @@ def _check_create(
     _check_endpoint(endpoint)
     if not isinstance(completion_window, str) or not completion_window:
         raise ValueError(f"completion_window must be a string such as '24h', not {completion_window!r}")
-    if metadata is not None:
-        if not isinstance(metadata, dict) or any(type(k) is not str or type(v) is not str for k, v in metadata.items()):
-            raise TypeError("metadata must be a dict of strings to strings")
-        if len(metadata) > 16:
-            raise ValueError(f"metadata holds at most 16 pairs, not {len(metadata)}")
-        if CREATE_KEY in metadata:
-            raise ValueError(f"metadata key {CREATE_KEY!r} is this module's own: see CREATE_KEY")
+    _check_metadata(metadata, 16)
     if max_concurrency is not None and (type(max_concurrency) is not int or max_concurrency < 1):
         raise ValueError(f"max_concurrency must be None or a positive integer, not {max_concurrency!r}")
+
+
+def _check_metadata(metadata: Optional[Dict[str, str]], room: int) -> None:
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict) or any(type(k) is not str or type(v) is not str for k, v in metadata.items()):
+        raise TypeError("metadata must be a dict of strings to strings")
+    if len(metadata) > room:
+        raise ValueError(f"metadata holds at most {room} pairs here, not {len(metadata)}")
+    if CREATE_KEY in metadata:  # its value must be new to each call
+        raise ValueError(f"metadata key {CREATE_KEY!r} is this module's own")
 
 
 def _create_body(
@@ -1614,6 +1695,14 @@ def _page(data: Any, request_id: Optional[str]) -> Tuple[Dict[str, Any], Optiona
     if type(data.get("has_more")) is not bool:
         raise _invalid("has_more", "true or false", data.get("has_more"))
     return data, request_id
+
+
+def _custom_id(data: Any) -> str:
+    """The custom_id of a line of an input file read back from the gateway."""
+    custom_id = data.get("custom_id") if type(data) is dict else None
+    if type(custom_id) is not str:
+        raise InvalidResponseError("expected a JSON object with a string custom_id", field="custom_id")
+    return custom_id
 
 
 def _file(data: Any, request_id: Optional[str]) -> File:

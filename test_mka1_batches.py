@@ -1118,6 +1118,7 @@ def test_import_does_nothing_it_need_not():
 def test_all_names_the_public_surface():
     functions = ["get_batch", "wait_for_batch", "iter_results", "main"]
     functions += ["upload_file", "create_batch", "submit_batch", "check_batch_file", "list_batches", "cancel_batch"]
+    functions += ["resubmit_failed"]
     classes = ["Batch", "RequestCounts", "BatchErrors", "BatchError", "BatchResult", "ResultResponse", "ResultError"]
     classes += ["Client", "File"]
     errors = ["MKA1Error", "APIConnectionError", "APITimeoutError", "InvalidResponseError", "WaitTimeoutError"]
@@ -1125,7 +1126,7 @@ def test_all_names_the_public_surface():
     errors += ["UnprocessableEntityError", "RateLimitError", "InternalServerError", "ConflictError"]
     errors += ["InvalidBatchFileError"]
     constants = ["DEFAULT_BASE_URL", "DEFAULT_TIMEOUT", "MAX_BODY_BYTES", "MAX_LINE_BYTES", "MAX_RETRY_AFTER"]
-    constants += ["TERMINAL_STATUSES", "CREATE_KEY"]
+    constants += ["TERMINAL_STATUSES", "CREATE_KEY", "RESUBMIT_KEY"]
     assert sorted(m.__all__) == sorted(functions + classes + errors + constants)
     assert len(m.__all__) == len(set(m.__all__))
 
@@ -4647,7 +4648,7 @@ def test_create_4xx_is_raised_at_once(api, sleeps, status, cls):
         ({"input_file_id": ""}, ValueError, "input_file_id must be"),
         ({"endpoint": "v1/chat"}, ValueError, "endpoint must be a path"),
         ({"metadata": {"a": 1}}, TypeError, "metadata must be a dict of strings to strings"),
-        ({"metadata": {f"k{i}": "v" for i in range(17)}}, ValueError, "metadata holds at most 16 pairs, not 17"),
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, ValueError, "metadata holds at most 16 pairs here, not 17"),
         ({"metadata": {m.CREATE_KEY: "x"}}, ValueError, "metadata key 'mka1_batches_create' is this module's own"),
         ({"max_concurrency": 0}, ValueError, "max_concurrency must be None or a positive integer, not 0"),
         ({"max_concurrency": True}, ValueError, "max_concurrency must be None or a positive integer, not True"),
@@ -5075,3 +5076,113 @@ def test_a_file_that_shrinks_while_it_is_uploaded_is_refused(api, tmp_path, monk
     monkeypatch.setattr(m, "_digest", lambda stream: (real(stream)[0] + 1, real(stream)[1]))
     with pytest.raises(m.InvalidBatchFileError, match=r"^the file got shorter while it was uploaded$"):
         m.upload_file(TOKEN, str(path), base_url=BASE)
+
+
+# --- Resubmit what failed -------------------------------------------------------------------------
+
+
+def finished(client: m.Client, path: str) -> m.Batch:
+    return client.wait_for_batch(client.submit_batch(path, CHAT).id, poll_interval=0.01)
+
+
+def resent_lines(gw: Gateway, batch: m.Batch) -> List[bytes]:
+    return gw.file_data(batch.input_file_id, None).splitlines(keepends=True)
+
+
+def test_resubmit_sends_each_kind_of_failure_again_byte_for_byte_in_input_order(gateway):
+    kept: List[m.BatchResult] = []
+    with writer(gateway) as client:
+        again = client.resubmit_failed("batch_partial", metadata={"round": "2"}, on_kept=kept.append)
+    original = fetch(gateway, content("file-batch_partial-input")).content.splitlines(keepends=True)
+    # request-2 (429), -4 (error file), -5 (500), -6 (in neither file); not -7 (400) nor the 200s
+    assert resent_lines(gateway, again) == [original[i] for i in (1, 3, 4, 5)]
+    assert [r.custom_id for r in kept] == ["request-7"] and kept[0].response.status_code == 400
+    assert again.endpoint == CHAT and again.metadata["round"] == "2"
+    assert again.metadata[m.RESUBMIT_KEY] == "batch_partial"
+    assert [b["id"] for b in gateway.created_batches()] == [again.id]
+
+
+@pytest.mark.parametrize(
+    "fails, resent",
+    [
+        (["error"], ["request-2"]),
+        ([429], ["request-2"]),
+        ([408], ["request-2"]),
+        ([503], ["request-2"]),
+        (["drop"], ["request-2"]),
+        (["error", 404, 500, "drop", None], ["request-2", "request-4", "request-5"]),
+    ],
+)
+def test_resubmit_each_kind_alone_and_mixed(gateway, tmp_path, fails, resent):
+    with writer(gateway) as client:
+        done = finished(client, input_file(tmp_path, None, *fails))
+        again = client.resubmit_failed(done)
+    assert [json.loads(line)["custom_id"] for line in resent_lines(gateway, again)] == resent
+
+
+def test_resubmit_of_a_batch_where_nothing_failed_makes_nothing(gateway, tmp_path):
+    kept: List[m.BatchResult] = []
+    with writer(gateway) as client:
+        done = finished(client, input_file(tmp_path, None, 404, 200))
+        before = posts(gateway)
+        assert client.resubmit_failed(done.id, on_kept=kept.append) is None
+    assert posts(gateway) == before and len(gateway.created_batches()) == 1
+    assert [r.custom_id for r in kept] == ["request-2"]
+
+
+def test_resubmit_of_a_cancelled_batch_sends_what_it_did_not_finish(gateway, tmp_path):
+    with writer(gateway) as client:
+        batch = client.submit_batch(input_file(tmp_path, *[None] * 6), CHAT)
+        client.get_batch(batch.id)  # in_progress
+        client.cancel_batch(batch.id)
+        done = client.wait_for_batch(batch.id, poll_interval=0.01)
+        assert done.status == "cancelled"
+        finished_ids = {r.custom_id for r in client.iter_results(done)}
+        again = client.resubmit_failed(done)
+    resent = {json.loads(line)["custom_id"] for line in resent_lines(gateway, again)}
+    assert resent and resent.isdisjoint(finished_ids) and resent | finished_ids == {f"request-{n}" for n in range(1, 7)}
+
+
+def test_resubmit_of_a_batch_not_finished_is_refused_before_any_io(api):
+    with pytest.raises(ValueError, match="is in_progress: read its results once it is completed"):
+        m.resubmit_failed(TOKEN, m.Batch.from_dict(dict(EXAMPLE, status="in_progress")), base_url=BASE)
+    with pytest.raises(ValueError, match="metadata holds at most 15 pairs here, not 16"):
+        m.resubmit_failed(TOKEN, BID, base_url=BASE, metadata={f"k{i}": "v" for i in range(16)})
+    assert len(api.calls) == 0
+
+
+@pytest.mark.parametrize("fault", ["502", "reset"])
+def test_resubmit_with_a_fault_after_the_new_batch_was_made_makes_one(gateway, fault):
+    gateway.write_faults = [None, fault]  # the upload goes through; the create is made, then its answer fails
+    with writer(gateway) as client:
+        again = client.resubmit_failed("batch_partial")
+    assert [b["id"] for b in gateway.created_batches()] == [again.id]
+
+
+RESUBMIT_RSS = """\
+import re, sys, mka1_batches
+again = mka1_batches.resubmit_failed("demo-key", sys.argv[1], base_url=sys.argv[2])
+print(again.input_file_id, re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+"""
+
+
+def test_resubmit_memory_grows_with_the_ids_not_the_lines(gateway, tmp_path):
+    """10,000 failed requests of 2 KiB each: the new input streams through a file, never held."""
+    peaks = []
+    for count in (1000, 10000):
+        path = tmp_path / f"{count}.jsonl"
+        body = {"mka1_standin_fail": "error", "pad": "p" * 2000}
+        with open(path, "wb") as f:
+            for n in range(count):
+                f.write(
+                    json.dumps({"custom_id": f"r{n}", "method": "POST", "url": CHAT, "body": body}).encode() + b"\n"
+                )
+        with writer(gateway) as client:
+            done = finished(client, str(path))
+        env = {"PATH": os.environ["PATH"]}
+        out = run_text([sys.executable, "-c", RESUBMIT_RSS, done.id, gateway.base_url, str(path)], cwd=HERE, env=env)
+        assert out.returncode == 0, out.stderr
+        file_id, peak_kib = out.stdout.split()
+        assert len(gateway.file_data(file_id).splitlines()) == count
+        peaks.append(int(peak_kib))
+    assert peaks[1] - peaks[0] < 8 * 1024, peaks  # the lines alone are 18 MiB more
