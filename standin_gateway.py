@@ -985,13 +985,23 @@ def _handler(gateway: Gateway) -> type:
             else:
                 self._send(*gateway.list_batches(scope, query))
 
+        def _drain_chunked(self, limit: int = 2**20) -> None:
+            """Read a chunked body to its last chunk, or ``limit`` bytes of it, and drop it."""
+            while limit > 0:
+                size = int(self.rfile.readline(100).split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    self.rfile.readline(100)
+                    return
+                limit -= len(self.rfile.read(size + 2))
+
         def do_POST(self) -> None:
             path, _, scope = self._record()
             length = self.headers.get("Content-Length", "0")
             if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                self._drain_chunked()  # so that a client still sending sees the answer, not a broken pipe
                 message = {"error": {"message": "Length Required: send the body with a Content-Length"}}
                 self._send(411, message, {"Connection": "close"})
-                self.close_connection = True  # the body is not read: nothing else on this connection can be
+                self.close_connection = True
                 return
             if not re.fullmatch(r"[0-9]{1,12}", length.strip()):
                 self._send(400, {"error": {"message": "Content-Length is not a number"}}, {"Connection": "close"})
