@@ -2794,31 +2794,6 @@ def test_cli_network_error_exit_1(cli, gateway):
     [
         (["batch_x"], {}, "error: set MKA1_API_KEY (or MKA1_BEARER_AUTH) to your MKA1 API key\n"),
         (["batch_x"], {"MKA1_API_KEY": "  "}, "error: set MKA1_API_KEY (or MKA1_BEARER_AUTH) to your MKA1 API key\n"),
-        (
-            [".."],
-            {"MKA1_API_KEY": "k"},
-            "error: batch_id must be a non-empty printable string other than . and .., not '..'\n",
-        ),
-        (
-            ["b", "--on-behalf-of", "x" * 151],
-            {"MKA1_API_KEY": "k"},
-            "error: on_behalf_of must be 1-150 printable ASCII characters, not '" + "x" * 151 + "'\n",
-        ),
-        (
-            ["b", "--timeout", "-1"],
-            {"MKA1_API_KEY": "k"},
-            "error: timeout must be seconds > 0, or a (connect, read) pair of them, not -1.0\n",
-        ),
-        (
-            ["b", "--max-wait", "0", "--wait"],
-            {"MKA1_API_KEY": "k"},
-            "error: max_wait must be None or a positive number of seconds, not 0.0\n",
-        ),
-        (
-            ["b", "--base-url", "ftp://x"],
-            {"MKA1_API_KEY": "k"},
-            "error: base_url must be an http(s) URL with no query, such as 'https://apigw.mka1.com'\n",
-        ),
     ],
 )
 def test_cli_usage_errors_exit_2_with_one_line(cli, args, env, message):
@@ -2829,8 +2804,26 @@ def test_cli_usage_errors_exit_2_with_one_line(cli, args, env, message):
 @pytest.mark.parametrize(
     "args, error",
     [
-        (["b", "--timeout", "soon"], "argument --timeout: invalid float value: 'soon'"),
-        ([], "the following arguments are required: batch_id"),
+        (["b", "--timeout", "soon"], "argument --timeout: must be S or CONNECT,READ, in seconds > 0, not 'soon'"),
+        (["b", "--timeout", "-1"], "argument --timeout: must be S or CONNECT,READ, in seconds > 0, not '-1'"),
+        (["b", "--timeout", "5,0"], "argument --timeout: must be S or CONNECT,READ, in seconds > 0, not '5,0'"),
+        (["b", "--timeout", "1,2,3"], "argument --timeout: must be S or CONNECT,READ, in seconds > 0, not '1,2,3'"),
+        ([], "the following arguments are required: BATCH_ID"),
+        ([".."], "argument BATCH_ID: must be a printable id other than . and .., not '..'"),
+        (["b\x1b"], "argument BATCH_ID: must be a printable id other than . and .., not 'b\\x1b'"),
+        (
+            ["b", "--on-behalf-of", "x" * 151],
+            "argument --on-behalf-of: must be 1-150 printable ASCII characters, not '" + "x" * 151 + "'",
+        ),
+        (["b", "--wait", "--max-wait", "0"], "argument --max-wait: must be a number of seconds > 0, not '0'"),
+        (
+            ["b", "--wait", "--poll-interval", "nan"],
+            "argument --poll-interval: must be a number of seconds > 0, not 'nan'",
+        ),
+        (
+            ["b", "--base-url", "ftp://x"],
+            "argument --base-url: must be an http(s) URL with no query, such as 'https://apigw.mka1.com', not 'ftp://x'",
+        ),
     ],
 )
 def test_cli_argument_errors_exit_2_with_the_usage(cli, args, error):
@@ -2919,7 +2912,7 @@ def test_cli_shows_no_control_characters_from_the_server(cli, monkeypatch):
         on_update(m.Batch.from_dict(dict(EXAMPLE, status="\x1b]0;owned\x07done")))
         raise m.APIConnectionError("reset by \x1b[2Jpeer")
 
-    monkeypatch.setattr(m, "wait_for_batch", fake_wait)
+    monkeypatch.setattr(m.Client, "wait_for_batch", fake_wait)
     r = cli(BID, "--wait", env={"MKA1_API_KEY": "k"})
     line = "0s ?]0;owned?done: 3/3 completed, 0 failed"
     assert (r.returncode, r.stdout) == (1, "")
@@ -2950,7 +2943,7 @@ def test_cli_progress_is_cut_one_column_short_of_the_terminal(cli, monkeypatch, 
         on_update(batch)
         return batch
 
-    monkeypatch.setattr(m, "wait_for_batch", fake_wait)
+    monkeypatch.setattr(m.Client, "wait_for_batch", fake_wait)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     master, slave = pty.openpty()
     try:
@@ -3050,7 +3043,7 @@ def test_cli_interrupt_in_process_exits_130(cli, monkeypatch, terminal, stderr):
     def interrupted(*args: Any, **kw: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(m, "get_batch", interrupted)
+    monkeypatch.setattr(m.Client, "get_batch", interrupted)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
     r = cli("batch_x", env={"MKA1_API_KEY": "k"})
     assert (r.returncode, r.stdout, r.stderr) == (130, "", stderr)
@@ -3080,15 +3073,15 @@ def test_cli_help_text(cli, monkeypatch):
     r = cli("--help")
     assert r.stdout.startswith(
         "usage: python -m mka1_batches [-h] [--version] [--on-behalf-of ID] [--base-url URL] [--timeout S] [--wait]"
-        " [--poll-interval S] [--max-wait S] [--results] batch_id\n\n"
+        " [--poll-interval S] [--max-wait S] [--results] BATCH_ID\n\n"
         "Print an MKA1 batch as JSON on stdout, or with --results its results as JSON lines;"
-        " with --wait, wait for it to finish first.\n"
+        " with --wait, wait for it to finish first. Also: submit, list and cancel (see below).\n"
     )
     lines = [" ".join(line.split()) for line in r.stdout.splitlines()]
     for line in [
         "--on-behalf-of ID the end user to act for (X-On-Behalf-Of)",
         "--base-url URL default: $MKA1_BASE_URL, else https://apigw.mka1.com",
-        "--timeout S connect and read timeout (default: 10, 30)",
+        "--timeout S connect and read timeout: S, or CONNECT,READ (default: 10,30)",
         "--wait poll until the batch reaches a terminal status",
         "--poll-interval S with --wait: seconds between polls (2)",
         "--max-wait S with --wait: give up after S seconds (exit 4)",
@@ -3100,14 +3093,15 @@ def test_cli_help_text(cli, monkeypatch):
 
 @pytest.fixture
 def waits(monkeypatch):
-    """The arguments main() gives wait_for_batch, which returns the documented example."""
+    """The arguments main() gives Client.wait_for_batch, and the Client's settings; it returns the documented example."""
     seen: Dict[str, Any] = {}
 
-    def fake_wait(*args: Any, **kw: Any) -> m.Batch:
-        seen.update(args=args, **kw)
+    def fake_wait(client: m.Client, *args: Any, **kw: Any) -> m.Batch:
+        seen.update(args=(client._token, *args, client.on_behalf_of), **kw)
+        seen.update(timeout=client.timeout, base_url=client.base_url)
         return m.Batch.from_dict(EXAMPLE)
 
-    monkeypatch.setattr(m, "wait_for_batch", fake_wait)
+    monkeypatch.setattr(m.Client, "wait_for_batch", fake_wait)
     return seen
 
 
@@ -3127,7 +3121,12 @@ def test_cli_passes_defaults_and_prints_the_batch(cli, waits):
 
 def test_cli_passes_the_wait_options(cli, waits):
     cli(BID, "--wait", "--poll-interval", "0.5", "--max-wait", "9", "--timeout", "3", env={"MKA1_API_KEY": "k"})
-    assert (waits["poll_interval"], waits["max_wait"], waits["timeout"]) == (0.5, 9.0, 3.0)
+    assert (waits["poll_interval"], waits["max_wait"], waits["timeout"]) == (0.5, 9.0, (3.0, 3.0))
+
+
+def test_cli_timeout_takes_a_connect_and_a_read_timeout(cli, waits):
+    cli(BID, "--wait", "--timeout", "5,30", env={"MKA1_API_KEY": "k"})
+    assert waits["timeout"] == (5.0, 30.0)
 
 
 def test_cli_help_documents_exit_codes_and_environment(cli):
@@ -3143,7 +3142,7 @@ def test_cli_help_documents_exit_codes_and_environment(cli):
     ):
         assert text in r.stdout
     codes = r.stdout.split("exit codes:\n")[1].splitlines()
-    assert [line.split()[0] for line in codes if line[:3].strip()] == ["0", "1", "2", "3", "4", "130", "141"]
+    assert [line.split()[0] for line in codes if line[:3].strip()] == ["0", "1", "2", "3", "4", "5", "130", "141"]
 
 
 def test_cli_version(cli):
@@ -3327,6 +3326,10 @@ def test_cli_results_of_a_batch_not_finished_are_exit_4(cli, gateway, batch_id, 
     assert [request["path"] for request in gateway.requests] == ["/api/v1/llm/batches/" + batch_id]
 
 
+#: Why the stand-in's batch_failed failed, as --results says it.
+FAILED_WHY = "error: batch batch_failed failed: invalid_json_line: Line 1 is not valid JSON. (line 1)\n"
+
+
 @pytest.mark.parametrize(
     "args, code, custom_ids, stderr",
     [
@@ -3340,8 +3343,8 @@ def test_cli_results_of_a_batch_not_finished_are_exit_4(cli, gateway, batch_id, 
         (["batch_status_cancelled"], 3, ["request-3"], ""),
         (["batch_status_cancelled", "--wait"], 3, ["request-3"], "cancelled: 1/3 completed, 0 failed, 0s\n"),
         (["batch_status_expired", "--wait"], 3, ["request-3"], "expired: 1/3 completed, 0 failed, 0s\n"),
-        (["batch_failed"], 3, [], ""),
-        (["batch_failed", "--wait"], 3, [], "failed: 0/0 completed, 0 failed, 0s\n"),
+        (["batch_failed"], 3, [], FAILED_WHY),
+        (["batch_failed", "--wait"], 3, [], "failed: 0/0 completed, 0 failed, 0s\n" + FAILED_WHY),
     ],
 )
 def test_cli_results_exit_codes_and_partial_results(cli, gateway, args, code, custom_ids, stderr):
