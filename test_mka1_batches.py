@@ -3646,10 +3646,11 @@ def test_cli_submit_check_counts_the_requests_and_sends_nothing(cli_as_user, api
         ([{"custom_id": "a", "method": "POST", "url": CHAT, "body": {}}] * 2, " line 2: custom_id 'a' is a duplicate"),
         ([{"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {}}], " line 1: url must be"),
         ([], ": the file has no requests"),
+        (["x"], " line 1: not a JSON object: '\"x\"'"),
     ],
-    ids=["duplicate", "wrong url", "empty"],
+    ids=["duplicate", "wrong url", "empty", "no object"],
 )
-@pytest.mark.parametrize("check", [["--check"], []], ids=["--check", "submit"])
+@pytest.mark.parametrize("check", [["--check"], [], ["--wait", "--results"]], ids=["--check", "submit", "journey"])
 def test_cli_submit_of_a_bad_file_is_exit_1_naming_the_file_and_line_and_sends_nothing(
     cli_as_user, api, tmp_path, lines, error, check
 ):
@@ -3757,6 +3758,12 @@ def test_cli_failed_batch_results_name_its_first_three_errors(cli_as_user, api):
         f"error: batch {BID} failed: e3: bad 3 (line 3)\n"
         "error: ... and 2 more\n"
     )
+
+
+def test_cli_failed_batch_results_without_errors_say_so(cli_as_user, api):
+    ok(api, dict(EXAMPLE, status="failed", output_file_id=None, errors=None))
+    r = cli_as_user(BID, "--results")
+    assert (r.returncode, r.stdout, r.stderr) == (3, "", f"error: batch {BID} failed, giving no errors\n")
 
 
 @pytest.mark.parametrize(
