@@ -143,10 +143,21 @@ _CAUSES: List[Tuple[Any, str]] = [
 ]
 # python -m mka1_batches --help ends with this.
 _CLI_EPILOG = """\
+commands:
+  BATCH_ID           print the batch; --wait waits for it to finish, --results writes its results
+  submit FILE --endpoint EP
+                     check the JSONL file, upload it and create its batch; --check only checks it
+                     (nothing is sent); --wait --results is the whole journey, from file to results
+  list [--limit N]   this user's batches, newest first, one compact JSON object a line (20)
+  cancel BATCH_ID    cancel a batch; a batch that has finished is refused (409, exit 1)
+  Each has its own --help; --on-behalf-of, --base-url and --timeout go with every one.
+
 results (--results):
   One JSON object per line on stdout, ready for jq: the output file's lines, then the error
-  file's. A cancelled or expired batch's partial results are written too, then exit 3.
+  file's. A cancelled or expired batch's partial results are written too, then exit 3; a failed
+  batch's first three errors go to stderr.
     python -m mka1_batches BATCH_ID --wait --results | jq -r 'select(.error) | .custom_id'
+  After submit --wait --results, each custom_id of FILE that came back in neither file is named.
   While a file streams, a terminal's stderr shows the lines and MiB read so far (not when
   stdout is that terminal too: the results show it).
 
@@ -157,12 +168,16 @@ environment:
 
 exit codes:
   0    success (with --wait or --results: the batch ended completed)
-  1    API or network error, or a malformed results file (the results before it are written)
-  2    usage error: bad arguments, no token, an invalid id, --poll-interval or --max-wait without --wait
+  1    API or network error (409: cancel of a finished batch), a malformed results file (the
+       results before it are written), or a submitted FILE that cannot be read or fails the
+       check (nothing is sent; the line is named)
+  2    usage error: bad arguments, no token, --poll-interval or --max-wait without --wait
   3    --wait or --results: the batch ended failed, expired or cancelled (its JSON, or the results
        it has, are still written)
   4    the batch has not finished: with --wait, --max-wait passed first; with --results alone,
        it is still running (nothing is written)
+  5    submit --wait --results: results are missing for some requests (the first 5 are named);
+       3 comes first: a batch that did not complete exits 3, its missing requests still named
   130  interrupted (Ctrl-C)
   141  stdout or stderr was closed early by its reader, e.g. `| head -n1`; nothing more is written
        (128 + SIGPIPE, the code a shell shows for a program that a broken pipe stops)
@@ -2098,93 +2113,296 @@ class _ReadProgress:
         return _printable(f"{file_id}: {lines} lines, {read} MiB")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m mka1_batches``: print a batch as JSON, or its results as JSON lines; see ``--help``."""
-    import argparse
-    import os
-    import platform
-    import sys
+# The subcommands beside the BATCH_ID form, and what each one's --help says it does.
+_CLI_COMMANDS = {
+    None: "Print an MKA1 batch as JSON on stdout, or with --results its results as JSON lines;"
+    " with --wait, wait for it to finish first. Also: submit, list and cancel (see below).",
+    "submit": "Check a JSONL input file, upload it and create its batch, then print the batch as JSON;"
+    " with --wait, wait for it to finish; with --results too, write its results.",
+    "list": "Print this user's batches, newest first, one compact JSON object a line.",
+    "cancel": "Cancel a batch and print it as JSON (its status: cancelling).",
+}
 
+
+def _cli_args(argv: List[str]) -> Any:
+    """The parsed command line, ``run`` being the mode's function; argparse exits 2 on a usage error."""
+    import argparse
+    import platform
+
+    command = argv[0] if argv and argv[0] in _CLI_COMMANDS else None
     parser = argparse.ArgumentParser(
-        prog="python -m mka1_batches",
-        description="Print an MKA1 batch as JSON on stdout, or with --results its results as JSON lines;"
-        " with --wait, wait for it to finish first.",
+        prog="python -m mka1_batches" + ("" if command is None else " " + command),
+        description=_CLI_COMMANDS[command],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_CLI_EPILOG,
     )
-    versions = f"requests {requests.__version__}, Python {platform.python_version()}"
-    parser.add_argument("--version", action="version", version=f"mka1-batches {__version__} ({versions})")
-    parser.add_argument("batch_id")
-    parser.add_argument("--on-behalf-of", metavar="ID", help="the end user to act for (X-On-Behalf-Of)")
-    parser.add_argument("--base-url", metavar="URL", help=f"default: $MKA1_BASE_URL, else {DEFAULT_BASE_URL}")
-    parser.add_argument("--timeout", metavar="S", type=float, help="connect and read timeout (default: 10, 30)")
-    parser.add_argument("--wait", action="store_true", help="poll until the batch reaches a terminal status")
-    parser.add_argument("--poll-interval", metavar="S", type=float, help="with --wait: seconds between polls (2)")
-    parser.add_argument("--max-wait", metavar="S", type=float, help="with --wait: give up after S seconds (exit 4)")
+    if command is None:
+        versions = f"requests {requests.__version__}, Python {platform.python_version()}"
+        parser.add_argument("--version", action="version", version=f"mka1-batches {__version__} ({versions})")
+    if command in (None, "cancel"):
+        parser.add_argument(
+            "batch_id", metavar="BATCH_ID", type=_cli_type(_cli_id, "a printable id other than . and ..")
+        )
+    if command == "submit":
+        parser.add_argument("file", metavar="FILE", help="the requests, one JSON object per line")
+        parser.add_argument(
+            "--endpoint",
+            metavar="EP",
+            required=True,
+            type=_cli_type(_cli_endpoint, "a path such as '/v1/chat/completions'"),
+            help="the endpoint every line's url names, such as /v1/chat/completions",
+        )
+        parser.add_argument(
+            "--metadata",
+            metavar="KEY=VALUE",
+            action="append",
+            default=[],
+            type=_cli_type(_cli_pair, "KEY=VALUE"),
+            help="a pair of strings to keep on the batch; repeat for more, up to 16",
+        )
+        count = _cli_type(_cli_count, "a whole number of 1 or more")
+        parser.add_argument("--max-concurrency", metavar="N", type=count, help="requests in flight at once")
+        parser.add_argument("--check", action="store_true", help="only check the file: nothing is sent")
+    if command == "list":
+        limit = _cli_type(_cli_count, "a whole number of 1 or more")
+        parser.add_argument("--limit", metavar="N", type=limit, default=20, help="at most N batches (20)")
+    who = _cli_type(_check_on_behalf_of, "1-150 printable ASCII characters")
+    parser.add_argument("--on-behalf-of", metavar="ID", type=who, help="the end user to act for (X-On-Behalf-Of)")
+    base_url = _cli_type(_check_base_url, f"an http(s) URL with no query, such as {DEFAULT_BASE_URL!r}")
     parser.add_argument(
-        "--results", action="store_true", help="write the finished batch's results, one JSON object per line"
+        "--base-url", metavar="URL", type=base_url, help=f"default: $MKA1_BASE_URL, else {DEFAULT_BASE_URL}"
     )
-    args = parser.parse_args(argv)
-    # Refused rather than taken to imply --wait: that would also change what exit 0 means.
-    for option, value in (("--poll-interval", args.poll_interval), ("--max-wait", args.max_wait)):
-        if value is not None and not args.wait:
-            parser.error(f"argument {option}: not allowed without --wait")
+    timeout = _cli_type(_cli_timeout, "S or CONNECT,READ, in seconds > 0")
+    parser.add_argument(
+        "--timeout",
+        metavar="S",
+        type=timeout,
+        default=DEFAULT_TIMEOUT,
+        help="connect and read timeout: S, or CONNECT,READ (default: 10,30)",
+    )
+    if command in (None, "submit"):
+        seconds = _cli_type(_cli_seconds, "a number of seconds > 0")
+        parser.add_argument("--wait", action="store_true", help="poll until the batch reaches a terminal status")
+        parser.add_argument("--poll-interval", metavar="S", type=seconds, help="with --wait: seconds between polls (2)")
+        parser.add_argument(
+            "--max-wait", metavar="S", type=seconds, help="with --wait: give up after S seconds (exit 4)"
+        )
+        results = "with --wait: " if command else ""
+        results += "write the finished batch's results, one JSON object per line"
+        parser.add_argument("--results", action="store_true", help=results)
+    args = parser.parse_args(argv if command is None else argv[1:])
+    if command in (None, "submit"):
+        # Refused rather than taken to imply --wait: that would also change what exit 0 means.
+        given = [("--poll-interval", args.poll_interval is not None), ("--max-wait", args.max_wait is not None)]
+        if command == "submit":  # a batch just created cannot have finished
+            given.append(("--results", args.results))
+        for option, present in given:
+            if present and not args.wait:
+                parser.error(f"argument {option}: not allowed without --wait")
+        if args.poll_interval is None:
+            args.poll_interval = 2.0
+    if command == "submit":
+        if args.check and args.wait:
+            parser.error("argument --wait: not allowed with --check")
+        keys = [key for key, _ in args.metadata]
+        if len(keys) > 16 or CREATE_KEY in keys or len(set(keys)) < len(keys):
+            parser.error(f"argument --metadata: up to 16 distinct keys, {CREATE_KEY} not among them")
+    args.run = {None: _cli_get, "submit": _cli_submit, "list": _cli_list, "cancel": _cli_cancel}[command]
+    return args
 
-    token = os.environ.get("MKA1_API_KEY") or os.environ.get("MKA1_BEARER_AUTH") or ""
-    if not token.strip():
-        print("error: set MKA1_API_KEY (or MKA1_BEARER_AUTH) to your MKA1 API key", file=sys.stderr)
-        return 2
-    base_url = args.base_url or os.environ.get("MKA1_BASE_URL") or DEFAULT_BASE_URL
-    timeout: _Timeout = DEFAULT_TIMEOUT if args.timeout is None else args.timeout
-    try:
+
+def _cli_type(parse: Callable[[str], _T], expected: str) -> Callable[[str], _T]:
+    """An argparse ``type``: ``parse(text)``, or a usage error that names the option, what it takes and the text."""
+
+    def convert(text: str) -> _T:
+        import argparse
+
         try:
-            # One session, so one kept-alive connection, from the first poll to the last result.
-            with requests.Session() as session:
-                options: Dict[str, Any] = {"base_url": base_url, "timeout": timeout, "session": session}
-                if args.wait:
-                    with _Progress() as progress:
-                        batch = wait_for_batch(
-                            token,
-                            args.batch_id,
-                            args.on_behalf_of,
-                            poll_interval=2.0 if args.poll_interval is None else args.poll_interval,
-                            max_wait=args.max_wait,
-                            on_update=progress.update,
-                            **options,
-                        )
-                else:
-                    batch = get_batch(token, args.batch_id, args.on_behalf_of, **options)
-                if not args.results:
-                    print(json.dumps(batch.to_dict(), indent=2))
-                elif not batch.is_terminal:
-                    status = _printable(batch.status)
-                    print(f"error: batch {args.batch_id} is {status}, not finished: add --wait", file=sys.stderr)
-                    return 4
-                else:
-                    client = Client(token, args.on_behalf_of, base_url=base_url, timeout=timeout, session=session)
-                    try:
-                        lines: Any = client.iter_result_lines(batch, on_progress=None)
-                    except ValueError as exc:  # a file id no path can hold: the server's fault, not the user's
-                        raise InvalidResponseError(f"batch {batch.id}: {exc}", request_id=batch.request_id) from exc
-                    with _ReadProgress() as shown:
-                        lines = client.iter_result_lines(batch, on_progress=shown.update if shown.shown else None)
-                        with contextlib.closing(lines):  # a reader gone early: the download stops here
-                            for line, _ in lines:
-                                sys.stdout.buffer.write(line + b"\n")
+            return parse(text)
+        except (ValueError, TypeError):
+            raise argparse.ArgumentTypeError(f"must be {expected}, not {_excerpt(repr(text))}") from None
+
+    return convert
+
+
+def _cli_id(text: str) -> str:
+    _check_id(text, "id")
+    return text
+
+
+def _cli_endpoint(text: str) -> str:
+    _check_endpoint(text)
+    return text
+
+
+def _cli_pair(text: str) -> Tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not key or not equals:
+        raise ValueError(text)
+    return key, value
+
+
+def _cli_count(text: str) -> int:
+    if int(text) < 1:
+        raise ValueError(text)
+    return int(text)
+
+
+def _cli_seconds(text: str) -> float:
+    if not _positive(float(text)):  # also refuses nan and inf
+        raise ValueError(text)
+    return float(text)
+
+
+def _cli_timeout(text: str) -> _Timeout:
+    parts = [_cli_seconds(part) for part in text.split(",")]
+    if len(parts) > 2:
+        raise ValueError(text)
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+def _cli_get(client: Client, args: Any) -> int:
+    """``BATCH_ID``: the batch, or with --results its results; with --wait, once it has finished."""
+    batch = _cli_wait(client, args.batch_id, args) if args.wait else client.get_batch(args.batch_id)
+    return _cli_outcome(client, batch, args, None)
+
+
+def _cli_submit(client: Client, args: Any) -> int:
+    """``submit FILE``: check, upload, create; then as ``BATCH_ID`` for the batch made."""
+    import sys
+
+    if args.check:
+        count = check_batch_file(args.file, args.endpoint)
+        print(_printable(f"{args.file}: {count} request{'s' if count != 1 else ''}, ready to submit"))
+        return 0
+    # Read before the batch is made, so that nothing but waiting follows what costs money.
+    expected = _cli_custom_ids(args.file) if args.results else None
+    metadata = dict(args.metadata) if args.metadata else None
+    batch = client.submit_batch(args.file, args.endpoint, metadata=metadata, max_concurrency=args.max_concurrency)
+    if args.wait:  # its id, before a wait that a Ctrl-C or --max-wait may end
+        print(_printable(f"batch {batch.id} created"), file=sys.stderr, flush=True)
+        batch = _cli_wait(client, batch.id, args)
+    return _cli_outcome(client, batch, args, expected)
+
+
+def _cli_list(client: Client, args: Any) -> int:
+    """``list``: the newest batches, at most ``--limit``, asking for no page more than that needs."""
+    import itertools
+
+    for batch in itertools.islice(client.list_batches(page_size=min(args.limit, 100)), args.limit):
+        print(json.dumps(batch.to_dict(), separators=(",", ":")))
+    return 0
+
+
+def _cli_cancel(client: Client, args: Any) -> int:
+    """``cancel BATCH_ID``: the batch the gateway answers with."""
+    print(json.dumps(client.cancel_batch(args.batch_id).to_dict(), indent=2))
+    return 0
+
+
+def _cli_wait(client: Client, batch_id: str, args: Any) -> Batch:
+    with _Progress() as progress:
+        return client.wait_for_batch(
+            batch_id, poll_interval=args.poll_interval, max_wait=args.max_wait, on_update=progress.update
+        )
+
+
+def _cli_outcome(client: Client, batch: Batch, args: Any, expected: Optional[Dict[str, None]]) -> int:
+    """The batch's JSON, or with --results its results; then the exit code its status makes."""
+    ended = 0 if batch.status == "completed" or not (args.wait or args.results) else 3
+    if not args.results:
+        print(json.dumps(batch.to_dict(), indent=2))
+        return ended
+    if not batch.is_terminal:
+        _cli_error(f"batch {batch.id} is {batch.status}, not finished: add --wait")
+        return 4
+    _cli_results(client, batch, expected)
+    if batch.status == "failed":
+        errors = batch.errors.data if batch.errors is not None else ()
+        for error in errors[:3]:
+            line = "" if error.line is None else f" (line {error.line})"
+            _cli_error(f"batch {batch.id} failed: {error.code}: {error.message}{line}")
+        if len(errors) > 3:
+            _cli_error(f"... and {len(errors) - 3} more")
+        if not errors:
+            _cli_error(f"batch {batch.id} failed, giving no errors")
+    if expected:
+        names = ", ".join(str(custom_id) for custom_id in list(expected)[:5]) + (", ..." if len(expected) > 5 else "")
+        _cli_error(f"{len(expected)} request{'s' if len(expected) != 1 else ''} came back in neither file: {names}")
+        return ended or 5
+    return ended
+
+
+def _cli_results(client: Client, batch: Batch, expected: Optional[Dict[str, None]]) -> None:
+    """Write a finished batch's result lines as they came; each one's custom_id leaves ``expected``."""
+    import sys
+
+    with _ReadProgress() as shown:
+        try:
+            pairs: Any = client.iter_result_lines(batch, on_progress=shown.update if shown.shown else None)
+        except ValueError as exc:  # a file id no path can hold: the server's fault, not the user's
+            raise InvalidResponseError(f"batch {batch.id}: {exc}", request_id=batch.request_id) from exc
+        with contextlib.closing(pairs):  # a reader gone early: the download stops here
+            for line, result in pairs:
+                sys.stdout.buffer.write(line + b"\n")
+                if expected is not None:
+                    expected.pop(result.custom_id, None)
+
+
+def _cli_custom_ids(path: str) -> Dict[str, None]:
+    """The custom_ids of an input file, in order; memory grows with their number, not with the lines' size."""
+    ids: Dict[str, None] = {}
+    with open(path, "rb") as stream:
+        for line in stream:
+            try:
+                ids[json.loads(line)["custom_id"]] = None
+            except (ValueError, KeyError, TypeError, RecursionError):  # refused by the check that follows
+                continue
+    return ids
+
+
+def _cli_error(message: str) -> None:
+    """One line on stderr, whatever the server put in ``message``."""
+    import sys
+
+    print("error: " + _printable(" ".join(message.split())), file=sys.stderr)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m mka1_batches``: print a batch, its results, or submit, list and cancel; see ``--help``."""
+    import sys  # built in, and already imported: no Ctrl-C can land before the try
+
+    try:
+        args: Any = None
+        try:
+            args = _cli_args(sys.argv[1:] if argv is None else argv)
+            token = os.environ.get("MKA1_API_KEY") or os.environ.get("MKA1_BEARER_AUTH") or ""
+            if not token.strip():
+                _cli_error("set MKA1_API_KEY (or MKA1_BEARER_AUTH) to your MKA1 API key")
+                return 2
+            base_url = args.base_url or os.environ.get("MKA1_BASE_URL") or DEFAULT_BASE_URL
+            # One Client, so one Session and one kept-alive connection, from the first call to the last result.
+            with Client(token, args.on_behalf_of, base_url=base_url, timeout=args.timeout) as client:
+                code: int = args.run(client, args)
+            sys.stdout.flush()  # here, not at exit, so that a reader gone early is caught below
+            return code
         except KeyboardInterrupt:
             # On a terminal, first wipe the ^C it echoed.
             print(("\r\x1b[K" if sys.stderr.isatty() else "") + "error: interrupted", file=sys.stderr)
             sys.stdout.flush()
             return 130
-        except (MKA1Error, ValueError) as exc:
-            # One line, never a traceback. No message holds the token: get_batch redacts its own.
-            print("error: " + _printable(" ".join(str(exc).split())), file=sys.stderr)
+        except BrokenPipeError:
+            raise
+        except (MKA1Error, ValueError, OSError) as exc:
+            # One line, never a traceback. No message holds the token: the Client redacts its own.
+            if isinstance(exc, InvalidBatchFileError):
+                _cli_error(f"{args.file}{':' if exc.line is None else ''} {exc}")
+            else:
+                _cli_error(str(exc))
             sys.stdout.flush()  # the results before a bad line, or a broken connection, are kept
             if isinstance(exc, WaitTimeoutError):
                 return 4
-            return 1 if isinstance(exc, MKA1Error) else 2
-        sys.stdout.flush()  # here, not at exit, so that a reader gone early is caught below
-        return 0 if not (args.wait or args.results) or batch.status == "completed" else 3
+            return 1 if isinstance(exc, (MKA1Error, OSError)) else 2
     except BrokenPipeError:  # pragma: no cover - the tests run this in subprocesses, over real pipes
         # The reader stopped reading, as `| head -n1` does: no traceback, no error line. The
         # Python docs' recipe: point the streams at devnull, so the flush at exit cannot fail again.
@@ -2195,4 +2413,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover - run as a subprocess by the tests
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:  # one that lands just as main() is entered or left
+        import sys
+
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

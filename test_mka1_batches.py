@@ -2835,31 +2835,6 @@ def test_cli_network_error_exit_1(cli, gateway):
     [
         (["batch_x"], {}, "error: set MKA1_API_KEY (or MKA1_BEARER_AUTH) to your MKA1 API key\n"),
         (["batch_x"], {"MKA1_API_KEY": "  "}, "error: set MKA1_API_KEY (or MKA1_BEARER_AUTH) to your MKA1 API key\n"),
-        (
-            [".."],
-            {"MKA1_API_KEY": "k"},
-            "error: batch_id must be a non-empty printable string other than . and .., not '..'\n",
-        ),
-        (
-            ["b", "--on-behalf-of", "x" * 151],
-            {"MKA1_API_KEY": "k"},
-            "error: on_behalf_of must be 1-150 printable ASCII characters, not '" + "x" * 151 + "'\n",
-        ),
-        (
-            ["b", "--timeout", "-1"],
-            {"MKA1_API_KEY": "k"},
-            "error: timeout must be seconds > 0, or a (connect, read) pair of them, not -1.0\n",
-        ),
-        (
-            ["b", "--max-wait", "0", "--wait"],
-            {"MKA1_API_KEY": "k"},
-            "error: max_wait must be None or a positive number of seconds, not 0.0\n",
-        ),
-        (
-            ["b", "--base-url", "ftp://x"],
-            {"MKA1_API_KEY": "k"},
-            "error: base_url must be an http(s) URL with no query, such as 'https://apigw.mka1.com'\n",
-        ),
     ],
 )
 def test_cli_usage_errors_exit_2_with_one_line(cli, args, env, message):
@@ -2870,8 +2845,26 @@ def test_cli_usage_errors_exit_2_with_one_line(cli, args, env, message):
 @pytest.mark.parametrize(
     "args, error",
     [
-        (["b", "--timeout", "soon"], "argument --timeout: invalid float value: 'soon'"),
-        ([], "the following arguments are required: batch_id"),
+        (["b", "--timeout", "soon"], "argument --timeout: must be S or CONNECT,READ, in seconds > 0, not 'soon'"),
+        (["b", "--timeout", "-1"], "argument --timeout: must be S or CONNECT,READ, in seconds > 0, not '-1'"),
+        (["b", "--timeout", "5,0"], "argument --timeout: must be S or CONNECT,READ, in seconds > 0, not '5,0'"),
+        (["b", "--timeout", "1,2,3"], "argument --timeout: must be S or CONNECT,READ, in seconds > 0, not '1,2,3'"),
+        ([], "the following arguments are required: BATCH_ID"),
+        ([".."], "argument BATCH_ID: must be a printable id other than . and .., not '..'"),
+        (["b\x1b"], "argument BATCH_ID: must be a printable id other than . and .., not 'b\\x1b'"),
+        (
+            ["b", "--on-behalf-of", "x" * 151],
+            "argument --on-behalf-of: must be 1-150 printable ASCII characters, not '" + "x" * 151 + "'",
+        ),
+        (["b", "--wait", "--max-wait", "0"], "argument --max-wait: must be a number of seconds > 0, not '0'"),
+        (
+            ["b", "--wait", "--poll-interval", "nan"],
+            "argument --poll-interval: must be a number of seconds > 0, not 'nan'",
+        ),
+        (
+            ["b", "--base-url", "ftp://x"],
+            "argument --base-url: must be an http(s) URL with no query, such as 'https://apigw.mka1.com', not 'ftp://x'",
+        ),
     ],
 )
 def test_cli_argument_errors_exit_2_with_the_usage(cli, args, error):
@@ -2960,7 +2953,7 @@ def test_cli_shows_no_control_characters_from_the_server(cli, monkeypatch):
         on_update(m.Batch.from_dict(dict(EXAMPLE, status="\x1b]0;owned\x07done")))
         raise m.APIConnectionError("reset by \x1b[2Jpeer")
 
-    monkeypatch.setattr(m, "wait_for_batch", fake_wait)
+    monkeypatch.setattr(m.Client, "wait_for_batch", fake_wait)
     r = cli(BID, "--wait", env={"MKA1_API_KEY": "k"})
     line = "0s ?]0;owned?done: 3/3 completed, 0 failed"
     assert (r.returncode, r.stdout) == (1, "")
@@ -2991,7 +2984,7 @@ def test_cli_progress_is_cut_one_column_short_of_the_terminal(cli, monkeypatch, 
         on_update(batch)
         return batch
 
-    monkeypatch.setattr(m, "wait_for_batch", fake_wait)
+    monkeypatch.setattr(m.Client, "wait_for_batch", fake_wait)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     master, slave = pty.openpty()
     try:
@@ -3091,7 +3084,7 @@ def test_cli_interrupt_in_process_exits_130(cli, monkeypatch, terminal, stderr):
     def interrupted(*args: Any, **kw: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(m, "get_batch", interrupted)
+    monkeypatch.setattr(m.Client, "get_batch", interrupted)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
     r = cli("batch_x", env={"MKA1_API_KEY": "k"})
     assert (r.returncode, r.stdout, r.stderr) == (130, "", stderr)
@@ -3121,15 +3114,15 @@ def test_cli_help_text(cli, monkeypatch):
     r = cli("--help")
     assert r.stdout.startswith(
         "usage: python -m mka1_batches [-h] [--version] [--on-behalf-of ID] [--base-url URL] [--timeout S] [--wait]"
-        " [--poll-interval S] [--max-wait S] [--results] batch_id\n\n"
+        " [--poll-interval S] [--max-wait S] [--results] BATCH_ID\n\n"
         "Print an MKA1 batch as JSON on stdout, or with --results its results as JSON lines;"
-        " with --wait, wait for it to finish first.\n"
+        " with --wait, wait for it to finish first. Also: submit, list and cancel (see below).\n"
     )
     lines = [" ".join(line.split()) for line in r.stdout.splitlines()]
     for line in [
         "--on-behalf-of ID the end user to act for (X-On-Behalf-Of)",
         "--base-url URL default: $MKA1_BASE_URL, else https://apigw.mka1.com",
-        "--timeout S connect and read timeout (default: 10, 30)",
+        "--timeout S connect and read timeout: S, or CONNECT,READ (default: 10,30)",
         "--wait poll until the batch reaches a terminal status",
         "--poll-interval S with --wait: seconds between polls (2)",
         "--max-wait S with --wait: give up after S seconds (exit 4)",
@@ -3141,14 +3134,15 @@ def test_cli_help_text(cli, monkeypatch):
 
 @pytest.fixture
 def waits(monkeypatch):
-    """The arguments main() gives wait_for_batch, which returns the documented example."""
+    """What main() gives Client.wait_for_batch, and the Client's settings; it returns the documented example."""
     seen: Dict[str, Any] = {}
 
-    def fake_wait(*args: Any, **kw: Any) -> m.Batch:
-        seen.update(args=args, **kw)
+    def fake_wait(client: m.Client, *args: Any, **kw: Any) -> m.Batch:
+        seen.update(args=(client._token, *args, client.on_behalf_of), **kw)
+        seen.update(timeout=client.timeout, base_url=client.base_url)
         return m.Batch.from_dict(EXAMPLE)
 
-    monkeypatch.setattr(m, "wait_for_batch", fake_wait)
+    monkeypatch.setattr(m.Client, "wait_for_batch", fake_wait)
     return seen
 
 
@@ -3168,7 +3162,12 @@ def test_cli_passes_defaults_and_prints_the_batch(cli, waits):
 
 def test_cli_passes_the_wait_options(cli, waits):
     cli(BID, "--wait", "--poll-interval", "0.5", "--max-wait", "9", "--timeout", "3", env={"MKA1_API_KEY": "k"})
-    assert (waits["poll_interval"], waits["max_wait"], waits["timeout"]) == (0.5, 9.0, 3.0)
+    assert (waits["poll_interval"], waits["max_wait"], waits["timeout"]) == (0.5, 9.0, (3.0, 3.0))
+
+
+def test_cli_timeout_takes_a_connect_and_a_read_timeout(cli, waits):
+    cli(BID, "--wait", "--timeout", "5,30", env={"MKA1_API_KEY": "k"})
+    assert waits["timeout"] == (5.0, 30.0)
 
 
 def test_cli_help_documents_exit_codes_and_environment(cli):
@@ -3184,7 +3183,7 @@ def test_cli_help_documents_exit_codes_and_environment(cli):
     ):
         assert text in r.stdout
     codes = r.stdout.split("exit codes:\n")[1].splitlines()
-    assert [line.split()[0] for line in codes if line[:3].strip()] == ["0", "1", "2", "3", "4", "130", "141"]
+    assert [line.split()[0] for line in codes if line[:3].strip()] == ["0", "1", "2", "3", "4", "5", "130", "141"]
 
 
 def test_cli_version(cli):
@@ -3368,6 +3367,10 @@ def test_cli_results_of_a_batch_not_finished_are_exit_4(cli, gateway, batch_id, 
     assert [request["path"] for request in gateway.requests] == ["/api/v1/llm/batches/" + batch_id]
 
 
+#: Why the stand-in's batch_failed failed, as --results says it.
+FAILED_WHY = "error: batch batch_failed failed: invalid_json_line: Line 1 is not valid JSON. (line 1)\n"
+
+
 @pytest.mark.parametrize(
     "args, code, custom_ids, stderr",
     [
@@ -3381,8 +3384,8 @@ def test_cli_results_of_a_batch_not_finished_are_exit_4(cli, gateway, batch_id, 
         (["batch_status_cancelled"], 3, ["request-3"], ""),
         (["batch_status_cancelled", "--wait"], 3, ["request-3"], "cancelled: 1/3 completed, 0 failed, 0s\n"),
         (["batch_status_expired", "--wait"], 3, ["request-3"], "expired: 1/3 completed, 0 failed, 0s\n"),
-        (["batch_failed"], 3, [], ""),
-        (["batch_failed", "--wait"], 3, [], "failed: 0/0 completed, 0 failed, 0s\n"),
+        (["batch_failed"], 3, [], FAILED_WHY),
+        (["batch_failed", "--wait"], 3, [], "failed: 0/0 completed, 0 failed, 0s\n" + FAILED_WHY),
     ],
 )
 def test_cli_results_exit_codes_and_partial_results(cli, gateway, args, code, custom_ids, stderr):
@@ -3626,6 +3629,316 @@ def test_cli_ticker_keeps_to_the_whole_seconds_of_the_wait(monkeypatch, fake_clo
                 break
     line = "1s completed: 3/3 completed, 0 failed"
     assert drawn.startswith(f"\r\x1b[K{line}\r\x1b[K{line}")
+
+
+# --- The command line: submit, list, cancel ---------------------------------------------------
+
+CHAT = "/v1/chat/completions"
+#: The batch submit creates, and the same batch once it has finished.
+CREATED = dict(EXAMPLE, status="validating", input_file_id="file-in", output_file_id=None, completed_at=None)
+DONE = dict(EXAMPLE, input_file_id="file-in", output_file_id="file-out", error_file_id="file-err")
+
+
+def input_file(tmp_path: Any, n: int = 3, lines: Any = None) -> str:
+    """A batch input file of ``request-1`` to ``request-<n>``, or of the ``lines`` given."""
+    path = tmp_path / "requests.jsonl"
+    if lines is None:
+        lines = [
+            {"custom_id": f"request-{i}", "method": "POST", "url": CHAT, "body": {"n": i}} for i in range(1, n + 1)
+        ]
+    path.write_bytes(jsonl(*lines))
+    return str(path)
+
+
+def submitting(api: responses.RequestsMock, created: Any = CREATED) -> None:
+    """The gateway's side of submit: no such file yet, the upload, the create."""
+    api.add(responses.GET, BASE + "/api/v1/llm/files", json={"object": "list", "data": [], "has_more": False})
+    uploaded = {"id": "file-in", "object": "file", "bytes": 1, "created_at": 1704067200}
+    uploaded.update(filename="requests.jsonl", purpose="batch", sha256="0" * 64)
+    api.add(responses.POST, BASE + "/api/v1/llm/files", json=uploaded)
+    api.add(responses.POST, BASE + "/api/v1/llm/batches", json=created)
+
+
+def calls(api: responses.RequestsMock) -> List[str]:
+    return [f"{c.request.method} {c.request.url[len(BASE) :]}" for c in api.calls]
+
+
+@pytest.fixture
+def cli_as_user(cli):
+    """``cli`` against BASE with TOKEN as the key, which no output of any mode may hold."""
+
+    def run(*args: str) -> Run:
+        r = cli(*args, "--base-url", BASE, env={"MKA1_API_KEY": TOKEN})
+        assert TOKEN not in r.stdout + r.stderr
+        return r
+
+    return run
+
+
+def test_cli_submit_check_counts_the_requests_and_sends_nothing(cli_as_user, api, tmp_path):
+    path = input_file(tmp_path)
+    r = cli_as_user("submit", path, "--endpoint", CHAT, "--check")
+    assert (r.returncode, r.stdout, r.stderr, calls(api)) == (0, f"{path}: 3 requests, ready to submit\n", "", [])
+
+
+@pytest.mark.parametrize(
+    "lines, error",
+    [
+        ([{"custom_id": "a", "method": "POST", "url": CHAT, "body": {}}] * 2, " line 2: custom_id 'a' is a duplicate"),
+        ([{"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {}}], " line 1: url must be"),
+        ([], ": the file has no requests"),
+        (["x"], " line 1: not a JSON object: '\"x\"'"),
+    ],
+    ids=["duplicate", "wrong url", "empty", "no object"],
+)
+@pytest.mark.parametrize("check", [["--check"], [], ["--wait", "--results"]], ids=["--check", "submit", "journey"])
+def test_cli_submit_of_a_bad_file_is_exit_1_naming_the_file_and_line_and_sends_nothing(
+    cli_as_user, api, tmp_path, lines, error, check
+):
+    path = input_file(tmp_path, lines=lines)
+    r = cli_as_user("submit", path, "--endpoint", CHAT, *check)
+    assert (r.returncode, r.stdout, calls(api)) == (1, "", [])
+    assert r.stderr.startswith(f"error: {path}{error}") and r.stderr.count("\n") == 1
+
+
+def test_cli_submit_of_a_missing_file_is_exit_1(cli_as_user, api, tmp_path):
+    path = str(tmp_path / "nope.jsonl")
+    r = cli_as_user("submit", path, "--endpoint", CHAT)
+    assert (r.returncode, r.stdout, r.stderr, calls(api)) == (
+        1,
+        "",
+        f"error: [Errno 2] No such file or directory: {path!r}\n",
+        [],
+    )
+
+
+def test_cli_submit_prints_the_created_batch(cli_as_user, api, tmp_path):
+    submitting(api)
+    r = cli_as_user(
+        "submit",
+        input_file(tmp_path),
+        "--endpoint",
+        CHAT,
+        "--metadata",
+        "project=eval",
+        "--metadata",
+        "note=a=b",
+        "--max-concurrency",
+        "8",
+    )
+    assert (r.returncode, json.loads(r.stdout), r.stderr) == (0, CREATED, "")
+    assert r.stdout.startswith('{\n  "id": ')
+    assert calls(api) == [
+        "GET /api/v1/llm/files?purpose=batch&sha256=" + api.calls[0].request.url.split("sha256=")[1],
+        "POST /api/v1/llm/files",
+        "POST /api/v1/llm/batches",
+    ]
+    sent = json.loads(api.calls[2].request.body)
+    assert (sent["endpoint"], sent["max_concurrency"], sent["input_file_id"]) == (CHAT, 8, "file-in")
+    assert {k: v for k, v in sent["metadata"].items() if k != m.CREATE_KEY} == {"project": "eval", "note": "a=b"}
+
+
+def journey(api: responses.RequestsMock, done: Any, output: bytes, errors: bytes = b"") -> None:
+    submitting(api)
+    api.add(responses.GET, URL + BID, json=done)
+    add_file(api, "file-out", output)
+    add_file(api, "file-err", errors)
+
+
+def test_cli_submit_wait_results_is_the_whole_journey(cli_as_user, api, tmp_path):
+    journey(api, DONE, jsonl(numbered(3), numbered(1)), jsonl(numbered(2)))
+    r = cli_as_user("submit", input_file(tmp_path), "--endpoint", CHAT, "--wait", "--results")
+    assert (r.returncode, r.stdout) == (0, jsonl(numbered(3), numbered(1), numbered(2)).decode())
+    assert r.stderr == f"batch {BID} created\ncompleted: 3/3 completed, 0 failed, 0s\n"
+    assert calls(api)[2:] == [
+        "POST /api/v1/llm/batches",
+        f"GET /api/v1/llm/batches/{BID}",
+        "GET /api/v1/llm/files/file-out/content",
+        "GET /api/v1/llm/files/file-err/content",
+    ]
+
+
+def test_cli_submit_wait_prints_the_finished_batch(cli_as_user, api, tmp_path):
+    journey(api, dict(DONE, status="expired"), b"")
+    r = cli_as_user("submit", input_file(tmp_path), "--endpoint", CHAT, "--wait")
+    assert (r.returncode, json.loads(r.stdout)["status"]) == (3, "expired")
+
+
+@pytest.mark.parametrize(
+    "n, status, code, missing",
+    [
+        (3, "completed", 5, "2 requests came back in neither file: request-2, request-3"),
+        (2, "completed", 5, "1 request came back in neither file: request-2"),
+        (
+            8,
+            "completed",
+            5,
+            "7 requests came back in neither file: request-2, request-3, request-4, request-5, request-6, ...",
+        ),
+        (3, "cancelled", 3, "2 requests came back in neither file: request-2, request-3"),  # 3 comes first
+    ],
+)
+def test_cli_submit_results_name_the_requests_that_came_back_in_neither_file(
+    cli_as_user, api, tmp_path, n, status, code, missing
+):
+    journey(api, dict(DONE, status=status), jsonl(numbered(1)))
+    r = cli_as_user("submit", input_file(tmp_path, n), "--endpoint", CHAT, "--wait", "--results")
+    assert (r.returncode, r.stdout) == (code, jsonl(numbered(1)).decode())
+    assert r.stderr.splitlines()[-1] == "error: " + missing
+
+
+def test_cli_failed_batch_results_name_its_first_three_errors(cli_as_user, api):
+    errors = [{"code": f"e{i}", "message": f"bad {i}", "line": i} for i in range(1, 6)]
+    errors[1].pop("line")
+    ok(api, dict(EXAMPLE, status="failed", output_file_id=None, errors={"object": "list", "data": errors}))
+    r = cli_as_user(BID, "--results")
+    assert (r.returncode, r.stdout) == (3, "")
+    assert r.stderr == (
+        f"error: batch {BID} failed: e1: bad 1 (line 1)\n"
+        f"error: batch {BID} failed: e2: bad 2\n"
+        f"error: batch {BID} failed: e3: bad 3 (line 3)\n"
+        "error: ... and 2 more\n"
+    )
+
+
+def test_cli_failed_batch_results_without_errors_say_so(cli_as_user, api):
+    ok(api, dict(EXAMPLE, status="failed", output_file_id=None, errors=None))
+    r = cli_as_user(BID, "--results")
+    assert (r.returncode, r.stdout, r.stderr) == (3, "", f"error: batch {BID} failed, giving no errors\n")
+
+
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        (["--results"], "argument --results: not allowed without --wait"),
+        (["--check", "--wait"], "argument --wait: not allowed with --check"),
+        (["--max-wait", "5"], "argument --max-wait: not allowed without --wait"),
+        (["--metadata", "novalue"], "argument --metadata: must be KEY=VALUE, not 'novalue'"),
+        (["--metadata", "=v"], "argument --metadata: must be KEY=VALUE, not '=v'"),
+        (
+            ["--metadata", "a=1", "--metadata", "a=2"],
+            f"argument --metadata: up to 16 distinct keys, {m.CREATE_KEY} not among them",
+        ),
+        (["--max-concurrency", "0"], "argument --max-concurrency: must be a whole number of 1 or more, not '0'"),
+        (["--endpoint", "v1/x"], "argument --endpoint: must be a path such as '/v1/chat/completions', not 'v1/x'"),
+    ],
+)
+def test_cli_submit_usage_errors_exit_2_and_send_nothing(cli_as_user, api, tmp_path, args, error):
+    r = cli_as_user("submit", input_file(tmp_path), "--endpoint", CHAT, *args)
+    assert (r.returncode, r.stdout, calls(api)) == (2, "", [])
+    assert r.stderr.startswith("usage: python -m mka1_batches submit ")
+    assert r.stderr.endswith(f"\npython -m mka1_batches submit: error: {error}\n")
+
+
+def listed(api: responses.RequestsMock, limit: int, ids: List[str], has_more: bool, after: Any = None) -> None:
+    query = {"limit": str(limit), **({} if after is None else {"after": after})}
+    page = {"object": "list", "data": [dict(EXAMPLE, id=i) for i in ids], "has_more": has_more}
+    api.add(
+        responses.GET, BASE + "/api/v1/llm/batches", json=page, match=[responses.matchers.query_param_matcher(query)]
+    )
+
+
+@pytest.mark.parametrize(
+    "args, pages, shown",
+    [
+        ([], [(20, ["b1", "b2"], False, None)], ["b1", "b2"]),
+        (["--limit", "2"], [(2, ["b1", "b2"], True, None)], ["b1", "b2"]),  # has more, but no more asked for
+        (["--limit", "3"], [(3, ["b1", "b2"], True, None), (3, ["b3", "b4"], True, "b2")], ["b1", "b2", "b3"]),
+        (["--limit", "150"], [(100, ["b1"], True, None), (100, ["b2"], False, "b1")], ["b1", "b2"]),
+    ],
+)
+def test_cli_list_prints_a_compact_batch_a_line_asking_no_more_than_the_limit_needs(
+    cli_as_user, api, args, pages, shown
+):
+    for page in pages:
+        listed(api, *page)
+    r = cli_as_user("list", *args)
+    assert (r.returncode, r.stderr, len(api.calls)) == (0, "", len(pages))
+    compact = [json.dumps(m.Batch.from_dict(dict(EXAMPLE, id=i)).to_dict(), separators=(",", ":")) for i in shown]
+    assert r.stdout == "".join(line + "\n" for line in compact)
+
+
+def test_cli_list_limit_must_be_1_or_more(cli_as_user, api):
+    r = cli_as_user("list", "--limit", "0")
+    assert (r.returncode, r.stdout, calls(api)) == (2, "", [])
+    assert r.stderr.endswith("error: argument --limit: must be a whole number of 1 or more, not '0'\n")
+
+
+def test_cli_cancel_prints_the_batch(cli_as_user, api):
+    api.add(responses.POST, URL + BID + "/cancel", json=dict(EXAMPLE, status="cancelling"))
+    r = cli_as_user("cancel", BID, "--on-behalf-of", "user_5")
+    assert (r.returncode, r.stdout, r.stderr) == (
+        0,
+        json.dumps(m.Batch.from_dict(dict(EXAMPLE, status="cancelling")).to_dict(), indent=2) + "\n",
+        "",
+    )
+    assert api.calls[0].request.headers["X-On-Behalf-Of"] == "user_5"
+
+
+def test_cli_cancel_of_a_finished_batch_is_exit_1(cli_as_user, api):
+    api.add(
+        responses.POST,
+        URL + BID + "/cancel",
+        status=409,
+        json={"error": {"message": "Batch is already completed"}},
+        headers={"X-Request-ID": RID},
+    )
+    r = cli_as_user("cancel", BID)
+    assert (r.returncode, r.stdout, r.stderr) == (1, "", f"error: 409 Batch is already completed (request {RID})\n")
+
+
+@pytest.mark.parametrize("command", ["submit", "list", "cancel"])
+def test_cli_help_of_each_command_has_the_common_options_and_the_exit_codes(cli, command):
+    r = cli(command, "--help")
+    assert (r.returncode, r.stderr) == (0, "")
+    assert r.stdout.startswith(f"usage: python -m mka1_batches {command} ")
+    for text in ("--on-behalf-of", "--base-url", "--timeout", "exit codes:", "MKA1_API_KEY"):
+        assert text in r.stdout
+
+
+def test_cli_main_help_names_the_commands(cli):
+    lines = [line.split()[0] for line in cli("--help").stdout.split("commands:\n")[1].split("\n\n")[0].splitlines()]
+    assert [line for line in lines if line in ("submit", "list", "cancel", "BATCH_ID")] == [
+        "BATCH_ID",
+        "submit",
+        "list",
+        "cancel",
+    ]
+
+
+def test_cli_interrupt_at_the_very_start_is_exit_130(cli, monkeypatch):
+    """A Ctrl-C as argparse loads or builds the parser: still no traceback."""
+    import argparse
+
+    def interrupted(*args: Any, **kw: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(argparse, "ArgumentParser", interrupted)
+    r = cli("batch_x", env={"MKA1_API_KEY": "k"})
+    assert (r.returncode, r.stdout, r.stderr) == (130, "", "error: interrupted\n")
+
+
+#: main() after a real SIGINT, sent by a SIGALRM the given number of seconds after main() is called.
+INTERRUPTED_CLI = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys, mka1_batches as m\n"
+    "signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGINT))\n"
+    "signal.setitimer(signal.ITIMER_REAL, float(sys.argv.pop()))\n"
+    "sys.exit(m.main())",
+]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT")
+def test_cli_ctrl_c_in_the_first_moments_is_exit_130_without_a_traceback(gateway):
+    """Landing anywhere from main's first line on, the parser, the Client, the first poll: 130, one line."""
+    args = ["batch_status_in_progress", "--wait", "--poll-interval", "30"]
+    # Before this change, those up to 1 ms landed before main's try, in argparse's import or the parser.
+    for delay in ("0.00005", "0.0002", "0.0005", "0.001", "0.002", "0.005", "0.05"):
+        r = run_text([*INTERRUPTED_CLI, *args, delay], env=_cli_env(gateway), cwd=HERE, timeout=60)
+        # The first poll's progress line may come first.
+        assert (r.returncode, r.stdout, r.stderr.splitlines()[-1]) == (130, "", "error: interrupted"), delay
+        assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) <= 2, r.stderr
 
 
 # --- The stand-in gateway ---------------------------------------------------------------------
