@@ -4848,7 +4848,7 @@ def test_retry_policy_of_call_and_failure(kind, status, read, write, ambiguous):
     assert (m._may_retry(f, True), m._may_retry(f, False), f.ambiguous) == (read, write, ambiguous)
 
 
-def input_file(tmp_path: Any, *fails: Any, name: str = "requests.jsonl", url: str = CHAT) -> str:
+def request_file(tmp_path: Any, *fails: Any, name: str = "requests.jsonl", url: str = CHAT) -> str:
     path = tmp_path / name
     path.write_bytes(requests_file(*fails, url=url))
     return str(path)
@@ -4865,7 +4865,7 @@ def posts(gw: Gateway) -> List[str]:
 @pytest.mark.parametrize("fault", ["500", "502", "503", "504", "reset"])
 def test_create_after_the_gateway_made_it_and_failed_the_answer_returns_that_batch(gateway, tmp_path, fault):
     with writer(gateway) as client:
-        uploaded = client.upload_file(input_file(tmp_path, None))
+        uploaded = client.upload_file(request_file(tmp_path, None))
         gateway.write_faults = [fault]
         batch = client.create_batch(uploaded.id, CHAT, metadata={"project": "eval"})
     (made,) = gateway.created_batches()
@@ -4876,7 +4876,7 @@ def test_create_after_the_gateway_made_it_and_failed_the_answer_returns_that_bat
 
 def test_create_after_silence_past_the_read_timeout_returns_the_batch_it_made(tmp_path):
     with Gateway(silence=2.0) as gw, writer(gw, timeout=(2, 0.3)) as client:
-        uploaded = client.upload_file(input_file(tmp_path, None))
+        uploaded = client.upload_file(request_file(tmp_path, None))
         gw.write_faults = ["silent"]
         batch = client.create_batch(uploaded.id, CHAT)
         assert [b["id"] for b in gw.created_batches()] == [batch.id]
@@ -4885,7 +4885,7 @@ def test_create_after_silence_past_the_read_timeout_returns_the_batch_it_made(tm
 @pytest.mark.parametrize("fault", ["429", "refuse-502"])
 def test_create_refused_before_the_gateway_acted_is_sent_again_once(gateway, tmp_path, sleeps, fault):
     with writer(gateway) as client:
-        uploaded = client.upload_file(input_file(tmp_path, None))
+        uploaded = client.upload_file(request_file(tmp_path, None))
         gateway.write_faults = [fault]
         batch = client.create_batch(uploaded.id, CHAT)
     assert [b["id"] for b in gateway.created_batches()] == [batch.id]
@@ -4894,7 +4894,7 @@ def test_create_refused_before_the_gateway_acted_is_sent_again_once(gateway, tmp
 
 def test_create_gives_up_after_max_retries_and_has_made_no_batch_twice(gateway, tmp_path, sleeps):
     with writer(gateway, max_retries=1) as client:
-        uploaded = client.upload_file(input_file(tmp_path, None))
+        uploaded = client.upload_file(request_file(tmp_path, None))
         gateway.write_faults = ["refuse-502", "refuse-502"]
         with pytest.raises(m.InternalServerError) as info:
             client.create_batch(uploaded.id, CHAT)
@@ -4905,7 +4905,7 @@ def test_create_gives_up_after_max_retries_and_has_made_no_batch_twice(gateway, 
 def test_create_with_full_metadata_is_sent_once_and_an_ambiguous_failure_raised(gateway, tmp_path, sleeps):
     full = {f"k{i}": "v" for i in range(16)}
     with writer(gateway) as client:
-        uploaded = client.upload_file(input_file(tmp_path, None))
+        uploaded = client.upload_file(request_file(tmp_path, None))
         gateway.write_faults = ["502"]
         with pytest.raises(m.InternalServerError):
             client.create_batch(uploaded.id, CHAT, metadata=full)
@@ -4915,7 +4915,7 @@ def test_create_with_full_metadata_is_sent_once_and_an_ambiguous_failure_raised(
 
 def test_two_threads_creating_the_same_batch_at_once_make_two_each_returning_its_own(gateway, tmp_path):
     with writer(gateway) as client:
-        uploaded = client.upload_file(input_file(tmp_path, None))
+        uploaded = client.upload_file(request_file(tmp_path, None))
         gateway.write_faults = ["502", "502"]
         got: List[m.Batch] = []
         threads = [
@@ -4976,7 +4976,7 @@ def test_create_refuses_bad_arguments_before_any_io(api, kw, exc, message):
 
 
 def test_upload_sends_one_multipart_body_with_its_length_up_front(api, tmp_path):
-    path = input_file(tmp_path, None, None, name='my "q"\r.jsonl')
+    path = request_file(tmp_path, None, None, name='my "q"\r.jsonl')
     data = pathlib.Path(path).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     answer = {
@@ -5015,7 +5015,7 @@ def test_upload_sends_one_multipart_body_with_its_length_up_front(api, tmp_path)
 
 
 def test_upload_bytes_arrive_whole_over_a_socket(gateway, tmp_path):
-    path = input_file(tmp_path, *[None] * 50)
+    path = request_file(tmp_path, *[None] * 50)
     uploaded = m.upload_file(DEMO_TOKEN, path, base_url=gateway.base_url)
     assert gateway.file_data(uploaded.id, None) == pathlib.Path(path).read_bytes()
     (sent,) = [r for r in gateway.requests if r["method"] == "POST"]
@@ -5023,7 +5023,7 @@ def test_upload_bytes_arrive_whole_over_a_socket(gateway, tmp_path):
 
 
 def test_upload_of_the_same_bytes_twice_stores_them_once(gateway, tmp_path):
-    path = input_file(tmp_path, None)
+    path = request_file(tmp_path, None)
     first = m.upload_file(DEMO_TOKEN, path, base_url=gateway.base_url)
     with open(path, "rb") as f:
         f.read(0)
@@ -5035,16 +5035,16 @@ def test_upload_of_the_same_bytes_twice_stores_them_once(gateway, tmp_path):
 
 def test_upload_does_not_trust_a_server_that_ignores_the_sha256_filter(tmp_path):
     with Gateway(ignore_sha256_filter=True) as gw, writer(gw) as client:
-        a = client.upload_file(input_file(tmp_path, None, name="a.jsonl"))
-        b = client.upload_file(input_file(tmp_path, None, None, name="b.jsonl"))
+        a = client.upload_file(request_file(tmp_path, None, name="a.jsonl"))
+        b = client.upload_file(request_file(tmp_path, None, None, name="b.jsonl"))
         assert a.id != b.id and len(gw.stored_files()) == 2
-        assert client.upload_file(input_file(tmp_path, None, None, name="c.jsonl")) == b
+        assert client.upload_file(request_file(tmp_path, None, None, name="c.jsonl")) == b
 
 
 @pytest.mark.parametrize("fault", ["cut-upload", "502", "reset"])
 def test_upload_cut_after_the_server_stored_it_is_found_not_sent_again(gateway, tmp_path, fault):
     gateway.write_faults = [fault]
-    uploaded = m.upload_file(DEMO_TOKEN, input_file(tmp_path, None), base_url=gateway.base_url)
+    uploaded = m.upload_file(DEMO_TOKEN, request_file(tmp_path, None), base_url=gateway.base_url)
     (stored,) = gateway.stored_files()
     assert uploaded.id == stored["id"] and posts(gateway) == ["/api/v1/llm/files"]
 
@@ -5073,7 +5073,7 @@ def test_upload_memory_stays_flat_whatever_the_files_size(gateway, tmp_path):
 
 
 def test_upload_refuses_a_text_file_and_an_unseekable_one_before_any_io(api, tmp_path):
-    path = input_file(tmp_path, None)
+    path = request_file(tmp_path, None)
     with open(path) as text, pytest.raises(TypeError, match=r"^file must be a path or a binary file object"):
         m.upload_file(TOKEN, text, base_url=BASE)
 
@@ -5091,7 +5091,7 @@ def test_upload_refuses_a_text_file_and_an_unseekable_one_before_any_io(api, tmp
 
 def test_submit_checks_uploads_and_creates_then_the_results_come_back(gateway, tmp_path):
     with writer(gateway) as client:
-        batch = client.submit_batch(input_file(tmp_path, None, "error", 500), CHAT, metadata={"p": "q"})
+        batch = client.submit_batch(request_file(tmp_path, None, "error", 500), CHAT, metadata={"p": "q"})
         assert batch.status == "validating" and batch.metadata["p"] == "q"
         done = client.wait_for_batch(batch.id, poll_interval=0.01)
         results = {r.custom_id: r for r in client.iter_results(done)}
@@ -5102,7 +5102,7 @@ def test_submit_checks_uploads_and_creates_then_the_results_come_back(gateway, t
 
 
 def test_submit_of_a_bad_file_sends_nothing(gateway, tmp_path):
-    path = input_file(tmp_path, None, url="/v1/embeddings")
+    path = request_file(tmp_path, None, url="/v1/embeddings")
     with pytest.raises(m.InvalidBatchFileError) as info:
         m.submit_batch(DEMO_TOKEN, path, CHAT, base_url=gateway.base_url)
     assert info.value.line == 1 and gateway.requests == []
@@ -5158,7 +5158,7 @@ def test_check_batch_file_names_the_line_and_what_is_wrong(tmp_path, lines, line
 
 def test_list_batches_is_lazy_and_follows_the_cursor(gateway, tmp_path):
     with writer(gateway) as client:
-        file_id = client.upload_file(input_file(tmp_path, None)).id
+        file_id = client.upload_file(request_file(tmp_path, None)).id
         made = [client.create_batch(file_id, CHAT).id for _ in range(5)]
         before = len(gateway.requests)
         listed = client.list_batches(page_size=2)
@@ -5188,7 +5188,7 @@ def test_list_batches_page_size_is_checked_before_any_io(api, size):
 
 def test_cancel_answers_cancelling_and_a_finished_batch_is_a_conflict(gateway, tmp_path):
     with writer(gateway) as client:
-        batch = client.submit_batch(input_file(tmp_path, None), CHAT)
+        batch = client.submit_batch(request_file(tmp_path, None), CHAT)
         assert client.cancel_batch(batch.id).status == "cancelling"
         assert client.cancel_batch(batch.id).status == "cancelling"  # twice is harmless
         with pytest.raises(m.ConflictError) as info:
@@ -5199,7 +5199,7 @@ def test_cancel_answers_cancelling_and_a_finished_batch_is_a_conflict(gateway, t
 
 def test_cancel_is_retried_after_a_reset_as_a_read_is(gateway, tmp_path, sleeps):
     with writer(gateway) as client:
-        batch = client.submit_batch(input_file(tmp_path, None), CHAT)
+        batch = client.submit_batch(request_file(tmp_path, None), CHAT)
         gateway.write_faults = ["reset"]
         assert client.cancel_batch(batch.id).status == "cancelling"
     assert posts(gateway)[-2:] == [f"/api/v1/llm/batches/{batch.id}/cancel"] * 2 and len(sleeps) == 1
@@ -5328,7 +5328,7 @@ def free_port() -> int:
 
 
 def test_module_cancel_batch_and_list_batches_after_a_cursor(gateway, tmp_path):
-    batch = m.submit_batch(DEMO_TOKEN, input_file(tmp_path, None), CHAT, base_url=gateway.base_url)
+    batch = m.submit_batch(DEMO_TOKEN, request_file(tmp_path, None), CHAT, base_url=gateway.base_url)
     assert m.cancel_batch(DEMO_TOKEN, batch.id, base_url=gateway.base_url).status == "cancelling"
     listed = list(m.list_batches(DEMO_TOKEN, base_url=gateway.base_url, after=batch.id))
     assert batch.id not in [b.id for b in listed] and "after=" + batch.id in gateway.requests[-1]["query"]
@@ -5394,7 +5394,7 @@ def test_a_file_that_shrinks_while_it_is_uploaded_is_refused(api, tmp_path, monk
 # --- Resubmit what failed -------------------------------------------------------------------------
 
 
-def finished(client: m.Client, path: str) -> m.Batch:
+def run_to_end(client: m.Client, path: str) -> m.Batch:
     return client.wait_for_batch(client.submit_batch(path, CHAT).id, poll_interval=0.01)
 
 
@@ -5428,7 +5428,7 @@ def test_resubmit_sends_each_kind_of_failure_again_byte_for_byte_in_input_order(
 )
 def test_resubmit_each_kind_alone_and_mixed(gateway, tmp_path, fails, resent):
     with writer(gateway) as client:
-        done = finished(client, input_file(tmp_path, None, *fails))
+        done = run_to_end(client, request_file(tmp_path, None, *fails))
         again = client.resubmit_failed(done)
     assert [json.loads(line)["custom_id"] for line in resent_lines(gateway, again)] == resent
 
@@ -5436,7 +5436,7 @@ def test_resubmit_each_kind_alone_and_mixed(gateway, tmp_path, fails, resent):
 def test_resubmit_of_a_batch_where_nothing_failed_makes_nothing(gateway, tmp_path):
     kept: List[m.BatchResult] = []
     with writer(gateway) as client:
-        done = finished(client, input_file(tmp_path, None, 404, 200))
+        done = run_to_end(client, request_file(tmp_path, None, 404, 200))
         before = posts(gateway)
         assert client.resubmit_failed(done.id, on_kept=kept.append) is None
     assert posts(gateway) == before and len(gateway.created_batches()) == 1
@@ -5445,7 +5445,7 @@ def test_resubmit_of_a_batch_where_nothing_failed_makes_nothing(gateway, tmp_pat
 
 def test_resubmit_of_a_cancelled_batch_sends_what_it_did_not_finish(gateway, tmp_path):
     with writer(gateway) as client:
-        batch = client.submit_batch(input_file(tmp_path, *[None] * 6), CHAT)
+        batch = client.submit_batch(request_file(tmp_path, *[None] * 6), CHAT)
         client.get_batch(batch.id)  # in_progress
         client.cancel_batch(batch.id)
         done = client.wait_for_batch(batch.id, poll_interval=0.01)
@@ -5491,7 +5491,7 @@ def test_resubmit_memory_grows_with_the_ids_not_the_lines(gateway, tmp_path):
                     json.dumps({"custom_id": f"r{n}", "method": "POST", "url": CHAT, "body": body}).encode() + b"\n"
                 )
         with writer(gateway) as client:
-            done = finished(client, str(path))
+            done = run_to_end(client, str(path))
         env = {"PATH": os.environ["PATH"]}
         out = run_text([sys.executable, "-c", RESUBMIT_RSS, done.id, gateway.base_url, str(path)], cwd=HERE, env=env)
         assert out.returncode == 0, out.stderr
