@@ -150,6 +150,9 @@ commands:
                      (nothing is sent); --wait --results is the whole journey, from file to results
   list [--limit N]   this user's batches, newest first, one compact JSON object a line (20)
   cancel BATCH_ID    cancel a batch; a batch that has finished is refused (409, exit 1)
+  resubmit BATCH_ID  send what failed in a finished batch again, as a new batch: its error file's
+                     lines, 408, 429 and 5xx responses, and requests missing from both files; other
+                     4xx would fail again and are counted, not sent. Nothing failed: nothing is made
   Each has its own --help; --on-behalf-of, --base-url and --timeout go with every one.
 
 results (--results):
@@ -175,7 +178,7 @@ exit codes:
   3    --wait or --results: the batch ended failed, expired or cancelled (its JSON, or the results
        it has, are still written)
   4    the batch has not finished: with --wait, --max-wait passed first; with --results alone,
-       it is still running (nothing is written)
+       or resubmit, it is still running (nothing is written, nothing sent)
   5    submit --wait --results: results are missing for some requests (the first 5 are named);
        3 comes first: a batch that did not complete exits 3, its missing requests still named
   130  interrupted (Ctrl-C)
@@ -2121,13 +2124,15 @@ _CLI_COMMANDS = {
     " with --wait, wait for it to finish; with --results too, write its results.",
     "list": "Print this user's batches, newest first, one compact JSON object a line.",
     "cancel": "Cancel a batch and print it as JSON (its status: cancelling).",
+    "resubmit": "Send the requests that failed in a finished batch again as a new batch, and print it as JSON;"
+    " with --wait, wait for it to finish; with --results too, write its results.",
 }
 
 
 def _cli_args(argv: List[str]) -> Any:
     """The parsed command line, ``run`` being the mode's function; argparse exits 2 on a usage error."""
     import argparse
-    import platform
+    import sys
 
     command = argv[0] if argv and argv[0] in _CLI_COMMANDS else None
     parser = argparse.ArgumentParser(
@@ -2137,9 +2142,9 @@ def _cli_args(argv: List[str]) -> Any:
         epilog=_CLI_EPILOG,
     )
     if command is None:
-        versions = f"requests {requests.__version__}, Python {platform.python_version()}"
+        versions = f"requests {requests.__version__}, Python {'.'.join(map(str, sys.version_info[:3]))}"
         parser.add_argument("--version", action="version", version=f"mka1-batches {__version__} ({versions})")
-    if command in (None, "cancel"):
+    if command in (None, "cancel", "resubmit"):
         parser.add_argument(
             "batch_id", metavar="BATCH_ID", type=_cli_type(_cli_id, "a printable id other than . and ..")
         )
@@ -2180,7 +2185,7 @@ def _cli_args(argv: List[str]) -> Any:
         default=DEFAULT_TIMEOUT,
         help="connect and read timeout: S, or CONNECT,READ (default: 10,30)",
     )
-    if command in (None, "submit"):
+    if command in (None, "submit", "resubmit"):
         seconds = _cli_type(_cli_seconds, "a number of seconds > 0")
         parser.add_argument("--wait", action="store_true", help="poll until the batch reaches a terminal status")
         parser.add_argument("--poll-interval", metavar="S", type=seconds, help="with --wait: seconds between polls (2)")
@@ -2191,10 +2196,10 @@ def _cli_args(argv: List[str]) -> Any:
         results += "write the finished batch's results, one JSON object per line"
         parser.add_argument("--results", action="store_true", help=results)
     args = parser.parse_args(argv if command is None else argv[1:])
-    if command in (None, "submit"):
+    if command in (None, "submit", "resubmit"):
         # Refused rather than taken to imply --wait: that would also change what exit 0 means.
         given = [("--poll-interval", args.poll_interval is not None), ("--max-wait", args.max_wait is not None)]
-        if command == "submit":  # a batch just created cannot have finished
+        if command:  # a batch just created cannot have finished
             given.append(("--results", args.results))
         for option, present in given:
             if present and not args.wait:
@@ -2207,7 +2212,8 @@ def _cli_args(argv: List[str]) -> Any:
         keys = [key for key, _ in args.metadata]
         if len(keys) > 16 or CREATE_KEY in keys or len(set(keys)) < len(keys):
             parser.error(f"argument --metadata: up to 16 distinct keys, {CREATE_KEY} not among them")
-    args.run = {None: _cli_get, "submit": _cli_submit, "list": _cli_list, "cancel": _cli_cancel}[command]
+    runs = {None: _cli_get, "submit": _cli_submit, "list": _cli_list, "cancel": _cli_cancel}
+    args.run = runs.get(command, _cli_resubmit)
     return args
 
 
@@ -2283,6 +2289,26 @@ def _cli_submit(client: Client, args: Any) -> int:
         print(_printable(f"batch {batch.id} created"), file=sys.stderr, flush=True)
         batch = _cli_wait(client, batch.id, args)
     return _cli_outcome(client, batch, args, expected)
+
+
+def _cli_resubmit(client: Client, args: Any) -> int:
+    """``resubmit BATCH_ID``: what failed, as a new batch; then as ``BATCH_ID`` for that batch."""
+    import sys
+
+    batch = client.get_batch(args.batch_id)
+    if not batch.is_terminal:
+        _cli_error(f"batch {batch.id} is {batch.status}, not finished: nothing to resubmit yet")
+        return 4
+    kept: List[str] = []
+    again = client.resubmit_failed(batch, on_kept=lambda result: kept.append(result.custom_id))
+    if kept:
+        some = ", ".join(kept[:5]) + (", ..." if len(kept) > 5 else "")
+        print(_printable(f"not resent, as another 4xx would come again: {len(kept)} ({some})"), file=sys.stderr)
+    if again is None:
+        print(_printable(f"nothing failed in batch {batch.id}: nothing to resubmit"), file=sys.stderr)
+        return 0
+    print(_printable(f"batch {again.id} created from what failed in {batch.id}"), file=sys.stderr, flush=True)
+    return _cli_outcome(client, _cli_wait(client, again.id, args) if args.wait else again, args, None)
 
 
 def _cli_list(client: Client, args: Any) -> int:

@@ -82,9 +82,11 @@ PROGRESS = [
 #: The size of every line of ``file-large-<N>``, its newline included.
 LINE_BYTES = 1024
 #: The commands the demo runs, in turn, after ``python -m mka1_batches``.
+#: The demo's input file, written by write_example into the directory the commands run in.
+EXAMPLE = "example.jsonl"
 DEMO_COMMANDS = [
-    ["batch_progress", "--wait", "--poll-interval", "0.5"],
-    ["batch_progress", "--results"],
+    ["submit", EXAMPLE, "--endpoint", "/v1/chat/completions", "--wait", "--poll-interval", "0.2", "--results"],
+    ["resubmit", "batch_partial"],
 ]
 
 #: The example response in MKA1's API reference, as published.
@@ -1098,19 +1100,25 @@ def _handler(gateway: Gateway) -> type:
 
 def demo(gateway: Gateway) -> int:
     """Run each of DEMO_COMMANDS against the gateway, showing it first; return the first failing exit code, or 0."""
+    import tempfile
+
     here = os.path.dirname(os.path.abspath(__file__))
+    path = os.environ.get("PYTHONPATH")
     env = dict(os.environ, MKA1_API_KEY=DEMO_TOKEN, MKA1_BASE_URL=gateway.base_url)
+    env.update(PYTHONPATH=here + (os.pathsep + path if path else ""))
     env.pop("MKA1_BEARER_AUTH", None)
     print(
         f"stand-in gateway on {gateway.base_url}, with MKA1_API_KEY={DEMO_TOKEN} MKA1_BASE_URL={gateway.base_url}",
         file=sys.stderr,
         flush=True,
     )
-    for args in DEMO_COMMANDS:
-        print("$ python -m mka1_batches " + " ".join(args), file=sys.stderr, flush=True)
-        code = subprocess.run([sys.executable, "-m", "mka1_batches", *args], env=env, cwd=here).returncode
-        if code:
-            return code
+    with tempfile.TemporaryDirectory() as work:
+        write_example(os.path.join(work, EXAMPLE))
+        for args in DEMO_COMMANDS:
+            print("$ python -m mka1_batches " + " ".join(args), file=sys.stderr, flush=True)
+            code = subprocess.run([sys.executable, "-m", "mka1_batches", *args], env=env, cwd=work).returncode
+            if code:
+                return code
     print(
         f"\nThis gateway stops now. To keep one running (key {DEMO_TOKEN}):\n"
         "  python standin_gateway.py --serve --port 8080\n"
@@ -1127,6 +1135,7 @@ def serve(gateway: Gateway) -> int:
     """Serve until Ctrl-C, after saying how to reach the gateway."""
     print(f"stand-in gateway on {gateway.base_url}, until Ctrl-C. In another shell:")
     print(f"  export MKA1_BASE_URL={gateway.base_url} MKA1_API_KEY={DEMO_TOKEN}")
+    print(f"  python standin_gateway.py --example {EXAMPLE}")
     for args in DEMO_COMMANDS:
         print("  python -m mka1_batches " + " ".join(args))
     print(f"batch_progress starts over once left at its end for {gateway.restart_after:g} s.", flush=True)
@@ -1145,7 +1154,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         prog="python standin_gateway.py",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="A stand-in MKA1 gateway on 127.0.0.1, with scripted batches and their files.\n\n"
-        "Without --serve, the demo: start the gateway, run these against it, stop:\n" + commands,
+        f"Without --serve, the demo: start the gateway, write {EXAMPLE}, run these against it, stop:\n" + commands,
         epilog=f"The gateway takes the API key {DEMO_TOKEN!r}. It stores uploads, and creates, lists and"
         " cancels batches.\nIts scripted batches (no other id exists, but those created):\n"
         + _table(SCRIPTED_BATCHES)
@@ -1155,7 +1164,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument("--serve", action="store_true", help="only serve, until Ctrl-C")
     parser.add_argument("--port", type=int, default=0, metavar="N", help="the port to listen on (default: a free one)")
+    parser.add_argument(
+        "--example", metavar="PATH", help=f"only write the demo's input file to PATH, such as {EXAMPLE}"
+    )
     args = parser.parse_args(argv)
+    if args.example:
+        write_example(args.example)
+        return 0
     if not 0 <= args.port <= 65535:
         parser.error("--port must be from 0 to 65535")
     try:

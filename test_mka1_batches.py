@@ -3974,17 +3974,21 @@ def test_demo_shows_each_command_before_it_runs(demo):
     banner, *rest = demo.stderr.splitlines()
     assert banner.startswith("stand-in gateway on http://127.0.0.1:") and " with MKA1_API_KEY=demo-key " in banner
     assert [line for line in rest if line.startswith("$ ")] == [
-        "$ python -m mka1_batches batch_progress --wait --poll-interval 0.5",
-        "$ python -m mka1_batches batch_progress --results",
+        "$ python -m mka1_batches submit example.jsonl --endpoint /v1/chat/completions --wait --poll-interval 0.2"
+        " --results",
+        "$ python -m mka1_batches resubmit batch_partial",
     ]
-    batch, _ = json.JSONDecoder().raw_decode(demo.stdout)
-    assert batch["status"] == "completed" and "in_progress: 1/3 completed" in demo.stderr
+    assert re.search(r"^batch batch_[0-9a-f]{32} created\n(.*\n)*completed: 4/4 completed, 0 failed", demo.stderr, re.M)
+    assert "\nnot resent, as another 4xx would come again: 1 (request-7)\n" in demo.stderr
 
 
-def test_demo_ends_with_the_results(demo):
-    _, end = json.JSONDecoder().raw_decode(demo.stdout)
-    results = [json.loads(line) for line in demo.stdout[end:].splitlines() if line.strip()]
-    assert demo.returncode == 0 and {"request-1", "request-3"} <= {r["custom_id"] for r in results}
+def test_demo_runs_the_whole_journey_then_resubmits_what_failed(demo):
+    """From the example file to its results, each of its requests accounted for; then batch_partial's failures."""
+    lines = demo.stdout.splitlines(keepends=True)
+    results = [json.loads(line) for line in lines[:4]]
+    assert demo.returncode == 0 and sorted(r["custom_id"] for r in results) == [f"example-{n}" for n in range(1, 5)]
+    again = json.loads("".join(lines[4:]))
+    assert again["status"] == "validating" and again["metadata"][m.RESUBMIT_KEY] == "batch_partial"
 
 
 def test_demo_stops_at_the_first_failing_command(monkeypatch, capfd):
@@ -4002,8 +4006,8 @@ def test_demo_stops_at_the_first_failing_command(monkeypatch, capfd):
 def test_standin_help_prints_usage_and_runs_nothing():
     r = standin("--help")
     assert (r.returncode, r.stderr) == (0, "")
-    assert r.stdout.startswith("usage: python standin_gateway.py [-h] [--serve] [--port N]\n")
-    for text in ["--serve", "--port N", "'demo-key'", "python -m mka1_batches batch_progress --results\n"]:
+    assert r.stdout.startswith("usage: python standin_gateway.py [-h] [--serve] [--port N] [--example PATH]\n")
+    for text in ["--serve", "--port N", "'demo-key'", "python -m mka1_batches resubmit batch_partial\n"]:
         assert text in r.stdout
 
 
@@ -5499,3 +5503,40 @@ def test_resubmit_memory_grows_with_the_ids_not_the_lines(gateway, tmp_path):
         assert len(gateway.file_data(file_id).splitlines()) == count
         peaks.append(int(peak_kib))
     assert peaks[1] - peaks[0] < 8 * 1024, peaks  # the lines alone are 18 MiB more
+
+
+def test_cli_resubmit_prints_the_new_batch_and_what_it_left_out(cli, gateway):
+    r = cli("resubmit", "batch_partial", env=_env(gateway))
+    (made,) = gateway.created_batches()
+    assert (r.returncode, json.loads(r.stdout)["id"]) == (0, made["id"])
+    assert r.stderr == (
+        "not resent, as another 4xx would come again: 1 (request-7)\n"
+        f"batch {made['id']} created from what failed in batch_partial\n"
+    )
+
+
+def test_cli_resubmit_wait_results_writes_the_new_batchs_results(cli, gateway):
+    r = cli("resubmit", "batch_partial", "--wait", "--poll-interval", "0.01", "--results", env=_env(gateway))
+    ids = sorted(json.loads(line)["custom_id"] for line in r.stdout.splitlines())
+    assert (r.returncode, ids) == (0, ["request-2", "request-4", "request-5", "request-6"])
+
+
+def test_cli_resubmit_of_a_batch_where_nothing_failed_makes_nothing(cli, gateway, tmp_path):
+    with writer(gateway) as client:
+        done = run_to_end(client, request_file(tmp_path, None))
+    r = cli("resubmit", done.id, env=_env(gateway))
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", f"nothing failed in batch {done.id}: nothing to resubmit\n")
+    assert len(gateway.created_batches()) == 1
+
+
+def test_cli_resubmit_of_a_running_batch_sends_nothing(cli, gateway):
+    r = cli("resubmit", "batch_status_in_progress", env=_env(gateway))
+    assert (r.returncode, r.stdout) == (4, "")
+    assert r.stderr == "error: batch batch_status_in_progress is in_progress, not finished: nothing to resubmit yet\n"
+    assert gateway.created_batches() == [] and [q["method"] for q in gateway.requests] == ["GET"]
+
+
+def test_cli_resubmit_results_without_wait_is_a_usage_error(cli, gateway):
+    r = cli("resubmit", "batch_partial", "--results", env=_env(gateway))
+    assert r.returncode == 2 and r.stderr.endswith("error: argument --results: not allowed without --wait\n")
+    assert gateway.requests == []
