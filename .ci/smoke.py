@@ -93,6 +93,31 @@ def a_429_is_retried_after_retry_after(gw):
     assert len(asked) == 2, asked
 
 
+@check
+def a_submitted_batch_is_made_once_whatever_fails(gw):
+    # RHEL 8's requests 2.20 and urllib3 1.24 carry the streamed multipart upload; the gateway
+    # makes the batch, then answers 502: the create finds it rather than making a second.
+    work = tempfile.mkdtemp()
+    try:
+        path = os.path.join(work, "requests.jsonl")
+        with open(path, "w") as f:
+            for n in range(1, 4):
+                f.write(f'{{"custom_id": "r{n}", "method": "POST", "url": "/v1/chat/completions", "body": {{}}}}\n')
+        assert mka1_batches.check_batch_file(path, "/v1/chat/completions") == 3
+        gw.write_faults = [None, "502"]
+        with mka1_batches.Client(DEMO_TOKEN, base_url=gw.base_url) as client:
+            batch = client.submit_batch(path, "/v1/chat/completions", metadata={"smoke": "1"})
+            assert [b["id"] for b in gw.created_batches()] == [batch.id], gw.created_batches()
+            with open(path, "rb") as f:
+                assert gw.file_data(batch.input_file_id) == f.read()
+            done = client.wait_for_batch(batch.id, poll_interval=0.01)
+            assert sorted(r.custom_id for r in client.iter_results(done)) == ["r1", "r2", "r3"]
+            again = client.resubmit_failed("batch_partial")
+            assert again.metadata[mka1_batches.RESUBMIT_KEY] == "batch_partial", again.metadata
+    finally:
+        shutil.rmtree(work)
+
+
 class _Redirect(http.server.BaseHTTPRequestHandler):
     LOCATION = "http://127.0.0.1:9/elsewhere"
 
