@@ -1,16 +1,23 @@
 # SPDX-License-Identifier: MIT
 # Copyright (c) 2026 the mka1-batches authors. From the mka1-batches project; see its LICENSE.
-"""Get a batch from the MKA1 API (MeetKai's LLM gateway), wait for it to finish, read its results.
+"""A client for MKA1 batches (MeetKai's LLM gateway): check and upload an input file, create the batch
+exactly once, wait for it, read its results, list and cancel batches, and resubmit what failed.
 
     >>> import mka1_batches
-    >>> batch = mka1_batches.wait_for_batch(api_key, "batch_aa87e2b1112a455b8deabed784372198")
-    >>> batch.status, batch.request_counts.completed, batch.request_id
-    ('completed', 3, '0736e48b-3d39-48d8-806c-952c907a1b2c#12')
-    >>> for result in mka1_batches.iter_results(api_key, batch):
-    ...     print(result.custom_id, result.error or result.response.status_code)
+    >>> with mka1_batches.Client(api_key) as client:
+    ...     batch = client.submit_batch("requests.jsonl", "/v1/chat/completions")
+    ...     batch = client.wait_for_batch(batch.id)
+    ...     for result in client.iter_results(batch):
+    ...         print(result.custom_id, result.error or result.response.status_code)
 
-From a shell: ``MKA1_API_KEY=... python -m mka1_batches BATCH_ID --wait --results``.
+From a shell: ``MKA1_API_KEY=... python -m mka1_batches submit requests.jsonl --endpoint EP --wait --results``.
 One file, two dependencies (requests and attrs): copy it into your tree as it is.
+
+The sections, in order: constants; errors; the data classes (Batch, File, BatchResult and
+their parts); the module functions, each a few lines over a Client; check_batch_file; Client,
+whose public methods document each operation; the request path's private parts (the retry
+policy, _Failure, auth, the multipart body, the file reader); checks and helpers; the
+command line, and main.
 """
 
 import contextlib
