@@ -5055,6 +5055,11 @@ def test_upload_cut_after_the_server_stored_it_is_found_not_sent_again(gateway, 
 
 
 # The child's own peak (VmHWM, in KiB): ru_maxrss would keep the forking pytest's across exec.
+def uncovered_env() -> Dict[str, str]:
+    """The environment without pytest-cov's: coverage in a child would hold what it traces."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("COV_CORE_")}
+
+
 UPLOAD_RSS = """\
 import re, sys, mka1_batches
 f = mka1_batches.upload_file("demo-key", sys.argv[1], base_url=sys.argv[2])
@@ -5069,7 +5074,7 @@ def test_upload_memory_stays_flat_whatever_the_files_size(gateway, tmp_path):
         path = tmp_path / f"{mib}.jsonl"
         with open(path, "wb") as f:
             f.write(line * (mib * 1024))
-        env = {"PATH": os.environ["PATH"]}  # no coverage in the child: it would hold what it traces
+        env = uncovered_env()
         out = run_text([sys.executable, "-c", UPLOAD_RSS, str(path), gateway.base_url], cwd=HERE, env=env)
         size, peak_kib = map(int, out.stdout.split())
         assert size == os.path.getsize(path), out.stderr
@@ -5497,7 +5502,7 @@ def test_resubmit_memory_grows_with_the_ids_not_the_lines(gateway, tmp_path):
                 )
         with writer(gateway) as client:
             done = run_to_end(client, str(path))
-        env = {"PATH": os.environ["PATH"]}
+        env = uncovered_env()
         out = run_text([sys.executable, "-c", RESUBMIT_RSS, done.id, gateway.base_url, str(path)], cwd=HERE, env=env)
         assert out.returncode == 0, out.stderr
         file_id, peak_kib = out.stdout.split()
