@@ -5546,3 +5546,38 @@ def test_cli_resubmit_results_without_wait_is_a_usage_error(cli, gateway):
     r = cli("resubmit", "batch_partial", "--results", env=_env(gateway))
     assert r.returncode == 2 and r.stderr.endswith("error: argument --results: not allowed without --wait\n")
     assert gateway.requests == []
+
+
+def test_the_token_never_leaks_from_a_write(api, caplog):
+    """A gateway that echoes the key in its errors and answers: no message, body, repr or log line holds it."""
+    echo = {"error": {"message": f"bad key {TOKEN} for {json.dumps(TOKEN)}"}}
+    api.add(responses.GET, BASE + "/api/v1/llm/files", json={"object": "list", "data": [], "has_more": False})
+    api.add(responses.POST, BASE + "/api/v1/llm/files", status=422, json=echo)
+    api.add(responses.POST, BASE + "/api/v1/llm/batches", status=400, json=echo)
+    api.add(
+        responses.GET,
+        BASE + "/api/v1/llm/batches",
+        json={"object": "list", "data": [dict(EXAMPLE, object=TOKEN)], "has_more": False},
+    )
+    api.add(responses.POST, URL + BID + "/cancel", status=409, body=f"<title>{TOKEN} finished</title>")
+    errors: List[BaseException] = []
+    with caplog.at_level(logging.DEBUG, logger="mka1_batches"), m.Client(TOKEN, base_url=BASE) as client:
+        for call in (
+            lambda: client.upload_file(io.BytesIO(b"x")),
+            lambda: client.create_batch("file_1", CHAT),
+            lambda: next(client.list_batches()),
+            lambda: client.cancel_batch(BID),
+        ):
+            with pytest.raises(m.MKA1Error) as info:
+                call()
+            errors.append(info.value)
+        shown = repr(client)
+    assert [type(e) for e in errors] == [
+        m.UnprocessableEntityError,
+        m.BadRequestError,
+        m.InvalidResponseError,
+        m.ConflictError,
+    ]
+    for text in [*(str(e) for e in errors), *(repr(vars(e)) for e in errors), shown, caplog.text]:
+        assert TOKEN not in text and json.dumps(TOKEN)[1:-1] not in text
+    assert (str(errors[2]), str(errors[3])) == ("object: expected \"batch\", got '[token]'", "409 [token] finished")
