@@ -727,7 +727,7 @@ class Client:
         bounded only by the read timeout per socket read and http.client's own line-length and
         header-count limits.
     :param max_retries: retries after what may pass: for reads, connection errors, timeouts,
-        408, 429 and 5xx; for writes, see each. A urllib3 ``Retry`` mounted on the session's
+        408, 429, 500, 502, 503 and 504; for writes, see each. A urllib3 ``Retry`` mounted on the session's
         adapter runs first, inside each attempt.
     :param session: a ``requests.Session`` to use; it is not changed, and :meth:`close` leaves it
         open. Without one, the Client makes its own and closes it.
@@ -854,7 +854,9 @@ class Client:
             and the line), or a file that changed while it was read again.
         :raises ValueError: also for a batch that has not finished, before any I/O.
         """
-        lines = self.iter_result_lines(batch, include_errors=include_errors, on_progress=on_progress)
+        lines = self.iter_result_lines(
+            batch, include_errors=include_errors, on_progress=on_progress, on_behalf_of=on_behalf_of
+        )
         return (result for _, result in lines)
 
     def iter_result_lines(
@@ -874,29 +876,30 @@ class Client:
     def upload_file(self, file: _Input, *, purpose: str = "batch", on_behalf_of: Optional[str] = None) -> "File":
         """Upload a file, streamed from disk with its length up front, and never the same bytes twice.
 
-        A file of this user with this purpose, the same sha256 and the same size is returned
-        instead of uploading again. After a failure that leaves unknown whether the gateway
-        stored the file (a broken connection or a timeout after it was sent, 500, 502, 503,
-        504), it looks again before it uploads again; up to ``max_retries`` times.
+        A file of this user with this purpose, the same sha256 and the same size, not expired, is
+        returned instead of uploading again. After a failure that leaves unknown whether the
+        gateway stored the file (a broken connection or a timeout after it was sent, 500, 502,
+        503, 504), it waits, looks again (by sha256, or by name, size and time where the gateway
+        gives no sha256), and uploads again only if it is not there; see :meth:`_write`.
 
         :param file: a path, or a seekable binary file object (read from where it stands).
         """
         if not isinstance(purpose, str) or not purpose.strip() or not purpose.isprintable():
             raise ValueError(f"purpose must be a non-empty string such as 'batch', not {purpose!r}")
         who = self._who(on_behalf_of)
+        started = time.time()
         with _opened(file) as (stream, name):
             size, digest = _digest(stream)
-            body = _Multipart(stream, size, name if name.strip() and name != "blob" else "input.jsonl", purpose)
-            attempt = 1
-            while True:
-                found = self._find_file(who, purpose, digest, size)
-                if found is not None:
-                    return found
-                try:
-                    return self._request(_file, "POST", _FILES, who, body=body, safe=False)
-                except _Failure as failure:
-                    self._backoff("POST", _FILES, failure, attempt, _sleep, safe=True)  # looked again first
-                attempt += 1
+            name = name if name.strip() and name != "blob" else "input.jsonl"
+            found = self._find_file(who, purpose, digest, size)
+            if found is not None:
+                return found
+            body = _Multipart(stream, size, name, purpose)
+            return self._write(
+                _FILES,
+                lambda: self._request(_file, "POST", _FILES, who, body=body, safe=False),
+                lambda: self._find_file(who, purpose, digest, size, (name, started)),
+            )
 
     def create_batch(
         self,
@@ -912,31 +915,25 @@ class Client:
 
         The request carries ``metadata[CREATE_KEY]``, a value new to this call. After a failure
         that leaves unknown whether the gateway made the batch (a broken connection or a timeout
-        after it was sent, 500, 502, 503, 504), the call looks for a batch with that value in
-        the user's newest batches, returns it if there is one, else sends again; up to
-        ``max_retries`` times. 408 and 429 are retried; other 4xx are raised at once. When
-        ``metadata`` already has 16 pairs there is no room for the key: the request is then
-        sent once, and such a failure is raised (``list_batches`` shows whether it was made).
+        after it was sent, 500, 502, 503, 504), the call waits, looks for a batch with that value
+        among the user's newest, returns it if there is one, else sends again; see :meth:`_write`.
+        408 and 429 are retried; other 4xx are raised at once. When ``metadata`` already has 16
+        pairs there is no room for the key: such a failure is then raised (``list_batches``
+        shows whether the batch was made). A gateway that makes the batch only after the lookup
+        has looked could still make a second: nothing a client can see tells the two apart.
 
         :param metadata: up to 16 pairs of strings, kept on the batch.
         :param max_concurrency: how many of its requests may run at once; sent only when given.
         """
         who = self._who(on_behalf_of)
         body = _create_body(input_file_id, endpoint, completion_window, metadata, max_concurrency)
-        mark = body["metadata"].get(CREATE_KEY) if body["metadata"] else None
+        mark = body["metadata"].get(CREATE_KEY)
         started = time.time()
-        attempt = 1
-        while True:
-            try:
-                return self._request(Batch.from_dict, "POST", _BATCHES, who, body=body, safe=False)
-            except _Failure as failure:
-                if mark is None:
-                    raise failure.error from failure.error.__cause__
-                found = self._find_batch(who, mark, started)
-                if found is not None:
-                    return found
-                self._backoff("POST", _BATCHES, failure, attempt, _sleep, safe=True)  # looked first
-            attempt += 1
+        return self._write(
+            _BATCHES,
+            lambda: self._request(Batch.from_dict, "POST", _BATCHES, who, body=body, safe=False),
+            None if mark is None else lambda: self._find_batch(who, mark, started),
+        )
 
     def submit_batch(
         self,
@@ -978,10 +975,11 @@ class Client:
         naming the batch it came from.
 
         :param batch: a terminal Batch, or its id (fetched first).
-        :param metadata: up to 15 pairs of strings, kept on the new batch beside RESUBMIT_KEY.
+        :param metadata: up to 14 pairs of strings, kept on the new batch beside RESUBMIT_KEY and
+            CREATE_KEY.
         :raises ValueError: also for a batch that has not finished.
         """
-        _check_metadata(metadata, 15)
+        _check_metadata(metadata, 14)
         who = self._who(on_behalf_of)
         if not isinstance(batch, Batch):
             batch = self.get_batch(batch, on_behalf_of=on_behalf_of)
@@ -990,10 +988,10 @@ class Client:
         for file_id in _file_ids(batch, True):  # a batch that has not finished is refused here
             for _, result in _FileReader(self, file_id, None).pairs(who):
                 seen.add(result.custom_id)
-                status = result.response.status_code if result.response is not None else None
-                if file_id == batch.error_file_id or status is None or status in (408, 429) or status >= 500:
+                code = (result.response and result.response.status_code) or 0  # 0: no response, or no status
+                if file_id == batch.error_file_id or result.response is None or code in (408, 429) or code >= 500:
                     failed.add(result.custom_id)
-                elif status >= 400 and on_kept is not None:
+                elif code >= 400 and on_kept is not None:
                     on_kept(result)
         import tempfile  # only here: a plain get_batch does not need it
 
@@ -1026,13 +1024,21 @@ class Client:
     def cancel_batch(self, batch_id: str, *, on_behalf_of: Optional[str] = None) -> Batch:
         """Ask the gateway to cancel a batch; it answers with the batch, ``cancelling``.
 
-        Cancelling twice is harmless, so this is retried as a read is.
+        Cancelling twice is harmless, so this is retried as a read is. A 409 for a batch that is
+        cancelling or cancelled (as a retry after a lost answer may get) returns that batch.
 
-        :raises ConflictError: the batch has finished, and cannot be cancelled.
+        :raises ConflictError: the batch has finished otherwise, and cannot be cancelled.
         """
-        path = _BATCHES + "/" + _check_id(batch_id, "batch_id") + "/cancel"
-        batch = self._request(Batch.from_dict, "POST", path, self._who(on_behalf_of))
-        return self._same_batch(batch, batch_id)
+        path = _BATCHES + "/" + _check_id(batch_id, "batch_id")
+        who = self._who(on_behalf_of)
+        try:
+            return self._same_batch(self._request(Batch.from_dict, "POST", path + "/cancel", who), batch_id)
+        except ConflictError:
+            # Also what a retry gets once an earlier cancel, whose answer was lost, has taken.
+            batch = self._get_batch(path, batch_id, who, _sleep)
+            if batch.status in ("cancelling", "cancelled"):
+                return batch
+            raise
 
     def _who(self, on_behalf_of: Optional[str]) -> Optional[str]:
         return self.on_behalf_of if on_behalf_of is None else _check_on_behalf_of(on_behalf_of)
@@ -1046,6 +1052,31 @@ class Client:
             raise InvalidResponseError(message, field="id", request_id=batch.request_id)
         return batch
 
+    def _write(self, path: str, send: Callable[[], _T], find: Optional[Callable[[], Optional[_T]]]) -> _T:
+        """Send a write, retrying within ``max_retries`` what the gateway cannot have acted on.
+
+        After a failure that leaves the outcome unknown, wait as before a retry (so that what a
+        slow gateway made shows), then ``find`` what the write may have made: return it, or send
+        again only if there is a retry left. Without ``find``, such a failure is raised.
+        """
+        attempt = 1
+        while True:
+            try:
+                return send()
+            except _Failure as failure:
+                if not failure.ambiguous:
+                    self._backoff("POST", path, failure, attempt, None, safe=False)
+                elif find is None:
+                    raise failure.error from failure.error.__cause__
+                else:
+                    again = self._pause("POST", path, failure, attempt, None, safe=True)
+                    found = find()
+                    if found is not None:
+                        return found
+                    if not again:
+                        raise failure.error from failure.error.__cause__
+            attempt += 1
+
     def _find_batch(self, who: Optional[str], mark: str, since: float) -> Optional[Batch]:
         """The batch a create with this mark made, among those made since a while before ``since``."""
         for batch in self._pages(Batch.from_dict, _BATCHES, who, {"limit": 100}, None):
@@ -1055,11 +1086,21 @@ class Client:
                 return None
         return None
 
-    def _find_file(self, who: Optional[str], purpose: str, digest: str, size: int) -> Optional["File"]:
+    def _find_file(
+        self, who: Optional[str], purpose: str, digest: str, size: int, sent: Optional[Tuple[str, float]] = None
+    ) -> Optional["File"]:
+        """A usable file with these bytes; with ``sent`` (its name and when), also one the gateway gave no sha256."""
         # The sha256 filter narrows the list; what comes back is checked, not trusted.
         query = {"purpose": purpose, "sha256": digest, "limit": 100}
         for found in self._pages(_file, _FILES, who, query, None):
-            if (found.sha256, found.bytes, found.purpose) == (digest, size, purpose):
+            if (found.bytes, found.purpose) != (size, purpose) or found.status == "error":
+                continue
+            if found.expires_at is not None and found.expires_at < time.time() + _CLOCK_SKEW:
+                continue  # about to go: a batch made from it could be refused
+            if found.sha256 == digest:
+                return found
+            # No sha256 to go by: the file this call sent has its name, and was made since it began.
+            if sent and (found.sha256, found.filename) == (None, sent[0]) and found.created_at >= sent[1] - _CLOCK_SKEW:
                 return found
         return None
 
@@ -1100,8 +1141,8 @@ class Client:
     ) -> _T:
         """The parsed JSON of a 2xx answer, retrying what this call and the failure allow.
 
-        A write (``safe=False``) whose outcome a failure leaves unknown raises the _Failure, so
-        that the call can look for what it may have made before it sends again.
+        A write (``safe=False``) is sent once: a failure is raised as the _Failure, for
+        :meth:`_write` to decide.
         """
         attempt = 1
         while True:
@@ -1111,7 +1152,7 @@ class Client:
                     data = self._read_json(resp, deadline)
                 return self._parse(parse, data, resp.headers.get("X-Request-ID"))
             except _Failure as failure:
-                if not safe and failure.ambiguous:
+                if not safe:
                     raise
                 self._backoff(method, path, failure, attempt, sleep, safe)
             attempt += 1
@@ -1126,13 +1167,27 @@ class Client:
         safe: bool,
     ) -> None:
         """Sleep before attempt ``attempt + 1``, or raise the failure's error if there is none."""
+        if not self._pause(method, path, failure, attempt, sleep, safe):
+            raise failure.error from failure.error.__cause__
+
+    def _pause(
+        self,
+        method: str,
+        path: str,
+        failure: "_Failure",
+        attempt: int,
+        sleep: Optional[Callable[[float], None]],
+        safe: bool,
+    ) -> bool:
+        """Sleep before attempt ``attempt + 1`` and return True, or return False if there is none."""
         delay = _retry_delay(failure, attempt, self.max_retries, safe)
         if delay is None:
-            raise failure.error from failure.error.__cause__
+            return False
         _log.debug(
             "%s %s: retry %d of %d in %.2fs after: %s", method, path, attempt, self.max_retries, delay, failure.error
         )
         (sleep or _sleep)(delay)
+        return True
 
     def _parse(self, parse: Callable[[Any, Optional[str]], _T], data: Any, request_id: Optional[str]) -> _T:
         try:
@@ -1248,7 +1303,7 @@ class Client:
         try:
             return json.loads(body)  # bytes: UTF-8, 16 or 32, with or without a byte order mark
         except (ValueError, RecursionError) as exc:
-            message = f"response is not JSON: {_excerpt(body)!r}"
+            message = self._redact(f"response is not JSON: {_excerpt(body)!r}")  # a proxy may echo the request
             raise InvalidResponseError(message, request_id=request_id) from exc
 
     def _read_whole(self, resp: requests.Response, limit: int, deadline: float) -> bytes:
@@ -1349,6 +1404,9 @@ class Client:
         timed_out = any(isinstance(e, _TIMEOUTS) for e in chain)
         message = f"{method} {urlsplit(url).path} on {_host(url)} {'timed out' if timed_out else 'failed'}: {cause}"
         error = (APITimeoutError if timed_out else APIConnectionError)(self._redact(message))
+        for e in chain:  # requests' errors keep the request, whose Authorization is the key
+            if isinstance(e, requests.RequestException):
+                e.request = e.response = None
         error.__cause__ = exc
         unsent = any(isinstance(e, _UNSENT) for e in chain)
         return _Failure(error, "final" if final else "unsent" if unsent else "sent")
@@ -1446,7 +1504,7 @@ class _Multipart:
         self._head = (
             f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n{purpose}\r\n'
             f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
-            "Content-Type: application/jsonl\r\n\r\n"
+            f"Content-Type: {'application/jsonl' if purpose == 'batch' else 'application/octet-stream'}\r\n\r\n"
         ).encode()
         self._tail = f"\r\n--{boundary}--\r\n".encode("ascii")
         self._stream = stream
@@ -1691,7 +1749,8 @@ def _opened(file: _Input) -> Iterator[Tuple[BinaryIO, str]]:
     seekable = getattr(file, "seekable", lambda: False)()
     start = file.tell() if seekable else 0
     try:
-        yield file, os.path.basename(str(getattr(file, "name", "")))
+        name = getattr(file, "name", "")  # a TemporaryFile's is its descriptor
+        yield file, os.path.basename(name) if isinstance(name, str) else ""
     finally:
         if seekable:
             file.seek(start)
@@ -2429,7 +2488,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         except (MKA1Error, ValueError, OSError) as exc:
             # One line, never a traceback. No message holds the token: the Client redacts its own.
             if isinstance(exc, InvalidBatchFileError):
-                _cli_error(f"{args.file}{':' if exc.line is None else ''} {exc}")
+                name = getattr(args, "file", "the resubmitted input")  # resubmit builds its own
+                _cli_error(f"{name}{':' if exc.line is None else ''} {exc}")
             else:
                 _cli_error(str(exc))
             sys.stdout.flush()  # the results before a bad line, or a broken connection, are kept

@@ -3883,6 +3883,7 @@ def test_cli_cancel_of_a_finished_batch_is_exit_1(cli_as_user, api):
         json={"error": {"message": "Batch is already completed"}},
         headers={"X-Request-ID": RID},
     )
+    api.add(responses.GET, URL + BID, json=EXAMPLE)  # completed: the 409 stands
     r = cli_as_user("cancel", BID)
     assert (r.returncode, r.stdout, r.stderr) == (1, "", f"error: 409 Batch is already completed (request {RID})\n")
 
@@ -5469,8 +5470,8 @@ def test_resubmit_of_a_cancelled_batch_sends_what_it_did_not_finish(gateway, tmp
 def test_resubmit_of_a_batch_not_finished_is_refused_before_any_io(api):
     with pytest.raises(ValueError, match="is in_progress: read its results once it is completed"):
         m.resubmit_failed(TOKEN, m.Batch.from_dict(dict(EXAMPLE, status="in_progress")), base_url=BASE)
-    with pytest.raises(ValueError, match="metadata holds at most 15 pairs here, not 16"):
-        m.resubmit_failed(TOKEN, BID, base_url=BASE, metadata={f"k{i}": "v" for i in range(16)})
+    with pytest.raises(ValueError, match="metadata holds at most 14 pairs here, not 15"):
+        m.resubmit_failed(TOKEN, BID, base_url=BASE, metadata={f"k{i}": "v" for i in range(15)})
     assert len(api.calls) == 0
 
 
@@ -5560,6 +5561,7 @@ def test_the_token_never_leaks_from_a_write(api, caplog):
         json={"object": "list", "data": [dict(EXAMPLE, object=TOKEN)], "has_more": False},
     )
     api.add(responses.POST, URL + BID + "/cancel", status=409, body=f"<title>{TOKEN} finished</title>")
+    api.add(responses.GET, URL + BID, json=EXAMPLE)
     errors: List[BaseException] = []
     with caplog.at_level(logging.DEBUG, logger="mka1_batches"), m.Client(TOKEN, base_url=BASE) as client:
         for call in (
@@ -5581,3 +5583,143 @@ def test_the_token_never_leaks_from_a_write(api, caplog):
     for text in [*(str(e) for e in errors), *(repr(vars(e)) for e in errors), shown, caplog.text]:
         assert TOKEN not in text and json.dumps(TOKEN)[1:-1] not in text
     assert (str(errors[2]), str(errors[3])) == ("object: expected \"batch\", got '[token]'", "409 [token] finished")
+
+
+# --- Writes: what a second read of the change found -----------------------------------------------
+
+
+def test_create_waits_before_it_looks_so_a_slow_gateways_batch_is_found(api, monkeypatch):
+    events: List[Any] = []
+    monkeypatch.setattr(m, "_sleep", lambda s: events.append("sleep"))
+    made: Dict[str, Any] = {}
+
+    def create(request: Any) -> Any:
+        events.append("POST")
+        made.update(dict(EXAMPLE, status="validating", created_at=2**31, metadata=json.loads(request.body)["metadata"]))
+        return 504, {}, "<title>504 Gateway Time-out</title>"
+
+    def lookup(request: Any) -> Any:
+        events.append("GET")
+        return 200, {}, json.dumps({"object": "list", "data": [made], "has_more": False})
+
+    api.add_callback(responses.POST, BASE + "/api/v1/llm/batches", callback=create)
+    api.add_callback(responses.GET, BASE + "/api/v1/llm/batches", callback=lookup)
+    assert m.create_batch(TOKEN, "file_abc123", CHAT, base_url=BASE).id == BID
+    assert events == ["POST", "sleep", "GET"]
+
+
+def test_retries_of_a_write_are_counted_once_whatever_fails(gateway, tmp_path, sleeps):
+    with writer(gateway, max_retries=2) as client:
+        uploaded = client.upload_file(request_file(tmp_path, None))
+        gateway.write_faults = ["429", "429", "refuse-502", None]
+        with pytest.raises(m.InternalServerError):
+            client.create_batch(uploaded.id, CHAT)
+    assert posts(gateway).count("/api/v1/llm/batches") == 3 and gateway.created_batches() == []
+    assert len(sleeps) == 2
+
+
+def test_a_non_json_answer_that_echoes_the_key_is_redacted(api):
+    api.add(responses.GET, URL + BID, body=f"echo: Authorization: Bearer {TOKEN}", headers={"X-Request-ID": RID})
+    with pytest.raises(m.InvalidResponseError) as info:
+        m.get_batch(TOKEN, BID, base_url=BASE)
+    assert str(info.value) == "response is not JSON: 'echo: Authorization: Bearer [token]'"
+
+
+def test_a_connection_errors_cause_keeps_no_request_and_so_no_key(plain_env):
+    with pytest.raises(m.APIConnectionError) as info:
+        m.get_batch(TOKEN, BID, base_url=f"http://127.0.0.1:{free_port()}", max_retries=0)
+    chain = m._chain(info.value.__cause__)
+    assert chain and all(getattr(e, "request", None) is None for e in chain)
+    assert all(TOKEN not in repr(vars(e)) for e in chain)
+
+
+def test_client_iter_results_acts_for_the_user_named(api):
+    api.add(responses.GET, FILES + "file-out/content", body=b'{"custom_id": "a"}\n')
+    with m.Client(TOKEN, "user_1", base_url=BASE) as client:
+        assert [r.custom_id for r in client.iter_results("file-out", on_behalf_of="user_2")] == ["a"]
+    assert api.calls[0].request.headers["X-On-Behalf-Of"] == "user_2"
+
+
+def test_upload_after_a_lost_answer_finds_a_file_the_gateway_gave_no_sha256(api, sleeps):
+    stored = {"id": "file-1", "object": "file", "bytes": 3, "created_at": 2**31, "filename": "in.jsonl"}
+    stored.update(purpose="batch", sha256=None)
+    api.add(responses.GET, BASE + "/api/v1/llm/files", json={"object": "list", "data": [], "has_more": False})
+    api.add(responses.GET, BASE + "/api/v1/llm/files", json={"object": "list", "data": [stored], "has_more": False})
+    api.add_callback(
+        responses.POST, BASE + "/api/v1/llm/files", callback=lambda r: (b"".join(r.body), (502, {}, ""))[1]
+    )
+    named = io.BytesIO(b"abc")
+    named.name = "data/in.jsonl"
+    assert m.upload_file(TOKEN, named, base_url=BASE).id == "file-1"
+    assert [c.request.method for c in api.calls] == ["GET", "POST", "GET"]
+
+
+@pytest.mark.parametrize("change", [{"expires_at": 1}, {"status": "error"}, {"bytes": 4}, {"purpose": "vision"}])
+def test_upload_does_not_reuse_a_file_that_is_expired_failed_or_other(api, change):
+    data = b"abc"
+    old = {"id": "file-old", "object": "file", "bytes": 3, "created_at": 1, "filename": "x", "purpose": "batch"}
+    old.update(sha256=hashlib.sha256(data).hexdigest(), **change)
+    new = dict(old, id="file-new", bytes=3, purpose="batch", expires_at=None, status=None)
+    api.add(responses.GET, BASE + "/api/v1/llm/files", json={"object": "list", "data": [old], "has_more": False})
+    api.add_callback(responses.POST, BASE + "/api/v1/llm/files", callback=lambda r: (200, {}, json.dumps(new)))
+    assert m.upload_file(TOKEN, io.BytesIO(data), base_url=BASE).id == "file-new"
+
+
+def test_cancel_whose_first_answer_was_lost_returns_the_cancelled_batch(api):
+    api.add(responses.POST, URL + BID + "/cancel", status=409, json={"error": {"message": "already cancelled"}})
+    api.add(responses.GET, URL + BID, json=dict(EXAMPLE, status="cancelled"))
+    assert m.cancel_batch(TOKEN, BID, base_url=BASE).status == "cancelled"
+
+
+def test_resubmit_with_14_pairs_of_metadata_still_finds_the_batch_it_made(gateway):
+    gateway.write_faults = [None, "502"]
+    metadata = {f"k{i}": "v" for i in range(14)}
+    with writer(gateway) as client:
+        again = client.resubmit_failed("batch_partial", metadata=metadata)
+    (made,) = gateway.created_batches()
+    assert again.id == made["id"] and len(made["metadata"]) == 16
+    assert gateway.stored_files()[0]["filename"] == "input.jsonl"  # not a TemporaryFile's descriptor
+
+
+def resubmit_api(api: Any, output: bytes, inputs: bytes) -> None:
+    done = dict(EXAMPLE, output_file_id="file-out", error_file_id=None, input_file_id="file-in")
+    api.add(responses.GET, URL + BID, json=done)
+    api.add(responses.GET, FILES + "file-out/content", body=output)
+    api.add(responses.GET, FILES + "file-in/content", body=inputs)
+
+
+def test_resubmit_judges_each_output_line_by_its_status(api):
+    output = jsonl(
+        {"custom_id": "a", "response": {"body": {}}},  # no status: not known to have failed
+        {"custom_id": "b", "response": {"status_code": 404}},
+        {"custom_id": "c", "response": None, "error": {"code": "x"}},
+        {"custom_id": "d", "response": {"status_code": 599}},
+    )
+    inputs = jsonl(*[dict(GOOD, custom_id=c) for c in "abcde"])
+    resubmit_api(api, output, inputs)
+    sent: List[bytes] = []
+
+    def upload(request: Any) -> Any:
+        sent.append(b"".join(request.body))
+        return (
+            200,
+            {},
+            json.dumps({"id": "f", "object": "file", "bytes": 1, "created_at": 1, "filename": "x", "purpose": "batch"}),
+        )
+
+    api.add(responses.GET, BASE + "/api/v1/llm/files", json={"object": "list", "data": [], "has_more": False})
+    api.add_callback(responses.POST, BASE + "/api/v1/llm/files", callback=upload)
+    api.add(responses.POST, BASE + "/api/v1/llm/batches", json=dict(EXAMPLE, status="validating"))
+    kept: List[str] = []
+    m.resubmit_failed(TOKEN, BID, base_url=BASE, on_kept=lambda r: kept.append(r.custom_id))
+    resent = [json.loads(line)["custom_id"] for line in sent[0].splitlines() if line.startswith(b"{")]
+    assert (resent, kept) == (["c", "d", "e"], ["b"])
+
+
+def test_cli_resubmit_whose_rebuilt_input_fails_the_check_says_so(cli, api):
+    resubmit_api(
+        api, jsonl({"custom_id": "a", "response": {"status_code": 500}}), jsonl(GOOD, dict(GOOD, custom_id="r1"))
+    )
+    r = cli("resubmit", BID, "--base-url", BASE, env={"MKA1_API_KEY": TOKEN})
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == "error: the resubmitted input line 2: custom_id 'r1' is a duplicate: it is on line 1 too\n"
