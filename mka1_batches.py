@@ -847,8 +847,10 @@ class Client:
             and the line), or a file that changed while it was read again.
         :raises ValueError: also for a batch that has not finished, before any I/O.
         """
-        lines = self.iter_result_lines(batch, include_errors=include_errors, on_progress=on_progress)
-        return (result for _, result in lines)
+        file_ids = _file_ids(batch, include_errors)
+        who = self._who(on_behalf_of)
+        # Not through iter_result_lines: two generator layers fewer per line, and no CR to strip.
+        return (result for file_id in file_ids for _, result in _FileReader(self, file_id, on_progress).pairs(who))
 
     def iter_result_lines(
         self,
@@ -861,8 +863,11 @@ class Client:
         """As :meth:`iter_results`, each result beside its line as the server sent it (without its CRLF or LF)."""
         file_ids = _file_ids(batch, include_errors)
         who = self._who(on_behalf_of)
-        pairs = (pair for file_id in file_ids for pair in _FileReader(self, file_id, on_progress).pairs(who))
-        return ((line[:-1] if line.endswith(b"\r") else line, result) for line, result in pairs)
+        return (
+            (line[:-1] if line.endswith(b"\r") else line, result)
+            for file_id in file_ids
+            for line, result in _FileReader(self, file_id, on_progress).pairs(who)
+        )
 
     def upload_file(self, file: _Input, *, purpose: str = "batch", on_behalf_of: Optional[str] = None) -> "File":
         """Upload a file, streamed from disk with its length up front, and never the same bytes twice.
