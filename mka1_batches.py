@@ -1553,7 +1553,8 @@ class _FileReader:
                     parts, size = [], 0
                 self._check_size(len(line), resp)
                 yield line
-                deadline = time.monotonic() + total  # the time the caller spent is not the server's
+            if lines:  # the deadline starts again after the caller took the last line: its time is not the server's
+                deadline = time.monotonic() + total
             if tail:
                 parts.append(tail)
                 size += len(tail)
