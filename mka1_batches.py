@@ -86,7 +86,7 @@ __all__ = [
     "wait_for_batch",
 ]
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 
 #: The production gateway; self-hosted and staging gateways use their own.
 DEFAULT_BASE_URL = "https://apigw.mka1.com"
@@ -854,10 +854,10 @@ class Client:
             and the line), or a file that changed while it was read again.
         :raises ValueError: also for a batch that has not finished, before any I/O.
         """
-        lines = self.iter_result_lines(
-            batch, include_errors=include_errors, on_progress=on_progress, on_behalf_of=on_behalf_of
-        )
-        return (result for _, result in lines)
+        file_ids = _file_ids(batch, include_errors)
+        who = self._who(on_behalf_of)
+        # Not through iter_result_lines: two generator layers fewer per line, and no CR to strip.
+        return (result for file_id in file_ids for _, result in _FileReader(self, file_id, on_progress).pairs(who))
 
     def iter_result_lines(
         self,
@@ -870,8 +870,11 @@ class Client:
         """As :meth:`iter_results`, each result beside its line as the server sent it (without its CRLF or LF)."""
         file_ids = _file_ids(batch, include_errors)
         who = self._who(on_behalf_of)
-        pairs = (pair for file_id in file_ids for pair in _FileReader(self, file_id, on_progress).pairs(who))
-        return ((line[:-1] if line.endswith(b"\r") else line, result) for line, result in pairs)
+        return (
+            (line[:-1] if line.endswith(b"\r") else line, result)
+            for file_id in file_ids
+            for line, result in _FileReader(self, file_id, on_progress).pairs(who)
+        )
 
     def upload_file(self, file: _Input, *, purpose: str = "batch", on_behalf_of: Optional[str] = None) -> "File":
         """Upload a file, streamed from disk with its length up front, and never the same bytes twice.
@@ -1613,7 +1616,8 @@ class _FileReader:
                     parts, size = [], 0
                 self._check_size(len(line), resp)
                 yield line
-                deadline = time.monotonic() + total  # the time the caller spent is not the server's
+            if lines:  # the deadline starts again after the caller took the last line: its time is not the server's
+                deadline = time.monotonic() + total
             if tail:
                 parts.append(tail)
                 size += len(tail)
