@@ -5723,3 +5723,29 @@ def test_cli_resubmit_whose_rebuilt_input_fails_the_check_says_so(cli, api):
     r = cli("resubmit", BID, "--base-url", BASE, env={"MKA1_API_KEY": TOKEN})
     assert (r.returncode, r.stdout) == (1, "")
     assert r.stderr == "error: the resubmitted input line 2: custom_id 'r1' is a duplicate: it is on line 1 too\n"
+
+
+def test_create_lookup_that_finds_only_others_batches_sends_again(api, sleeps):
+    others = dict(EXAMPLE, created_at=2**31, metadata={m.CREATE_KEY: "someone-else"})
+    api.add(responses.POST, BASE + "/api/v1/llm/batches", status=500, json={"error": {"message": "boom"}})
+    api.add(responses.POST, BASE + "/api/v1/llm/batches", json=dict(EXAMPLE, id="batch_new"))
+    api.add(responses.GET, BASE + "/api/v1/llm/batches", json={"object": "list", "data": [others], "has_more": False})
+    assert m.create_batch(TOKEN, "file_abc123", CHAT, base_url=BASE).id == "batch_new"
+    assert [c.request.method for c in api.calls] == ["POST", "GET", "POST"] and len(sleeps) == 1
+
+
+def test_upload_does_not_reuse_a_file_of_the_same_size_with_other_bytes(api):
+    other = {"id": "file-other", "object": "file", "bytes": 3, "created_at": 1, "filename": "x", "purpose": "batch"}
+    other.update(sha256="0" * 64)
+    new = dict(other, id="file-new", sha256=hashlib.sha256(b"abc").hexdigest())
+    api.add(responses.GET, BASE + "/api/v1/llm/files", json={"object": "list", "data": [other], "has_more": False})
+    api.add_callback(responses.POST, BASE + "/api/v1/llm/files", callback=lambda r: (200, {}, json.dumps(new)))
+    assert m.upload_file(TOKEN, io.BytesIO(b"abc"), base_url=BASE).id == "file-new"
+
+
+def test_resubmit_of_an_input_file_that_is_not_jsonl_names_its_line(api):
+    resubmit_api(api, jsonl({"custom_id": "a", "response": {"status_code": 500}}), jsonl(GOOD, ["r2"]))
+    with pytest.raises(m.InvalidResponseError) as info:
+        m.resubmit_failed(TOKEN, BID, base_url=BASE)
+    assert str(info.value) == "file file-in line 2: expected a JSON object with a string custom_id"
+    assert info.value.field == "custom_id"
