@@ -27,6 +27,7 @@ import email.utils
 import functools
 import gzip
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -5749,3 +5750,280 @@ def test_resubmit_of_an_input_file_that_is_not_jsonl_names_its_line(api):
         m.resubmit_failed(TOKEN, BID, base_url=BASE)
     assert str(info.value) == "file file-in line 2: expected a JSON object with a string custom_id"
     assert info.value.field == "custom_id"
+
+
+# --- Mutation: module functions, the Client's methods and readers ---
+# What mutation testing found no test for: each module function forwarding its arguments and
+# defaults to Client unchanged, a call's own on_behalf_of on every request it makes, and the
+# names, methods and attempts that errors and the debug log give.
+
+#: The settings every module function passes to Client: given, and their defaults.
+CLIENT_SETTINGS = {
+    "base_url": "https://other.example.test",
+    "timeout": (1.5, 2.5),
+    "max_retries": 7,
+    "session": object(),
+}
+CLIENT_DEFAULTS = {"base_url": None, "timeout": m.DEFAULT_TIMEOUT, "max_retries": 2, "session": None}
+
+#: Each module function: its arguments after the token, its own options given, and their defaults.
+MODULE_FUNCTIONS = [
+    ("get_batch", (BID,), {}, {}),
+    (
+        "wait_for_batch",
+        (BID,),
+        {"poll_interval": 0.5, "max_wait": 9.0, "on_update": print},
+        {"poll_interval": 2.0, "max_wait": None, "on_update": None},
+    ),
+    (
+        "iter_results",
+        ("file-1",),
+        {"include_errors": False, "on_progress": print},
+        {"include_errors": True, "on_progress": None},
+    ),
+    ("upload_file", ("in.jsonl",), {"purpose": "fine-tune"}, {"purpose": "batch"}),
+    (
+        "create_batch",
+        ("file-1", "/v1/embeddings"),
+        {"completion_window": "48h", "metadata": {"k": "v"}, "max_concurrency": 4},
+        {"completion_window": "24h", "metadata": None, "max_concurrency": None},
+    ),
+    (
+        "submit_batch",
+        ("in.jsonl", "/v1/embeddings"),
+        {"metadata": {"k": "v"}, "max_concurrency": 4},
+        {"metadata": None, "max_concurrency": None},
+    ),
+    ("resubmit_failed", (BID,), {"metadata": {"k": "v"}, "on_kept": print}, {"metadata": None, "on_kept": None}),
+    ("list_batches", (), {"page_size": 5, "after": "batch_1"}, {"page_size": 20, "after": None}),
+    ("cancel_batch", (BID,), {}, {}),
+]
+MODULE_FUNCTION_IDS = [row[0] for row in MODULE_FUNCTIONS]
+
+
+#: The RecordingClients made in this test.
+RECORDED_CLIENTS: List[Any] = []
+
+
+class RecordingClient:
+    """Stands in for Client: records how it was made, each method call, and whether it was closed."""
+
+    RESULT = object()
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.args, self.kwargs, self.calls, self.closed = args, kwargs, [], False
+        RECORDED_CLIENTS.append(self)
+
+    def __enter__(self) -> "RecordingClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+
+    def __getattr__(self, name: str) -> Any:
+        def method(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append((name, args, kwargs))
+            return iter([self.RESULT]) if name in ("iter_results", "list_batches") else self.RESULT
+
+        return method
+
+
+@pytest.fixture
+def recording_client(monkeypatch):
+    RECORDED_CLIENTS.clear()
+    monkeypatch.setattr(m, "Client", RecordingClient)
+    return RECORDED_CLIENTS
+
+
+def call_module_function(name: str, args: Any, options: Dict[str, Any]) -> Any:
+    got = getattr(m, name)(TOKEN, *args, **options)
+    return list(got) if name in ("iter_results", "list_batches") else got
+
+
+@pytest.mark.parametrize("name, args, own, defaults", MODULE_FUNCTIONS, ids=MODULE_FUNCTION_IDS)
+def test_module_function_defaults_are_the_clients_and_its_methods(name, args, own, defaults):
+    parameters = inspect.signature(getattr(m, name)).parameters
+    options = {key: p.default for key, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert options == dict(defaults, **CLIENT_DEFAULTS)
+    assert parameters["on_behalf_of"].default is None
+    client = inspect.signature(m.Client).parameters
+    assert {key: client[key].default for key in CLIENT_DEFAULTS} == CLIENT_DEFAULTS
+    method = inspect.signature(getattr(m.Client, name)).parameters
+    assert {key: method[key].default for key in defaults} == defaults
+
+
+@pytest.mark.parametrize("name, args, own, defaults", MODULE_FUNCTIONS, ids=MODULE_FUNCTION_IDS)
+def test_module_function_forwards_every_argument_unchanged_and_closes_its_client(
+    recording_client, name, args, own, defaults
+):
+    got = call_module_function(name, args, dict(own, on_behalf_of="user_5", **CLIENT_SETTINGS))
+    (client,) = recording_client
+    assert got in (RecordingClient.RESULT, [RecordingClient.RESULT])
+    assert (client.args, client.kwargs) == ((TOKEN, "user_5"), CLIENT_SETTINGS)
+    assert client.calls == [(name, args, own)] and client.closed
+
+
+@pytest.mark.parametrize("name, args, own, defaults", MODULE_FUNCTIONS, ids=MODULE_FUNCTION_IDS)
+def test_module_function_called_without_options_passes_the_defaults(recording_client, name, args, own, defaults):
+    call_module_function(name, args, {})
+    (client,) = recording_client
+    assert (client.args, client.kwargs) == ((TOKEN, None), CLIENT_DEFAULTS)
+    assert client.calls == [(name, args, defaults)] and client.closed
+
+
+def result_line(n: int) -> bytes:
+    return json.dumps(numbered(n)).encode()
+
+
+def test_iter_result_lines_strips_the_cr_of_a_crlf_and_nothing_else(api):
+    add_file(api, "file-1", result_line(1) + b"\r\n" + result_line(2) + b"\n" + result_line(3) + b"\r\n")
+    with m.Client(TOKEN, "user_1", base_url=BASE) as client:
+        got = list(client.iter_result_lines("file-1", on_behalf_of="user_9"))
+    assert [line for line, _ in got] == [result_line(1), result_line(2), result_line(3)]
+    assert [r.custom_id for _, r in got] == requests_up_to(3)
+    assert api.calls[0].request.headers["X-On-Behalf-Of"] == "user_9"
+
+
+def test_client_iter_results_reports_progress_after_each_line(api):
+    body = jsonl(numbered(1), numbered(2))
+    add_file(api, "file-1", body)
+    seen: List[Tuple[Any, ...]] = []
+    with m.Client(TOKEN, base_url=BASE) as client:
+        got = [r.custom_id for r in client.iter_results("file-1", on_progress=lambda *a: seen.append(a))]
+    assert got == requests_up_to(2)
+    assert [(file_id, lines) for file_id, lines, _, _ in seen] == [("file-1", 1), ("file-1", 2)]
+    assert seen[-1][2] == len(body)
+
+
+def test_client_list_batches_asks_for_20_a_page_by_default(api):
+    api.add(responses.GET, BASE + "/api/v1/llm/batches", json={"object": "list", "data": [], "has_more": False})
+    with m.Client(TOKEN, base_url=BASE) as client:
+        assert list(client.list_batches()) == []
+    assert api.calls[0].request.url == BASE + "/api/v1/llm/batches?limit=20"
+
+
+def test_a_calls_own_on_behalf_of_goes_on_every_request_it_makes(gateway):
+    gateway.write_faults = [None, "500"]  # the upload stores; the create makes the batch, then fails its answer
+    with writer(gateway, on_behalf_of="user_1") as client:
+        lines = list(client.iter_result_lines("file-batch_partial-output", on_behalf_of="user_9"))
+        again = client.resubmit_failed("batch_partial", on_behalf_of="user_9")
+        listed = [b.id for b in client.list_batches(on_behalf_of="user_9")]
+        cancelled = client.cancel_batch(again.id, on_behalf_of="user_9")
+    assert lines and again.id in listed and cancelled.status == "cancelling"
+    assert [b["id"] for b in gateway.created_batches("user_9")] == [again.id]  # the lookup found it
+    assert {r.get("X-On-Behalf-Of") for r in gateway.requests} == {"user_9"}
+    lookups = [r for r in gateway.requests if r["method"] == "GET" and r["path"].startswith("/api/v1/llm/batches?")]
+    assert lookups[0]["query"] == "limit=100"  # create's lookup asks for the newest 100
+
+
+@pytest.mark.parametrize("status", ["cancelling", "cancelled"])
+def test_cancel_that_conflicts_with_an_earlier_cancel_returns_that_batch(api, caplog, status):
+    caplog.set_level(logging.DEBUG, logger="mka1_batches")
+    api.add(responses.POST, URL + BID + "/cancel", status=409, json={"error": {"message": "already cancelling"}})
+    api.add(responses.GET, URL + BID, json=dict(EXAMPLE, status=status))
+    with m.Client(TOKEN, "user_1", base_url=BASE) as client:
+        assert client.cancel_batch(BID, on_behalf_of="user_9").status == status
+    assert [c.request.headers["X-On-Behalf-Of"] for c in api.calls] == ["user_9", "user_9"]
+    assert caplog.records[0].getMessage().startswith(f"POST /api/v1/llm/batches/{BID}/cancel -> 409 (attempt 1")
+
+
+def test_cancel_names_its_method_when_the_connection_fails(api):
+    api.add(responses.POST, URL + BID + "/cancel", body=requests.ConnectionError("refused"))
+    error = raised(lambda: m.cancel_batch(TOKEN, BID, base_url=BASE, max_retries=0))
+    assert str(error).startswith(f"POST /api/v1/llm/batches/{BID}/cancel on gw.example.test failed")
+
+
+@pytest.mark.parametrize("batch_id, error", [("", ValueError), ("..", ValueError), (5, TypeError)])
+def test_cancel_of_a_bad_batch_id_names_batch_id(api, batch_id, error):
+    with pytest.raises(error, match=r"^batch_id must be "), m.Client(TOKEN, base_url=BASE) as client:
+        client.cancel_batch(batch_id)
+    assert not api.calls
+
+
+def test_resubmit_of_a_batch_whose_input_file_id_is_bad_names_the_file_id(api):
+    batch = m.Batch.from_dict(
+        dict(EXAMPLE, status="failed", output_file_id=None, error_file_id=None, input_file_id="..")
+    )
+    with pytest.raises(ValueError, match=r"^file id must be a non-empty printable string"):
+        m.resubmit_failed(TOKEN, batch, base_url=BASE)
+    assert not api.calls
+
+
+def test_a_broken_file_read_is_logged_with_its_method_path_and_attempt(api, caplog):
+    caplog.set_level(logging.DEBUG, logger="mka1_batches")
+    api.add(responses.GET, FILES + "file-1/content", body=requests.ConnectionError("reset"))
+    add_file(api, "file-1", jsonl(numbered(1)))
+    assert [r.custom_id for r in m.iter_results(TOKEN, "file-1", base_url=BASE)] == ["request-1"]
+    retry, done = [r.getMessage() for r in caplog.records if r.name == "mka1_batches"]
+    assert retry.startswith("GET /api/v1/llm/files/file-1/content: retry 1 of 2 in ")
+    assert done == f"GET /api/v1/llm/files/file-1/content -> 200 (attempt 2, request {RID})"
+
+
+def test_a_file_read_that_cannot_connect_names_its_method(api):
+    api.add(responses.GET, FILES + "file-1/content", body=requests.ConnectionError("refused"))
+    error = raised(lambda: list(m.iter_results(TOKEN, "file-1", base_url=BASE, max_retries=0)))
+    assert str(error).startswith("GET /api/v1/llm/files/file-1/content on gw.example.test failed")
+
+
+def test_create_lookup_reads_on_past_a_batch_made_exactly_at_the_skew_bound(api, monkeypatch):
+    now = 1704070800.0
+    monkeypatch.setattr(m.time, "time", lambda: now)
+    marks: List[str] = []
+
+    def create(request: Any) -> Any:
+        marks.append(json.loads(request.body)["metadata"][m.CREATE_KEY])
+        return (
+            (500, {}, json.dumps({"error": {"message": "upstream"}}))
+            if len(marks) == 1
+            else (200, {}, json.dumps(EXAMPLE))
+        )
+
+    def page(request: Any) -> Any:
+        bound = int(now - m._CLOCK_SKEW)  # as old as a batch this create could have made may be
+        other = dict(EXAMPLE, id="batch_other", created_at=bound, metadata={})
+        made = dict(EXAMPLE, id="batch_made", created_at=bound, metadata={m.CREATE_KEY: marks[0]})
+        return 200, {}, json.dumps({"object": "list", "data": [other, made], "has_more": False})
+
+    api.add_callback(responses.POST, BASE + "/api/v1/llm/batches", callback=create)
+    api.add_callback(responses.GET, BASE + "/api/v1/llm/batches", callback=page)
+    batch = m.create_batch(TOKEN, "file-1", "/v1/chat/completions", base_url=BASE)
+    assert batch.id == "batch_made" and len(marks) == 1
+
+
+def test_create_batch_accepts_a_max_concurrency_of_one(api):
+    api.add(responses.POST, BASE + "/api/v1/llm/batches", json=EXAMPLE)
+    assert m.create_batch(TOKEN, "file-1", "/v1/chat/completions", max_concurrency=1, base_url=BASE).id == BID
+    assert json.loads(api.calls[0].request.body)["max_concurrency"] == 1
+
+
+def test_cancel_whose_answer_is_cut_short_names_post(api):
+    adapter = CannedAdapter(io.BytesIO(b'{"id": "batch_'), {"Content-Length": "100"})
+    with requests.Session() as s:
+        s.mount(BASE, adapter)
+        error = raised(lambda: m.cancel_batch(TOKEN, BID, base_url=BASE, max_retries=0, session=s))
+    assert str(error) == (
+        f"POST /api/v1/llm/batches/{BID}/cancel on gw.example.test failed: connection closed after 14 of 100 bytes"
+    )
+
+
+class ReadSizes(io.BytesIO):
+    """A file object that records the size asked of each read."""
+
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.sizes: List[Any] = []
+
+    def read(self, size: Any = -1) -> bytes:
+        self.sizes.append(size)
+        return super().read(size)
+
+
+def test_upload_reads_its_file_a_bounded_chunk_at_a_time(gateway):
+    stream = ReadSizes(requests_file(None, None))
+    with writer(gateway) as client:
+        uploaded = client.upload_file(stream)
+    assert uploaded.bytes == len(stream.getvalue())
+    assert stream.sizes and all(type(n) is int and 0 <= n <= m._UPLOAD_CHUNK for n in stream.sizes)
