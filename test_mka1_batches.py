@@ -6027,3 +6027,378 @@ def test_upload_reads_its_file_a_bounded_chunk_at_a_time(gateway):
         uploaded = client.upload_file(stream)
     assert uploaded.bytes == len(stream.getvalue())
     assert stream.sizes and all(type(n) is int and 0 <= n <= m._UPLOAD_CHUNK for n in stream.sizes)
+
+
+# --- Mutation: the command line ---------------------------------------------------------------
+
+#: Each form's --help up to its epilog, at COLUMNS=100 ("optional arguments:" before Python 3.10).
+_MUT_CLI_HELP = {
+    None: (
+        "usage: python -m mka1_batches [-h] [--version] [--on-behalf-of ID] [--base-url URL] [--timeout S]\n"
+        "                              [--wait] [--poll-interval S] [--max-wait S] [--results]\n"
+        "                              BATCH_ID\n"
+        "\n"
+        "Print an MKA1 batch as JSON on stdout, or with --results its results as JSON lines; "
+        "with --wait, wait for it to finish first. Also: submit, list and cancel (see below).\n"
+        "\n"
+        "positional arguments:\n"
+        "  BATCH_ID\n"
+        "\n"
+        "options:\n"
+        "  -h, --help         show this help message and exit\n"
+        "  --version          show program's version number and exit\n"
+        "  --on-behalf-of ID  the end user to act for (X-On-Behalf-Of)\n"
+        "  --base-url URL     default: $MKA1_BASE_URL, else https://apigw.mka1.com\n"
+        "  --timeout S        connect and read timeout: S, or CONNECT,READ (default: 10,30)\n"
+        "  --wait             poll until the batch reaches a terminal status\n"
+        "  --poll-interval S  with --wait: seconds between polls (2)\n"
+        "  --max-wait S       with --wait: give up after S seconds (exit 4)\n"
+        "  --results          write the finished batch's results, one JSON object per line\n"
+        "\n"
+    ),
+    "submit": (
+        "usage: python -m mka1_batches submit [-h] --endpoint EP [--metadata KEY=VALUE]\n"
+        "                                     [--max-concurrency N] [--check] [--on-behalf-of ID]\n"
+        "                                     [--base-url URL] [--timeout S] [--wait] [--poll-interval S]\n"
+        "                                     [--max-wait S] [--results]\n"
+        "                                     FILE\n"
+        "\n"
+        "Check a JSONL input file, upload it and create its batch, then print the batch as JSON; "
+        "with --wait, wait for it to finish; with --results too, write its results.\n"
+        "\n"
+        "positional arguments:\n"
+        "  FILE                  the requests, one JSON object per line\n"
+        "\n"
+        "options:\n"
+        "  -h, --help            show this help message and exit\n"
+        "  --endpoint EP         the endpoint every line's url names, such as /v1/chat/completions\n"
+        "  --metadata KEY=VALUE  a pair of strings to keep on the batch; repeat for more, up to 16\n"
+        "  --max-concurrency N   requests in flight at once\n"
+        "  --check               only check the file: nothing is sent\n"
+        "  --on-behalf-of ID     the end user to act for (X-On-Behalf-Of)\n"
+        "  --base-url URL        default: $MKA1_BASE_URL, else https://apigw.mka1.com\n"
+        "  --timeout S           connect and read timeout: S, or CONNECT,READ (default: 10,30)\n"
+        "  --wait                poll until the batch reaches a terminal status\n"
+        "  --poll-interval S     with --wait: seconds between polls (2)\n"
+        "  --max-wait S          with --wait: give up after S seconds (exit 4)\n"
+        "  --results             with --wait: write the finished batch's results, one JSON object per line\n"
+        "\n"
+    ),
+    "list": (
+        "usage: python -m mka1_batches list [-h] [--limit N] [--on-behalf-of ID] [--base-url URL]\n"
+        "                                   [--timeout S]\n"
+        "\n"
+        "Print this user's batches, newest first, one compact JSON object a line.\n"
+        "\n"
+        "options:\n"
+        "  -h, --help         show this help message and exit\n"
+        "  --limit N          at most N batches (20)\n"
+        "  --on-behalf-of ID  the end user to act for (X-On-Behalf-Of)\n"
+        "  --base-url URL     default: $MKA1_BASE_URL, else https://apigw.mka1.com\n"
+        "  --timeout S        connect and read timeout: S, or CONNECT,READ (default: 10,30)\n"
+        "\n"
+    ),
+    "cancel": (
+        "usage: python -m mka1_batches cancel [-h] [--on-behalf-of ID] [--base-url URL] [--timeout S]\n"
+        "                                     BATCH_ID\n"
+        "\n"
+        "Cancel a batch and print it as JSON (its status: cancelling).\n"
+        "\n"
+        "positional arguments:\n"
+        "  BATCH_ID\n"
+        "\n"
+        "options:\n"
+        "  -h, --help         show this help message and exit\n"
+        "  --on-behalf-of ID  the end user to act for (X-On-Behalf-Of)\n"
+        "  --base-url URL     default: $MKA1_BASE_URL, else https://apigw.mka1.com\n"
+        "  --timeout S        connect and read timeout: S, or CONNECT,READ (default: 10,30)\n"
+        "\n"
+    ),
+    "resubmit": (
+        "usage: python -m mka1_batches resubmit [-h] [--on-behalf-of ID] [--base-url URL] [--timeout S]\n"
+        "                                       [--wait] [--poll-interval S] [--max-wait S] [--results]\n"
+        "                                       BATCH_ID\n"
+        "\n"
+        "Send the requests that failed in a finished batch again as a new batch, and print it as JSON; "
+        "with --wait, wait for it to finish; with --results too, write its results.\n"
+        "\n"
+        "positional arguments:\n"
+        "  BATCH_ID\n"
+        "\n"
+        "options:\n"
+        "  -h, --help         show this help message and exit\n"
+        "  --on-behalf-of ID  the end user to act for (X-On-Behalf-Of)\n"
+        "  --base-url URL     default: $MKA1_BASE_URL, else https://apigw.mka1.com\n"
+        "  --timeout S        connect and read timeout: S, or CONNECT,READ (default: 10,30)\n"
+        "  --wait             poll until the batch reaches a terminal status\n"
+        "  --poll-interval S  with --wait: seconds between polls (2)\n"
+        "  --max-wait S       with --wait: give up after S seconds (exit 4)\n"
+        "  --results          with --wait: write the finished batch's results, one JSON object per line\n"
+        "\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("command", list(_MUT_CLI_HELP), ids=lambda c: c or "BATCH_ID")
+def test_cli_mut_help_of_each_form_is_exact_up_to_the_epilog(cli, monkeypatch, command):
+    monkeypatch.setenv("COLUMNS", "100")
+    r = cli(*([command] if command else []), "--help")
+    assert (r.returncode, r.stderr) == (0, "")
+    head = r.stdout[: r.stdout.index("commands:\n")].replace("\noptional arguments:\n", "\noptions:\n")
+    assert head == "".join(_MUT_CLI_HELP[command])
+    assert r.stdout[r.stdout.index("commands:\n") :] == m._CLI_EPILOG.rstrip("\n") + "\n"
+
+
+def test_cli_mut_submit_without_endpoint_is_a_usage_error(cli_as_user, api, tmp_path):
+    r = cli_as_user("submit", input_file(tmp_path), "--check")
+    assert (r.returncode, r.stdout, calls(api)) == (2, "", [])
+    assert r.stderr.endswith(
+        "\npython -m mka1_batches submit: error: the following arguments are required: --endpoint\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "keys, refused",
+    [
+        ([f"k{i}" for i in range(16)], False),
+        ([f"k{i}" for i in range(17)], True),
+        ([m.CREATE_KEY], True),
+        (["a", m.CREATE_KEY], True),
+    ],
+    ids=["16", "17", "create key", "create key among 2"],
+)
+def test_cli_mut_submit_metadata_takes_up_to_16_keys_not_the_create_key(cli_as_user, api, tmp_path, keys, refused):
+    pairs = [arg for key in keys for arg in ("--metadata", key + "=v")]
+    path = input_file(tmp_path)
+    r = cli_as_user("submit", path, "--endpoint", CHAT, "--check", *pairs)
+    assert calls(api) == []
+    if refused:
+        error = f"argument --metadata: up to 16 distinct keys, {m.CREATE_KEY} not among them"
+        assert (r.returncode, r.stdout) == (2, "")
+        assert r.stderr.endswith(f"\npython -m mka1_batches submit: error: {error}\n")
+    else:
+        assert (r.returncode, r.stdout, r.stderr) == (0, f"{path}: 3 requests, ready to submit\n", "")
+
+
+def test_cli_mut_submit_check_of_one_request_says_request(cli_as_user, api, tmp_path):
+    path = input_file(tmp_path, 1)
+    r = cli_as_user("submit", path, "--endpoint", CHAT, "--check")
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"{path}: 1 request, ready to submit\n", "")
+    path = input_file(tmp_path, 2)
+    r = cli_as_user("submit", path, "--endpoint", CHAT, "--check")
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"{path}: 2 requests, ready to submit\n", "")
+
+
+def test_cli_mut_options_as_each_mode_sees_them():
+    assert (m._cli_args(["list"]).limit, m._cli_args(["list", "--limit", "1"]).limit) == (20, 1)
+    seen = m._cli_args([BID])
+    assert (seen.batch_id, seen.poll_interval, seen.max_wait, seen.timeout, seen.wait, seen.results) == (
+        BID,
+        2.0,
+        None,
+        (10.0, 30.0),
+        False,
+        False,
+    )
+    assert (seen.on_behalf_of, seen.base_url, seen.run) == (None, None, m._cli_get)
+    seen = m._cli_args(["submit", "f.jsonl", "--endpoint", CHAT, "--max-concurrency", "1", "--wait"])
+    assert (seen.file, seen.endpoint, seen.max_concurrency, seen.metadata, seen.check) == (
+        "f.jsonl",
+        CHAT,
+        1,
+        [],
+        False,
+    )
+    assert (seen.poll_interval, seen.run) == (2.0, m._cli_submit)
+    seen = m._cli_args(["resubmit", BID, "--wait", "--poll-interval", "0.5", "--timeout", "1,2"])
+    assert (seen.batch_id, seen.poll_interval, seen.timeout, seen.run) == (BID, 0.5, (1.0, 2.0), m._cli_resubmit)
+    assert m._cli_args(["cancel", BID]).run == m._cli_cancel
+    assert (m._cli_pair("a=b=c"), m._cli_pair("a="), m._cli_count("1"), m._cli_seconds("0.25")) == (
+        ("a", "b=c"),
+        ("a", ""),
+        1,
+        0.25,
+    )
+    assert (m._cli_timeout("3"), m._cli_timeout("3,4")) == (3.0, (3.0, 4.0))
+
+
+class _MutFlushed(io.StringIO):
+    """A stream that remembers what it held when last flushed."""
+
+    flushed = ""
+
+    def flush(self) -> None:
+        self.flushed = self.getvalue()
+
+
+def _mut_main_flushing(monkeypatch: Any, argv: List[str]) -> Tuple[int, str, str]:
+    """main(argv) with stderr a _MutFlushed; returns its code, and stderr as it stood flushed when the wait began."""
+    stderr = _MutFlushed()
+    at_wait: List[str] = []
+
+    def fake_wait(client: m.Client, batch_id: str, **kw: Any) -> m.Batch:
+        at_wait.append(stderr.flushed)
+        return m.Batch.from_dict(dict(EXAMPLE, id=batch_id))
+
+    monkeypatch.setattr(m.Client, "wait_for_batch", fake_wait)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    monkeypatch.setenv("MKA1_API_KEY", TOKEN)
+    code = m.main([*argv, "--base-url", BASE])
+    return code, "".join(at_wait), stderr.getvalue()
+
+
+def test_cli_mut_submit_wait_flushes_the_id_before_waiting(api, tmp_path, monkeypatch):
+    submitting(api)
+    code, at_wait, _ = _mut_main_flushing(monkeypatch, ["submit", input_file(tmp_path), "--endpoint", CHAT, "--wait"])
+    assert (code, at_wait) == (0, f"batch {BID} created\n")
+
+
+def test_cli_mut_resubmit_wait_flushes_the_new_id_before_waiting(monkeypatch):
+    monkeypatch.setattr(m.Client, "get_batch", lambda client, batch_id: m.Batch.from_dict(EXAMPLE))
+    again = m.Batch.from_dict(dict(EXAMPLE, id="batch_new"))
+    monkeypatch.setattr(m.Client, "resubmit_failed", lambda client, batch, on_kept: again)
+    code, at_wait, _ = _mut_main_flushing(monkeypatch, ["resubmit", BID, "--wait"])
+    assert (code, at_wait) == (0, f"batch batch_new created from what failed in {BID}\n")
+
+
+@pytest.mark.parametrize(
+    "n, named",
+    [
+        (1, "r1"),
+        (2, "r1, r2"),
+        (5, "r1, r2, r3, r4, r5"),
+        (6, "r1, r2, r3, r4, r5, ..."),
+        (7, "r1, r2, r3, r4, r5, ..."),
+    ],
+)
+def test_cli_mut_resubmit_names_the_first_5_requests_it_kept(cli, monkeypatch, n, named):
+    def resubmit_failed(client: m.Client, batch: m.Batch, on_kept: Any) -> None:
+        for i in range(1, n + 1):
+            on_kept(attr.evolve(m.BatchResult.from_dict(numbered(i)), custom_id=f"r{i}"))
+
+    monkeypatch.setattr(m.Client, "get_batch", lambda client, batch_id: m.Batch.from_dict(EXAMPLE))
+    monkeypatch.setattr(m.Client, "resubmit_failed", resubmit_failed)
+    r = cli("resubmit", BID, env={"MKA1_API_KEY": "k"})
+    assert (r.returncode, r.stdout, r.stderr) == (
+        0,
+        "",
+        f"not resent, as another 4xx would come again: {n} ({named})\n"
+        f"nothing failed in batch {BID}: nothing to resubmit\n",
+    )
+
+
+@pytest.mark.parametrize("n, more", [(3, ""), (4, "error: ... and 1 more\n")])
+def test_cli_mut_failed_batch_results_name_3_errors_then_how_many_more(cli_as_user, api, n, more):
+    errors = [{"code": f"e{i}", "message": f"bad {i}", "line": i} for i in range(1, n + 1)]
+    ok(api, dict(EXAMPLE, status="failed", output_file_id=None, errors={"object": "list", "data": errors}))
+    r = cli_as_user(BID, "--results")
+    assert (r.returncode, r.stdout) == (3, "")
+    assert r.stderr == "".join(f"error: batch {BID} failed: e{i}: bad {i} (line {i})\n" for i in (1, 2, 3)) + more
+
+
+@pytest.mark.parametrize(
+    "n, missing",
+    [
+        (6, "5 requests came back in neither file: request-2, request-3, request-4, request-5, request-6"),
+        (7, "6 requests came back in neither file: request-2, request-3, request-4, request-5, request-6, ..."),
+    ],
+)
+def test_cli_mut_submit_results_name_the_first_5_missing(cli_as_user, api, tmp_path, n, missing):
+    journey(api, DONE, jsonl(numbered(1)))
+    r = cli_as_user("submit", input_file(tmp_path, n), "--endpoint", CHAT, "--wait", "--results")
+    assert (r.returncode, r.stdout) == (5, jsonl(numbered(1)).decode())
+    assert r.stderr.splitlines()[-1] == "error: " + missing
+
+
+def test_cli_mut_submit_results_with_one_for_a_request_not_in_the_file(cli_as_user, api, tmp_path):
+    journey(api, DONE, jsonl(numbered(1), numbered(9), numbered(1)))
+    r = cli_as_user("submit", input_file(tmp_path, 2), "--endpoint", CHAT, "--wait", "--results")
+    assert (r.returncode, r.stdout) == (5, jsonl(numbered(1), numbered(9), numbered(1)).decode())
+    assert r.stderr.splitlines()[-1] == "error: 1 request came back in neither file: request-2"
+
+
+def _mut_request(i: int, space: bytes = b" ") -> bytes:
+    return b'{"custom_id": "request-%d",%s"method": "POST", "url": "%s", "body": {}}\n' % (i, space, CHAT.encode())
+
+
+@pytest.mark.parametrize(
+    "body, missing",
+    [
+        (_mut_request(1) + b"\n" + _mut_request(2) + b"  \n" + _mut_request(3), "request-2, request-3"),
+        (_mut_request(1) + _mut_request(2, b"\r") + _mut_request(3, b"\r "), "request-2, request-3"),
+    ],
+    ids=["blank lines", "a CR within a line"],
+)
+def test_cli_mut_submit_results_expect_every_request_of_the_file(cli_as_user, api, tmp_path, body, missing):
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(body)
+    journey(api, DONE, jsonl(numbered(1)))
+    r = cli_as_user("submit", str(path), "--endpoint", CHAT, "--wait", "--results")
+    assert (r.returncode, r.stdout) == (5, jsonl(numbered(1)).decode())
+    assert r.stderr.splitlines()[-1] == "error: 2 requests came back in neither file: " + missing
+
+
+def test_cli_mut_results_of_a_file_id_that_is_no_id_carry_the_request_id(api):
+    api.add(responses.GET, URL + BID, json=dict(EXAMPLE, output_file_id=".."), headers={"X-Request-ID": RID})
+    with m.Client("k", base_url=BASE) as client:
+        batch = client.get_batch(BID)
+        with pytest.raises(m.InvalidResponseError) as caught:
+            m._cli_results(client, batch, None)
+    assert (caught.value.request_id, str(caught.value).split(":")[0]) == (RID, f"batch {BID}")
+
+
+def test_cli_mut_main_without_argv_reads_sys_argv_after_the_program(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["mka1_batches", "list", "--help"])
+    with pytest.raises(SystemExit) as exited:
+        m.main()
+    out, err = capsys.readouterr()
+    assert (exited.value.code, err) == (0, "")
+    assert out.startswith("usage: python -m mka1_batches list [-h] [--limit N]")
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        (
+            {"MKA1_BASE_URL": "ftp://x"},
+            "base_url must be an http(s) URL with no query, such as 'https://apigw.mka1.com'",
+        ),
+        ({"MKA1_API_KEY": "k\x01"}, "token must be non-empty printable ASCII, with or without a leading 'Bearer '"),
+    ],
+)
+def test_cli_mut_a_bad_setting_from_the_environment_is_exit_2(cli, env, message):
+    r = cli("batch_x", env={"MKA1_API_KEY": "k", **env})
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", f"error: {message}\n")
+
+
+def test_cli_mut_read_progress_draws_once_a_tenth_has_passed_exactly(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    now = [0.5]
+    with m._ReadProgress(clock=lambda: now[0]) as progress:
+        progress.update("file-a", 1, 0, None)
+        now[0] = 0.5 + m._ReadProgress.INTERVAL  # exactly the next draw's time
+        progress.update("file-a", 2, 0, None)
+        assert terminal.getvalue() == "\r\x1b[Kfile-a: 2 lines, 0.0 MiB"
+
+
+class _MutEvent:
+    """A threading.Event whose wait returns at once, set, recording the timeout asked for."""
+
+    def __init__(self) -> None:
+        self.timeouts: List[float] = []
+
+    def wait(self, timeout: float) -> bool:
+        self.timeouts.append(timeout)
+        return True
+
+
+def test_cli_mut_ticker_waits_for_the_next_whole_second_of_the_wait(monkeypatch, fake_clock):
+    fake_clock[0] = 1000.25  # the wait starts off the clock's whole seconds
+    progress = m._Progress()
+    fake_clock[0] += 1.75
+    progress._done = _MutEvent()  # type: ignore[assignment]
+    progress._tick()
+    assert progress._done.timeouts == [0.25]
