@@ -6402,3 +6402,166 @@ def test_cli_mut_ticker_waits_for_the_next_whole_second_of_the_wait(monkeypatch,
     progress._done = _MutEvent()  # type: ignore[assignment]
     progress._tick()
     assert progress._done.timeouts == [0.25]
+
+
+# --- Mutation: the writes' loop, lookups, pages and multipart ---------------------------------------
+
+
+EMPTY_LIST = {"object": "list", "data": [], "has_more": False}
+
+
+@pytest.mark.parametrize(
+    "path, status, said",
+    [("/api/v1/llm/batches", 429, "429 slow down"), ("/api/v1/llm/batches", 502, "502 Bad Gateway")],
+)
+def test_a_writes_retry_is_logged_with_its_method_and_path(api, caplog, monkeypatch, path, status, said):
+    monkeypatch.setattr(m.random, "uniform", lambda a, b: 0.25)
+    body = {"error": "slow down"} if status == 429 else None
+    api.add(
+        responses.POST, BASE + path, status=status, json=body, body=None if body else "<title>502 Bad Gateway</title>"
+    )
+    api.add(responses.POST, BASE + path, json=dict(EXAMPLE, status="validating"))
+    api.add(responses.GET, BASE + path, json=EMPTY_LIST)
+    with caplog.at_level(logging.DEBUG, logger="mka1_batches"):
+        m.create_batch(TOKEN, "file_abc123", CHAT, base_url=BASE)
+    lines = [r.getMessage() for r in caplog.records if r.name == "mka1_batches"]
+    assert f"POST {path} -> {status} (attempt 1, request None)" in lines
+    assert f"POST {path}: retry 1 of 2 in 0.25s after: {said}" in lines
+    assert lines[-1] == f"POST {path} -> 200 (attempt 1, request None)"  # each send of a write is its own attempt
+
+
+def test_an_uploads_retry_and_list_calls_are_logged_with_their_method_and_path(api, caplog, monkeypatch):
+    monkeypatch.setattr(m.random, "uniform", lambda a, b: 0.25)
+    done = {"id": "file-1", "object": "file", "bytes": 1, "created_at": 1, "filename": "x", "purpose": "batch"}
+    api.add(responses.GET, BASE + "/api/v1/llm/files", json=EMPTY_LIST)
+    api.add_callback(
+        responses.POST,
+        BASE + "/api/v1/llm/files",
+        callback=lambda r: (b"".join(r.body), (429, {}, '{"error": "slow down"}'))[1],
+    )
+    api.add_callback(
+        responses.POST,
+        BASE + "/api/v1/llm/files",
+        callback=lambda r: (b"".join(r.body), (200, {}, json.dumps(done)))[1],
+    )
+    with caplog.at_level(logging.DEBUG, logger="mka1_batches"):
+        m.upload_file(TOKEN, io.BytesIO(b"x"), base_url=BASE)
+    lines = [r.getMessage() for r in caplog.records if r.name == "mka1_batches"]
+    assert lines == [
+        "GET /api/v1/llm/files -> 200 (attempt 1, request None)",
+        "POST /api/v1/llm/files -> 429 (attempt 1, request None)",
+        "POST /api/v1/llm/files: retry 1 of 2 in 0.25s after: 429 slow down",
+        "POST /api/v1/llm/files -> 200 (attempt 1, request None)",
+    ]
+
+
+def test_an_upload_looks_again_for_its_own_user_after_a_lost_answer(tmp_path):
+    with Gateway() as gw, m.Client(DEMO_TOKEN, "user_7", base_url=gw.base_url) as client:
+        gw.write_faults = ["502"]
+        uploaded = client.upload_file(request_file(tmp_path, None))
+        assert [f["id"] for f in gw.stored_files("user_7")] == [uploaded.id]
+
+
+@pytest.mark.parametrize("name", ["blob", "", "  "])
+def test_an_upload_without_a_usable_name_is_sent_as_input_jsonl(gateway, name):
+    stream = io.BytesIO(requests_file(None))
+    stream.name = name
+    assert m.upload_file(DEMO_TOKEN, stream, base_url=gateway.base_url).filename == "input.jsonl"
+
+
+def test_an_uploads_part_names_a_line_break_and_another_purposes_type(api):
+    api.add(responses.GET, BASE + "/api/v1/llm/files", json=EMPTY_LIST)
+    bodies: List[bytes] = []
+    done = {"id": "file-1", "object": "file", "bytes": 1, "created_at": 1, "filename": "x", "purpose": "vision"}
+
+    def stored(request: Any) -> Any:
+        bodies.append(b"".join(request.body))
+        return 200, {}, json.dumps(done)
+
+    api.add_callback(responses.POST, BASE + "/api/v1/llm/files", callback=stored)
+    stream = io.BytesIO(b"x")
+    stream.name = "a\nb.png"
+    m.upload_file(TOKEN, stream, base_url=BASE, purpose="vision")
+    assert b'filename="a%0Ab.png"\r\nContent-Type: application/octet-stream\r\n\r\nx\r\n' in bodies[0]
+
+
+def test_an_upload_passes_over_unusable_files_to_the_one_that_fits(api, monkeypatch):
+    monkeypatch.setattr(m.time, "time", lambda: 1_000_000.0)
+    digest = hashlib.sha256(b"abc").hexdigest()
+    good = {"id": "file-good", "object": "file", "bytes": 3, "created_at": 1, "filename": "x", "purpose": "batch"}
+    good["sha256"] = digest
+    listed = [dict(good, id="file-small", bytes=2), dict(good, id="file-soon", expires_at=1_000_000 + 1800), good]
+    api.add(responses.GET, BASE + "/api/v1/llm/files", json={"object": "list", "data": listed, "has_more": False})
+    assert m.upload_file(TOKEN, io.BytesIO(b"abc"), base_url=BASE).id == "file-good"
+    assert [c.request.method for c in api.calls] == ["GET"]
+
+
+@pytest.mark.parametrize("created_at, found", [(1_000_000 - 3600, True), (1_000_000, True), (1_000_000 - 3601, False)])
+def test_a_lost_uploads_file_without_sha256_is_known_by_its_time(api, sleeps, monkeypatch, created_at, found):
+    monkeypatch.setattr(m.time, "time", lambda: 1_000_000.0)
+    stored = {"id": "file-1", "object": "file", "bytes": 3, "created_at": created_at, "filename": "in.jsonl"}
+    stored.update(purpose="batch", sha256=None)
+    api.add(responses.GET, BASE + "/api/v1/llm/files", json=EMPTY_LIST)
+    api.add(responses.GET, BASE + "/api/v1/llm/files", json={"object": "list", "data": [stored], "has_more": False})
+    api.add(responses.GET, BASE + "/api/v1/llm/files", json=EMPTY_LIST)
+    api.add_callback(
+        responses.POST, BASE + "/api/v1/llm/files", callback=lambda r: (b"".join(r.body), (502, {}, ""))[1]
+    )
+    named = io.BytesIO(b"abc")
+    named.name = "in.jsonl"
+    if found:
+        assert m.upload_file(TOKEN, named, base_url=BASE, max_retries=0).id == "file-1"
+    else:
+        with pytest.raises(m.InternalServerError):
+            m.upload_file(TOKEN, named, base_url=BASE, max_retries=0)
+
+
+@pytest.mark.parametrize("kw", [{"metadata": {"a": 1}}, {"max_concurrency": 0}])
+def test_submit_refuses_bad_create_arguments_before_it_reads_or_sends(gateway, tmp_path, kw):
+    with pytest.raises((TypeError, ValueError)):
+        m.submit_batch(DEMO_TOKEN, str(tmp_path / "no-such-file.jsonl"), CHAT, base_url=gateway.base_url, **kw)
+    assert gateway.requests == []
+
+
+def test_a_list_page_error_carries_its_request_id_and_its_exact_message(api):
+    page = {"object": "list", "data": [], "has_more": True}
+    api.add(responses.GET, BASE + "/api/v1/llm/batches", json=page, headers={"X-Request-ID": RID})
+    with pytest.raises(m.InvalidResponseError) as info:
+        list(m.list_batches(TOKEN, base_url=BASE))
+    assert (str(info.value), info.value.field, info.value.request_id) == (
+        "page is empty but has_more is true",
+        "data",
+        RID,
+    )
+
+
+def test_a_stuck_cursor_error_carries_its_request_id_and_its_exact_message(api):
+    page = {"object": "list", "data": [EXAMPLE], "has_more": True}
+    api.add(responses.GET, BASE + "/api/v1/llm/batches", json=page, headers={"X-Request-ID": RID})
+    with pytest.raises(m.InvalidResponseError) as info:
+        list(m.list_batches(TOKEN, base_url=BASE))
+    assert (str(info.value), info.value.request_id) == (f"cursor {BID!r} did not advance", RID)
+
+
+def test_a_bad_item_on_a_list_page_carries_the_pages_request_id(api):
+    page = {"object": "list", "data": [dict(EXAMPLE, status=7)], "has_more": False}
+    api.add(responses.GET, BASE + "/api/v1/llm/batches", json=page, headers={"X-Request-ID": RID})
+    with pytest.raises(m.InvalidResponseError) as info:
+        next(m.list_batches(TOKEN, base_url=BASE))
+    assert (str(info.value), info.value.request_id) == ("status: expected a string, got 7", RID)
+
+
+def test_a_page_whose_has_more_is_not_a_boolean_says_what_it_got(api):
+    api.add(responses.GET, BASE + "/api/v1/llm/batches", json={"object": "list", "data": [], "has_more": "yes"})
+    with pytest.raises(m.InvalidResponseError, match=r"^has_more: expected true or false, got 'yes'$"):
+        next(m.list_batches(TOKEN, base_url=BASE))
+
+
+def test_an_unseekable_file_without_seekable_is_refused_by_name(api):
+    class ReadOnlyStream:
+        def read(self, size: int = -1) -> bytes:
+            return b""
+
+    with pytest.raises(TypeError, match=r"^file must be seekable to be uploaded"):
+        m.upload_file(TOKEN, ReadOnlyStream(), base_url=BASE)  # type: ignore[arg-type]
+    assert len(api.calls) == 0
