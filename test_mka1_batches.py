@@ -37,6 +37,7 @@ import pickle
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -6565,3 +6566,64 @@ def test_an_unseekable_file_without_seekable_is_refused_by_name(api):
     with pytest.raises(TypeError, match=r"^file must be seekable to be uploaded"):
         m.upload_file(TOKEN, ReadOnlyStream(), base_url=BASE)  # type: ignore[arg-type]
     assert len(api.calls) == 0
+
+
+# --- Mutation: a connection failure's cause, as a table ----------------------------------------------
+
+
+def ssl_verify_error(detail: Any) -> ssl.SSLError:
+    error = ssl.SSLError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    error.reason = "CERTIFICATE_VERIFY_FAILED"
+    error.verify_message = detail
+    return error
+
+
+PROXY_ERROR = requests.exceptions.ProxyError("Unable to connect to proxy")
+
+
+@pytest.mark.parametrize(
+    "chain, proxy, expected",
+    [
+        ([ConnectionRefusedError()], None, ("connection refused", False)),
+        (
+            [PROXY_ERROR, ConnectionRefusedError()],
+            "127.0.0.1:3128",
+            ("proxy 127.0.0.1:3128 refused the connection", False),
+        ),
+        (
+            [PROXY_ERROR, ConnectionRefusedError()],
+            "http://u:p@px:8080",
+            ("proxy px:8080 refused the connection", False),
+        ),
+        ([PROXY_ERROR, requests.ConnectTimeout()], "px:1", ("proxy px:1 timed out", False)),
+        ([PROXY_ERROR, socket.timeout()], "px:1", ("proxy px:1 timed out", False)),
+        ([PROXY_ERROR, OSError("odd")], "px:1", ("proxy px:1: odd", False)),
+        ([socket.timeout()], "px:1", ("read timed out (via proxy px:1)", False)),
+        (
+            [OSError("Tunnel connection failed: 407 Proxy Authentication Required")],
+            "px:1",
+            ("proxy refused CONNECT: 407", True),
+        ),
+        ([OSError("Tunnel connection failed: 400 Bad Request")], None, ("proxy refused CONNECT: 400", True)),
+        ([OSError("Tunnel connection failed: 499 Closed")], None, ("proxy refused CONNECT: 499", True)),
+        ([OSError("Tunnel connection failed: 500 Boom")], None, ("proxy refused CONNECT: 500", False)),
+        ([OSError("Tunnel connection failed: 399 Odd")], None, ("proxy refused CONNECT: 399", False)),
+        (
+            [ssl_verify_error("self-signed certificate")],
+            None,
+            ("certificate verify failed: self-signed certificate", True),
+        ),
+        ([ssl_verify_error(None)], None, ("certificate verify failed", True)),
+        ([], None, ("None", False)),
+    ],
+)
+def test_a_connection_failures_cause_in_a_few_words(chain, proxy, expected):
+    assert m._cause(chain, proxy) == expected
+
+
+def test_a_write_refused_before_it_left_is_sent_again_as_a_post(plain_env, sleeps):
+    port = free_port()
+    with pytest.raises(m.APIConnectionError) as info:
+        m.create_batch(TOKEN, "file_abc123", CHAT, base_url=f"http://127.0.0.1:{port}", max_retries=1)
+    assert str(info.value) == f"POST /api/v1/llm/batches on 127.0.0.1:{port} failed: connection refused"
+    assert len(sleeps) == 1  # unsent: retried as a write may be, with no lookup first
