@@ -2046,7 +2046,7 @@ def _retry_after(value: Optional[str]) -> Optional[float]:
     if value is None:
         return None
     if re.fullmatch(r"[0-9]+(\.[0-9]+)?", value.strip()):
-        return float(value)
+        return float(value.strip())  # str.strip takes more than float does: "0\x1f"
     import email.utils  # only here: most answers carry no date
 
     try:

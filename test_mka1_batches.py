@@ -3922,11 +3922,22 @@ def test_cli_interrupt_at_the_very_start_is_exit_130(cli, monkeypatch):
 
 
 #: main() after a real SIGINT, sent by a SIGALRM the given number of seconds after main() is called.
+# The SIGINT lands once main's try has begun (past its first line, `import sys`): a loaded machine
+# may hold the process between the timer and main's first line longer than the delay.
 INTERRUPTED_CLI = [
     sys.executable,
     "-c",
     "import os, signal, sys, mka1_batches as m\n"
-    "signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGINT))\n"
+    "def fire(signum, frame):\n"
+    "    while frame is not None and not (\n"
+    "        frame.f_code is m.main.__code__ and frame.f_lineno > frame.f_code.co_firstlineno + 2\n"
+    "    ):\n"
+    "        frame = frame.f_back\n"
+    "    if frame is None:\n"
+    "        signal.setitimer(signal.ITIMER_REAL, 0.0001)\n"
+    "    else:\n"
+    "        os.kill(os.getpid(), signal.SIGINT)\n"
+    "signal.signal(signal.SIGALRM, fire)\n"
     "signal.setitimer(signal.ITIMER_REAL, float(sys.argv.pop()))\n"
     "sys.exit(m.main())",
 ]
@@ -6627,3 +6638,8 @@ def test_a_write_refused_before_it_left_is_sent_again_as_a_post(plain_env, sleep
         m.create_batch(TOKEN, "file_abc123", CHAT, base_url=f"http://127.0.0.1:{port}", max_retries=1)
     assert str(info.value) == f"POST /api/v1/llm/batches on 127.0.0.1:{port} failed: connection refused"
     assert len(sleeps) == 1  # unsent: retried as a write may be, with no lookup first
+
+
+@pytest.mark.parametrize("value, seconds", [("0\x1f", 0.0), (" 2 ", 2.0), ("1.5\x1c", 1.5)])
+def test_retry_after_with_white_space_that_str_strip_takes_is_read(value, seconds):
+    assert m._retry_after(value) == seconds
