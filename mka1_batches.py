@@ -447,7 +447,8 @@ class Batch(_Model):
     completion_window: str = attr.ib(metadata={"kind": str})
     status: str = attr.ib(metadata={"kind": str})
     created_at: int = attr.ib(metadata={"kind": int})
-    request_counts: RequestCounts = attr.ib(metadata={"kind": RequestCounts.from_dict})
+    #: None while the batch validates, and for good on one that never ran (OpenAI-compatible servers).
+    request_counts: Optional[RequestCounts] = attr.ib(default=None, metadata={"kind": RequestCounts.from_dict})
     errors: Optional[BatchErrors] = attr.ib(default=None, metadata={"kind": BatchErrors.from_dict})
     output_file_id: Optional[str] = attr.ib(default=None, metadata={"kind": str})
     error_file_id: Optional[str] = attr.ib(default=None, metadata={"kind": str})
@@ -2124,7 +2125,8 @@ class _Progress:
 
     def _draw(self, batch: Batch, end: str = "") -> None:
         counts = batch.request_counts
-        status = _printable(f"{batch.status}: {counts.completed}/{counts.total} completed, {counts.failed} failed")
+        done = "no counts yet" if counts is None else f"{counts.completed}/{counts.total} completed, {counts.failed} failed"
+        status = _printable(f"{batch.status}: {done}")
         seconds = int(time.monotonic() - self._started)
         if not self._tty:
             self._stream.write(f"{status}, {seconds}s\n")
