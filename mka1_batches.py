@@ -2003,10 +2003,17 @@ def _excerpt(text: Union[str, bytes]) -> str:
 
 
 def _content_length(headers: Any) -> Optional[int]:
-    """Content-Length, if it is plain ASCII digits and no Transfer-Encoding overrides it (RFC 9112)."""
-    length = headers.get("Content-Length")
-    if length is None or "Transfer-Encoding" in headers or not re.fullmatch("[0-9]+", length):
+    """Content-Length, None without one or where Transfer-Encoding overrides it (RFC 9112, 6.3).
+
+    :raises ValueError: for a value that is not ASCII digits, nor a list of one such value repeated.
+    """
+    value = headers.get("Content-Length")
+    if value is None or "Transfer-Encoding" in headers:
         return None
+    lengths = {length.strip() for length in value.split(",")}  # "239, 239", as some proxies send it
+    length = lengths.pop()
+    if lengths or not re.fullmatch("[0-9]+", length):
+        raise ValueError(f"invalid Content-Length {_excerpt(repr(value))}")
     return int(length) if len(length) <= 18 else 10**18  # past every cap; int() refuses 4300 digits
 
 
@@ -2022,11 +2029,12 @@ def _status_message(
 
 
 def _framing_error(resp: requests.Response) -> Optional[str]:
-    """Why a body's end cannot be found: a Content-Length that is not digits (RFC 9112, 6.3), or None."""
-    length = resp.headers.get("Content-Length")
-    if length is None or "Transfer-Encoding" in resp.headers or re.fullmatch("[0-9]+", length):
-        return None
-    return f"invalid Content-Length {_excerpt(repr(length))}"
+    """Why a body's end cannot be found (RFC 9112, 6.3), or None."""
+    try:
+        _content_length(resp.headers)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _method(resp: requests.Response) -> str:
