@@ -773,8 +773,9 @@ class Client:
         return f"<mka1_batches.Client {self.base_url} on_behalf_of={self.on_behalf_of!r}>"
 
     def close(self) -> None:
-        """Close the Session this Client made; one it was given stays open."""
+        """Close the Session this Client made, and its connections; one it was given stays open."""
         if self._own:
+            _close_pools(self.session)
             self.session.close()
 
     def get_batch(self, batch_id: str, *, on_behalf_of: Optional[str] = None) -> Batch:
@@ -901,7 +902,7 @@ class Client:
             body = _Multipart(stream, size, name, purpose)
             return self._write(
                 _FILES,
-                lambda: self._request(_file, "POST", _FILES, who, body=body, safe=False),
+                lambda attempt: self._request(_file, "POST", _FILES, who, body=body, safe=False, attempt=attempt),
                 lambda: self._find_file(who, purpose, digest, size, (name, started)),
             )
 
@@ -935,7 +936,9 @@ class Client:
         started = time.time()
         return self._write(
             _BATCHES,
-            lambda: self._request(Batch.from_dict, "POST", _BATCHES, who, body=body, safe=False),
+            lambda attempt: self._request(
+                Batch.from_dict, "POST", _BATCHES, who, body=body, safe=False, attempt=attempt
+            ),
             None if mark is None else lambda: self._find_batch(who, mark, started),
         )
 
@@ -1056,7 +1059,7 @@ class Client:
             raise InvalidResponseError(message, field="id", request_id=batch.request_id)
         return batch
 
-    def _write(self, path: str, send: Callable[[], _T], find: Optional[Callable[[], Optional[_T]]]) -> _T:
+    def _write(self, path: str, send: Callable[[int], _T], find: Optional[Callable[[], Optional[_T]]]) -> _T:
         """Send a write, retrying within ``max_retries`` what the gateway cannot have acted on.
 
         After a failure that leaves the outcome unknown, wait as before a retry (so that what a
@@ -1066,7 +1069,7 @@ class Client:
         attempt = 1
         while True:
             try:
-                return send()
+                return send(attempt)
             except _Failure as failure:
                 if not failure.ambiguous:
                     self._backoff("POST", path, failure, attempt, None, safe=False)
@@ -1142,13 +1145,13 @@ class Client:
         body: Any = None,
         safe: bool = True,
         sleep: Optional[Callable[[float], None]] = None,
+        attempt: int = 1,
     ) -> _T:
         """The parsed JSON of a 2xx answer, retrying what this call and the failure allow.
 
-        A write (``safe=False``) is sent once: a failure is raised as the _Failure, for
-        :meth:`_write` to decide.
+        A write (``safe=False``) is sent once, as its ``attempt``: a failure is raised as the
+        _Failure, for :meth:`_write` to decide.
         """
-        attempt = 1
         while True:
             deadline = time.monotonic() + sum(self.timeout)
             try:
@@ -1637,6 +1640,17 @@ class _FileReader:
     def _changed(self, request_id: Optional[str]) -> InvalidResponseError:
         message = f"file {self.file_id} changed while it was read again after a broken connection"
         return InvalidResponseError(message, request_id=request_id)
+
+
+def _close_pools(session: requests.Session) -> None:
+    """Close the idle connections of a Session's urllib3 pools, as Session.close does with urllib3 1.x."""
+    # urllib3 2's PoolManager.clear() forgets its pools without closing them, leaving their sockets to
+    # the garbage collector; an error the caller keeps (its traceback, a response, its pool) holds it off.
+    for adapter in session.adapters.values():
+        managers = [getattr(adapter, "poolmanager", None), *getattr(adapter, "proxy_manager", {}).values()]
+        for pools in [getattr(manager, "pools", None) for manager in managers]:
+            for key in pools.keys() if pools is not None else ():
+                pools[key].close()
 
 
 def _closing(client: Client, items: Iterator[_T]) -> Iterator[_T]:
@@ -2133,7 +2147,11 @@ class _Progress:
 
     def _draw(self, batch: Batch, end: str = "") -> None:
         counts = batch.request_counts
-        done = "no counts yet" if counts is None else f"{counts.completed}/{counts.total} completed, {counts.failed} failed"
+        done = (
+            "no counts yet"
+            if counts is None
+            else f"{counts.completed}/{counts.total} completed, {counts.failed} failed"
+        )
         status = _printable(f"{batch.status}: {done}")
         seconds = int(time.monotonic() - self._started)
         if not self._tty:

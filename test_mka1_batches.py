@@ -22,9 +22,11 @@ Sections, in order:
 - Faults over real sockets, and a thread storm
 """
 
+import contextlib
 import copy
 import email.utils
 import functools
+import gc
 import gzip
 import hashlib
 import inspect
@@ -1026,6 +1028,24 @@ def test_debug_log_has_one_line_per_attempt_and_retry(api, caplog, monkeypatch):
     ]
 
 
+def test_debug_log_numbers_a_writes_sends_as_its_own_attempts(api, caplog, monkeypatch):
+    """A create refused with 429, then lost to a 502 (looked for, not found), then made: attempts 1, 2 and 3."""
+    monkeypatch.setattr(m.random, "uniform", lambda a, b: 0.25)
+    path = "/api/v1/llm/batches"
+    api.add(responses.POST, BASE + path, status=429, json={"error": "slow down"}, headers={"X-Request-ID": RID})
+    api.add(responses.POST, BASE + path, status=502, body="down", headers={"X-Request-ID": RID})
+    api.add(responses.GET, BASE + path, json={"object": "list", "data": [], "has_more": False})
+    api.add(responses.POST, BASE + path, json=EXAMPLE, headers={"X-Request-ID": RID})
+    with caplog.at_level(logging.DEBUG, logger="mka1_batches"):
+        m.create_batch(TOKEN, "file_abc123", "/v1/chat/completions", base_url=BASE)
+    sends = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"POST {path} ->")]
+    assert sends == [
+        f"POST {path} -> 429 (attempt 1, request {RID})",
+        f"POST {path} -> 502 (attempt 2, request {RID})",
+        f"POST {path} -> 200 (attempt 3, request {RID})",
+    ]
+
+
 def test_the_token_never_leaks(api, caplog, capsys):
     """Errors that echo the key, in every path: messages, reprs, log records, output."""
     echo = f"invalid key {TOKEN} for you"
@@ -1762,6 +1782,54 @@ def test_a_reuse_test_fails_when_the_pool_is_dropped(start, request, pool):
     with requests.Session() as s:
         assert [live(server, f"batch_k{i}", session=s).id for i in range(3)] == ["batch_k0", "batch_k1", "batch_k2"]
     assert server.connections == {"kept": 1, "dropped": 3}[pool]
+
+
+def _sockets_to(port: int) -> int:
+    """How many of this process's descriptors are TCP connections to 127.0.0.1:port (Linux's /proc)."""
+    ours = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the descriptor listdir itself had open
+            ours.add(os.readlink(f"/proc/self/fd/{fd}"))
+    with open("/proc/self/net/tcp") as table:
+        rows = [line.split() for line in table.read().splitlines()[1:]]
+    return sum(1 for row in rows if int(row[2].split(":")[1], 16) == port and f"socket:[{row[9]}]" in ours)
+
+
+def _bad_json(request: Received) -> List[bytes]:
+    if request.batch_id == "batch_bad":
+        return [reply(b"<html>not json</html>", headers={"X-Request-ID": RID})]
+    return [reply(b'{"error": {"message": "Batch not found"}}', "404 Not Found")]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/net/tcp"), reason="counts sockets in Linux's /proc")
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda url: m.get_batch(TOKEN, "nope", base_url=url, max_retries=0),
+        lambda url: m.get_batch(TOKEN, "batch_bad", base_url=url),
+        lambda url: m.cancel_batch(TOKEN, "nope", base_url=url),
+        lambda url: list(m.list_batches(TOKEN, base_url=url)),
+    ],
+    ids=["404", "not-json", "cancel-404", "list-404"],
+)
+def test_module_functions_close_their_connections_though_the_error_is_kept(start, call):
+    """A module function's Client is closed before it raises, its sockets with it, whatever holds the error.
+
+    urllib3 2 leaves a closed Session's idle sockets to the garbage collector; a kept error's traceback
+    (the frames, the response, its pool) keeps them from it.
+    """
+    server = start(RawServer(_bad_json))
+    kept = []
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(200):
+            kept.append(raised(lambda: call(server.base_url)))
+        assert _sockets_to(server.port) == 0
+    finally:
+        if gc_was:
+            gc.enable()
+    assert all(isinstance(e, m.MKA1Error) for e in kept) and server.connections == 200
 
 
 def test_live_stopping_early_closes_the_connection():
@@ -6481,7 +6549,7 @@ def test_a_writes_retry_is_logged_with_its_method_and_path(api, caplog, monkeypa
     lines = [r.getMessage() for r in caplog.records if r.name == "mka1_batches"]
     assert f"POST {path} -> {status} (attempt 1, request None)" in lines
     assert f"POST {path}: retry 1 of 2 in 0.25s after: {said}" in lines
-    assert lines[-1] == f"POST {path} -> 200 (attempt 1, request None)"  # each send of a write is its own attempt
+    assert lines[-1] == f"POST {path} -> 200 (attempt 2, request None)"  # the write's second send
 
 
 def test_an_uploads_retry_and_list_calls_are_logged_with_their_method_and_path(api, caplog, monkeypatch):
@@ -6505,7 +6573,7 @@ def test_an_uploads_retry_and_list_calls_are_logged_with_their_method_and_path(a
         "GET /api/v1/llm/files -> 200 (attempt 1, request None)",
         "POST /api/v1/llm/files -> 429 (attempt 1, request None)",
         "POST /api/v1/llm/files: retry 1 of 2 in 0.25s after: 429 slow down",
-        "POST /api/v1/llm/files -> 200 (attempt 1, request None)",
+        "POST /api/v1/llm/files -> 200 (attempt 2, request None)",
     ]
 
 
