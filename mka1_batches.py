@@ -33,7 +33,23 @@ import socket
 import ssl
 import time
 import zlib
-from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Set, Tuple, Type, TypeVar, Union
+from typing import (
+    Any,
+    BinaryIO,
+    Callable,
+    Dict,
+    Generator,
+    Iterable,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Set,
+    Tuple,
+    Type,
+    TypeVar,
+    Union,
+)
 from urllib.parse import quote, urljoin, urlsplit
 
 import attr
@@ -109,7 +125,10 @@ _T = TypeVar("_T")
 _Timeout = Union[float, Tuple[float, float]]
 #: A path (str or os.PathLike) or a binary file object open for reading.
 _Input = Union[str, "os.PathLike[str]", BinaryIO]
-# After these the server may have acted: a read is sent again, a write looks first.
+# A status that may pass: a read is sent again after it, and resubmit_failed sends its requests again.
+# Not 501 (Not Implemented) nor 505 and up: the same request would get the same answer.
+_TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# After these the server may have acted: a write looks before it is sent again.
 _AMBIGUOUS_STATUSES = frozenset({500, 502, 503, 504})
 _BACKOFF_BASE = 0.5
 _BACKOFF_CAP = 8.0
@@ -317,9 +336,19 @@ class _Model:
     extra: Dict[str, Any]
 
     @classmethod
-    def from_dict(cls: Type[_M], data: Any, where: Optional[str] = None) -> _M:
-        """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
-        where = where or cls._where
+    def from_dict(cls: Type[_M], data: Any, request_id: Optional[str] = None) -> _M:
+        """Build from the JSON object; raise InvalidResponseError naming what breaks the spec.
+
+        :param request_id: the X-Request-ID of the response it came in, for the error to carry.
+        """
+        try:
+            return cls._build(data, cls._where)
+        except InvalidResponseError as exc:
+            exc.request_id = request_id
+            raise
+
+    @classmethod
+    def _build(cls: Type[_M], data: Any, where: str) -> _M:
         if type(data) is not dict:
             raise _invalid(where, "an object", data)
         kinds, required = _kinds(cls)
@@ -386,7 +415,7 @@ def _exactly(expected: str) -> Callable[[Any, str], str]:
 def _error_list(value: Any, path: str) -> Tuple["BatchError", ...]:
     if type(value) is not list:
         raise _invalid(path, "a list", value)
-    return tuple(BatchError.from_dict(item, f"{path}[{i}]") for i, item in enumerate(value))
+    return tuple(BatchError._build(item, f"{path}[{i}]") for i, item in enumerate(value))
 
 
 def _metadata(value: Any, path: str) -> Dict[str, str]:
@@ -448,8 +477,8 @@ class Batch(_Model):
     status: str = attr.ib(metadata={"kind": str})
     created_at: int = attr.ib(metadata={"kind": int})
     #: None while the batch validates, and for good on one that never ran (OpenAI-compatible servers).
-    request_counts: Optional[RequestCounts] = attr.ib(default=None, metadata={"kind": RequestCounts.from_dict})
-    errors: Optional[BatchErrors] = attr.ib(default=None, metadata={"kind": BatchErrors.from_dict})
+    request_counts: Optional[RequestCounts] = attr.ib(default=None, metadata={"kind": RequestCounts._build})
+    errors: Optional[BatchErrors] = attr.ib(default=None, metadata={"kind": BatchErrors._build})
     output_file_id: Optional[str] = attr.ib(default=None, metadata={"kind": str})
     error_file_id: Optional[str] = attr.ib(default=None, metadata={"kind": str})
     in_progress_at: Optional[int] = attr.ib(default=None, metadata={"kind": int})
@@ -473,8 +502,11 @@ class Batch(_Model):
 
     @classmethod
     def from_dict(cls, data: Any, request_id: Optional[str] = None) -> "Batch":
-        """Build from the JSON object; raise InvalidResponseError naming what breaks the spec."""
-        batch = super().from_dict(data)
+        """Build from the JSON object; raise InvalidResponseError naming what breaks the spec.
+
+        :param request_id: the X-Request-ID of the response it came in, kept on it (or on the error).
+        """
+        batch = super().from_dict(data, request_id)
         batch.__dict__["request_id"] = request_id  # frozen: set once, here
         return batch
 
@@ -511,8 +543,8 @@ class BatchResult(_Model):
 
     custom_id: str = attr.ib(metadata={"kind": str})
     id: Optional[str] = attr.ib(default=None, metadata={"kind": str})
-    response: Optional[ResultResponse] = attr.ib(default=None, metadata={"kind": ResultResponse.from_dict})
-    error: Optional[ResultError] = attr.ib(default=None, metadata={"kind": ResultError.from_dict})
+    response: Optional[ResultResponse] = attr.ib(default=None, metadata={"kind": ResultResponse._build})
+    error: Optional[ResultError] = attr.ib(default=None, metadata={"kind": ResultError._build})
     extra: Dict[str, Any] = attr.ib(default=attr.Factory(dict))
 
 
@@ -750,11 +782,10 @@ class Client:
         max_retries: int = 2,
         session: Optional[requests.Session] = None,
     ):
-        self._token = _check_token(token)
+        token = _check_token(token)
         if base_url is None:
             base_url = os.environ.get("MKA1_BASE_URL") or DEFAULT_BASE_URL
         self.base_url = _check_base_url(base_url)
-        self._origin = _origin(self.base_url)
         self.timeout = _check_timeout(timeout)
         if type(max_retries) is not int or max_retries < 0:
             raise ValueError(f"max_retries must be a non-negative integer, not {max_retries!r}")
@@ -762,6 +793,7 @@ class Client:
         self.on_behalf_of = _check_on_behalf_of(on_behalf_of)
         self._own = session is None
         self.session = requests.Session() if session is None else session
+        self._transport = _Transport(token, self.base_url, self.timeout, max_retries, self.session)
 
     def __enter__(self) -> "Client":
         return self
@@ -784,7 +816,7 @@ class Client:
         :raises InvalidResponseError: also for another batch than the one asked for.
         """
         path = _BATCHES + "/" + _check_id(batch_id, "batch_id")
-        return self._get_batch(path, batch_id, self._who(on_behalf_of), _sleep)
+        return self._batch(self._transport.request("GET", path, self._who(on_behalf_of)), batch_id)
 
     def wait_for_batch(
         self,
@@ -823,7 +855,7 @@ class Client:
             _sleep(seconds)
 
         while True:
-            batch = self._get_batch(path, batch_id, who, sleep)
+            batch = self._batch(self._transport.request("GET", path, who, sleep=sleep), batch_id)
             changed = last is None or (batch.status, batch.request_counts) != (last.status, last.request_counts)
             if on_update is not None and changed:
                 on_update(batch)
@@ -856,10 +888,10 @@ class Client:
             and the line), or a file that changed while it was read again.
         :raises ValueError: also for a batch that has not finished, before any I/O.
         """
-        file_ids = _file_ids(batch, include_errors)
-        who = self._who(on_behalf_of)
-        # Not through iter_result_lines: two generator layers fewer per line, and no CR to strip.
-        return (result for file_id in file_ids for _, result in _FileReader(self, file_id, on_progress).pairs(who))
+        pairs = self.iter_result_lines(
+            batch, include_errors=include_errors, on_progress=on_progress, on_behalf_of=on_behalf_of
+        )
+        return (result for _, result in pairs)
 
     def iter_result_lines(
         self,
@@ -873,9 +905,7 @@ class Client:
         file_ids = _file_ids(batch, include_errors)
         who = self._who(on_behalf_of)
         return (
-            (line[:-1] if line.endswith(b"\r") else line, result)
-            for file_id in file_ids
-            for line, result in _FileReader(self, file_id, on_progress).pairs(who)
+            pair for file_id in file_ids for pair in self._file_lines(file_id, who, on_progress, BatchResult.from_dict)
         )
 
     def upload_file(self, file: _Input, *, purpose: str = "batch", on_behalf_of: Optional[str] = None) -> "File":
@@ -885,7 +915,7 @@ class Client:
         returned instead of uploading again. After a failure that leaves unknown whether the
         gateway stored the file (a broken connection or a timeout after it was sent, 500, 502,
         503, 504), it waits, looks again (by sha256, or by name, size and time where the gateway
-        gives no sha256), and uploads again only if it is not there; see :meth:`_write`.
+        gives no sha256), and uploads again only if it is not there.
 
         :param file: a path, or a seekable binary file object (read from where it stands).
         """
@@ -900,11 +930,11 @@ class Client:
             if found is not None:
                 return found
             body = _Multipart(stream, size, name, purpose)
-            return self._write(
-                _FILES,
-                lambda attempt: self._request(_file, "POST", _FILES, who, body=body, safe=False, attempt=attempt),
-                lambda: self._find_file(who, purpose, digest, size, (name, started)),
-            )
+
+            def lookup() -> Optional[File]:
+                return self._find_file(who, purpose, digest, size, (name, started))
+
+            return self._transport.write(_FILES, who, body, File.from_dict, lookup)
 
     def create_batch(
         self,
@@ -921,7 +951,7 @@ class Client:
         The request carries ``metadata[CREATE_KEY]``, a value new to this call. After a failure
         that leaves unknown whether the gateway made the batch (a broken connection or a timeout
         after it was sent, 500, 502, 503, 504), the call waits, looks for a batch with that value
-        among the user's newest, returns it if there is one, else sends again; see :meth:`_write`.
+        among the user's newest, returns it if there is one, else sends again.
         408 and 429 are retried; other 4xx are raised at once. When ``metadata`` already has 16
         pairs there is no room for the key: such a failure is then raised (``list_batches``
         shows whether the batch was made). A gateway that makes the batch only after the lookup
@@ -934,13 +964,11 @@ class Client:
         body = _create_body(input_file_id, endpoint, completion_window, metadata, max_concurrency)
         mark = body["metadata"].get(CREATE_KEY)
         started = time.time()
-        return self._write(
-            _BATCHES,
-            lambda attempt: self._request(
-                Batch.from_dict, "POST", _BATCHES, who, body=body, safe=False, attempt=attempt
-            ),
-            None if mark is None else lambda: self._find_batch(who, mark, started),
-        )
+
+        def lookup() -> Optional[Batch]:
+            return self._find_batch(who, mark, started)
+
+        return self._transport.write(_BATCHES, who, body, Batch.from_dict, None if mark is None else lookup)
 
     def submit_batch(
         self,
@@ -993,7 +1021,7 @@ class Client:
         seen: Set[str] = set()
         failed: Set[str] = set()
         for file_id in _file_ids(batch, True):  # a batch that has not finished is refused here
-            for _, result in _FileReader(self, file_id, None).pairs(who):
+            for _, result in self._file_lines(file_id, who, None, BatchResult.from_dict):
                 seen.add(result.custom_id)
                 code = (result.response and result.response.status_code) or 0  # 0: no response, or no status
                 if file_id == batch.error_file_id or result.response is None or code in (408, 429) or code >= 500:
@@ -1003,7 +1031,7 @@ class Client:
         import tempfile  # only here: a plain get_batch does not need it
 
         with tempfile.TemporaryFile() as again:
-            for line, custom_id in _FileReader(self, batch.input_file_id, None, _custom_id).pairs(who):
+            for line, custom_id in self._file_lines(batch.input_file_id, who, None, _custom_id):
                 if custom_id in failed or custom_id not in seen:
                     again.write(line + b"\n")
             if not again.tell():
@@ -1039,10 +1067,10 @@ class Client:
         path = _BATCHES + "/" + _check_id(batch_id, "batch_id")
         who = self._who(on_behalf_of)
         try:
-            return self._same_batch(self._request(Batch.from_dict, "POST", path + "/cancel", who), batch_id)
+            return self._batch(self._transport.request("POST", path + "/cancel", who), batch_id)
         except ConflictError:
             # Also what a retry gets once an earlier cancel, whose answer was lost, has taken.
-            batch = self._get_batch(path, batch_id, who, _sleep)
+            batch = self._batch(self._transport.request("GET", path, who), batch_id)
             if batch.status in ("cancelling", "cancelled"):
                 return batch
             raise
@@ -1050,39 +1078,13 @@ class Client:
     def _who(self, on_behalf_of: Optional[str]) -> Optional[str]:
         return self.on_behalf_of if on_behalf_of is None else _check_on_behalf_of(on_behalf_of)
 
-    def _get_batch(self, path: str, batch_id: str, who: Optional[str], sleep: Callable[[float], None]) -> Batch:
-        return self._same_batch(self._request(Batch.from_dict, "GET", path, who, sleep=sleep), batch_id)
-
-    def _same_batch(self, batch: Batch, batch_id: str) -> Batch:
-        if batch.id != batch_id:  # a desync or a mixed-up cache must not hand over another batch
-            message = self._redact(f"response is for batch {batch.id!r}, not {batch_id!r}")
+    def _batch(self, reply: "_Reply", batch_id: str) -> Batch:
+        """The Batch a reply holds: the one asked for, as a desync or a mixed-up cache could hand over another."""
+        batch = Batch.from_dict(reply.data, reply.request_id)
+        if batch.id != batch_id:
+            message = f"response is for batch {batch.id!r}, not {batch_id!r}"
             raise InvalidResponseError(message, field="id", request_id=batch.request_id)
         return batch
-
-    def _write(self, path: str, send: Callable[[int], _T], find: Optional[Callable[[], Optional[_T]]]) -> _T:
-        """Send a write, retrying within ``max_retries`` what the gateway cannot have acted on.
-
-        After a failure that leaves the outcome unknown, wait as before a retry (so that what a
-        slow gateway made shows), then ``find`` what the write may have made: return it, or send
-        again only if there is a retry left. Without ``find``, such a failure is raised.
-        """
-        attempt = 1
-        while True:
-            try:
-                return send(attempt)
-            except _Failure as failure:
-                if not failure.ambiguous:
-                    self._backoff("POST", path, failure, attempt, None, safe=False)
-                elif find is None:
-                    raise failure.error from failure.error.__cause__
-                else:
-                    again = self._pause("POST", path, failure, attempt, None, safe=True)
-                    found = find()
-                    if found is not None:
-                        return found
-                    if not again:
-                        raise failure.error from failure.error.__cause__
-            attempt += 1
 
     def _find_batch(self, who: Optional[str], mark: str, since: float) -> Optional[Batch]:
         """The batch a create with this mark made, among those made since a while before ``since``."""
@@ -1099,7 +1101,7 @@ class Client:
         """A usable file with these bytes; with ``sent`` (its name and when), also one the gateway gave no sha256."""
         # The sha256 filter narrows the list; what comes back is checked, not trusted.
         query = {"purpose": purpose, "sha256": digest, "limit": 100}
-        for found in self._pages(_file, _FILES, who, query, None):
+        for found in self._pages(File.from_dict, _FILES, who, query, None):
             if (found.bytes, found.purpose) != (size, purpose) or found.status == "error":
                 continue
             if found.expires_at is not None and found.expires_at < time.time() + _CLOCK_SKEW:
@@ -1122,100 +1124,201 @@ class Client:
         """The items of a list endpoint, page by page, following ``after`` with each page's last id."""
         cursors: Set[str] = set()
         while True:
-            data, request_id = self._request(_page, "GET", path, who, query=dict(query, after=after))
-            items = [self._parse(parse, item, request_id) for item in data["data"]]
+            reply = self._transport.request("GET", path, who, query=dict(query, after=after))
+            data = _page(reply.data, reply.request_id)
+            items = [parse(item, reply.request_id) for item in data["data"]]
             yield from items
             if not data["has_more"]:
                 return
             if not items:
-                raise InvalidResponseError("page is empty but has_more is true", field="data", request_id=request_id)
+                raise InvalidResponseError(
+                    "page is empty but has_more is true", field="data", request_id=reply.request_id
+                )
             after = items[-1].id  # type: ignore[attr-defined]
             if after in cursors:
-                raise InvalidResponseError(f"cursor {after!r} did not advance", field="data", request_id=request_id)
+                raise InvalidResponseError(
+                    f"cursor {after!r} did not advance", field="data", request_id=reply.request_id
+                )
             cursors.add(after)
 
-    def _request(
+    def _file_lines(
         self,
-        parse: Callable[[Any, Optional[str]], _T],
+        file_id: str,
+        who: Optional[str],
+        progress: Optional[Callable[[str, int, int, Optional[int]], None]],
+        parse: Callable[[Any], _T],
+    ) -> Iterator[Tuple[bytes, _T]]:
+        """Each line of a file but blank ones (without its CRLF or LF), and what ``parse`` makes of its JSON."""
+        name = f"file {file_id}"
+        path = _FILES + "/" + _check_id(file_id, "file id") + "/content"
+        shown = None if progress is None else functools.partial(progress, file_id)
+        lines, taken = self._transport.lines(path, who, name, shown)
+        for number, line in enumerate(lines, 1):
+            if not line or line.isspace():
+                continue
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            try:
+                yield line, parse(json.loads(line))
+            except (ValueError, RecursionError) as exc:  # InvalidResponseError is a ValueError too
+                field = getattr(exc, "field", None)
+                what = str(exc) if field else f"not a JSON object: {_excerpt(line)!r}"
+                message = f"{name} line {number}: {what}"
+                raise InvalidResponseError(message, field=field, request_id=taken.request_id) from exc
+
+
+class _Reply(NamedTuple):
+    """A 2xx answer: its decoded JSON, X-Request-ID and Date (the gateway's clock, as it wrote it)."""
+
+    data: Any
+    request_id: Optional[str]
+    date: Optional[str]
+
+
+class _Transport:
+    """The one road of every request, as requests' HTTPAdapter is to its Session.
+
+    It sends through ``Session.send``, reads bodies within their caps and deadlines, maps failures
+    to errors by type, keeps the key out of everything it hands back, and holds the one retry loop
+    (_exchanges) for reads, writes and file streams.
+    """
+
+    def __init__(
+        self, token: str, base_url: str, timeout: Tuple[float, float], max_retries: int, session: requests.Session
+    ):
+        self._token = token
+        # The key as it may come back: in a body, in a JSON string, or in a line of a file.
+        self._secrets = [token.encode(), json.dumps(token)[1:-1].encode()]
+        self.base_url = base_url
+        self._origin = _origin(base_url)
+        self.timeout = timeout
+        self._deadline = sum(timeout)
+        self.max_retries = max_retries
+        self.session = session
+
+    def request(
+        self,
         method: str,
         path: str,
         who: Optional[str],
         *,
         query: Optional[Dict[str, Any]] = None,
-        body: Any = None,
-        safe: bool = True,
         sleep: Optional[Callable[[float], None]] = None,
-        attempt: int = 1,
+    ) -> _Reply:
+        """A read, or a write that can be sent again harmlessly (a cancel): the JSON of its 2xx answer."""
+
+        def read(resp: requests.Response, deadline: float) -> Tuple[_Reply]:
+            return (self._json(resp, deadline),)
+
+        with contextlib.closing(self._exchanges(method, path, who, read, query=query, sleep=sleep)) as replies:
+            return next(replies)
+
+    def write(
+        self,
+        path: str,
+        who: Optional[str],
+        body: Any,
+        parse: Callable[[Any, Optional[str]], _T],
+        lookup: Optional[Callable[[], Optional[_T]]],
     ) -> _T:
-        """The parsed JSON of a 2xx answer, retrying what this call and the failure allow.
+        """POST a write that must happen once: what ``parse`` makes of its answer, or what ``lookup`` finds.
 
-        A write (``safe=False``) is sent once, as its ``attempt``: a failure is raised as the
-        _Failure, for :meth:`_write` to decide.
+        It is sent again only where the gateway cannot have acted on it (not sent, 408, 429). After
+        a failure that leaves that unknown (a broken connection or a timeout after it was sent,
+        500, 502, 503, 504), it waits as before a retry (so that what a slow gateway made shows),
+        then returns what ``lookup`` finds, or sends again if there is a retry left. Without a
+        ``lookup``, such a failure is raised.
         """
-        while True:
-            deadline = time.monotonic() + sum(self.timeout)
-            try:
-                with self._attempt(method, path, who, query=query, body=body, attempt=attempt) as resp:
-                    data = self._read_json(resp, deadline)
-                return self._parse(parse, data, resp.headers.get("X-Request-ID"))
-            except _Failure as failure:
-                if not safe:
-                    raise
-                self._backoff(method, path, failure, attempt, sleep, safe)
-            attempt += 1
 
-    def _backoff(
-        self,
-        method: str,
-        path: str,
-        failure: "_Failure",
-        attempt: int,
-        sleep: Optional[Callable[[float], None]],
-        safe: bool,
-    ) -> None:
-        """Sleep before attempt ``attempt + 1``, or raise the failure's error if there is none."""
-        if not self._pause(method, path, failure, attempt, sleep, safe):
-            raise failure.error from failure.error.__cause__
+        def read(resp: requests.Response, deadline: float) -> Tuple[_T]:
+            reply = self._json(resp, deadline)
+            return (parse(reply.data, reply.request_id),)
 
-    def _pause(
-        self,
-        method: str,
-        path: str,
-        failure: "_Failure",
-        attempt: int,
-        sleep: Optional[Callable[[float], None]],
-        safe: bool,
-    ) -> bool:
-        """Sleep before attempt ``attempt + 1`` and return True, or return False if there is none."""
-        delay = _retry_delay(failure, attempt, self.max_retries, safe)
-        if delay is None:
-            return False
-        _log.debug(
-            "%s %s: retry %d of %d in %.2fs after: %s", method, path, attempt, self.max_retries, delay, failure.error
-        )
-        (sleep or _sleep)(delay)
-        return True
+        with contextlib.closing(self._exchanges("POST", path, who, read, body=body, write=True, look=lookup)) as made:
+            return next(made)
 
-    def _parse(self, parse: Callable[[Any, Optional[str]], _T], data: Any, request_id: Optional[str]) -> _T:
-        try:
-            return parse(data, request_id)
-        except InvalidResponseError as exc:
-            # The server's data may echo the key, and the data classes know neither it nor the request.
-            exc.args = (self._redact(str(exc)),)
-            exc.request_id = request_id
-            raise
+    def lines(
+        self, path: str, who: Optional[str], name: str, progress: Optional[Callable[[int, int, Optional[int]], None]]
+    ) -> Tuple[Iterator[bytes], "_Taken"]:
+        """A file's lines, without their LF, streamed, and how far they have gone.
 
-    def _attempt(
+        After a break the file is asked for again, and read on from the line it broke in: the
+        lines already taken are checked against what came before, and skipped. ``name`` (such
+        as "file file-abc") starts their errors.
+        """
+        taken = _Taken()
+        read = functools.partial(self._lines, taken=taken, name=name, progress=progress)
+        return self._exchanges("GET", path, who, read, accept="*/*", follow=True), taken
+
+    def _exchanges(
         self,
         method: str,
         path: str,
         who: Optional[str],
+        read: Callable[[requests.Response, float], Iterable[_T]],
         *,
         accept: str = "application/json",
         query: Optional[Dict[str, Any]] = None,
         body: Any = None,
         follow: bool = False,
-        attempt: int = 1,
+        sleep: Optional[Callable[[float], None]] = None,
+        write: bool = False,
+        look: Optional[Callable[[], Optional[_T]]] = None,
+    ) -> Generator[_T, None, None]:
+        """What ``read`` makes of a 2xx answer, sending again after a failure as _next_step says: the one retry loop.
+
+        A write that the gateway may have acted on is not sent again blindly: ``look`` finds what
+        it made, which ends the loop, or None. Without ``look``, such a failure is raised.
+        """
+        attempt = 1
+        while True:
+            deadline = time.monotonic() + self._deadline
+            try:
+                with self._response(method, path, who, accept, query, body, follow, attempt) as resp:
+                    yield from read(resp, deadline)
+                return
+            except _Failure as failure:
+                step = _next_step(failure, write)
+                delay = None if step == "raise" or attempt > self.max_retries else _delay(failure, attempt)
+                if step == "look":
+                    if look is None:
+                        raise failure.error from failure.error.__cause__
+                    if delay is not None:
+                        self._wait(method, path, failure, attempt, delay, sleep)
+                    found = look()
+                    if found is not None:
+                        yield found
+                        return  # pragma: no cover - a write's caller takes one answer, and closes the loop
+                if delay is None:
+                    raise failure.error from failure.error.__cause__
+                if step == "retry":
+                    self._wait(method, path, failure, attempt, delay, sleep)
+            attempt += 1
+
+    def _wait(
+        self,
+        method: str,
+        path: str,
+        failure: "_Failure",
+        attempt: int,
+        delay: float,
+        sleep: Optional[Callable[[float], None]],
+    ) -> None:
+        _log.debug(
+            "%s %s: retry %d of %d in %.2fs after: %s", method, path, attempt, self.max_retries, delay, failure.error
+        )
+        (sleep or _sleep)(delay)
+
+    def _response(
+        self,
+        method: str,
+        path: str,
+        who: Optional[str],
+        accept: str,
+        query: Optional[Dict[str, Any]],
+        body: Any,
+        follow: bool,
+        attempt: int,
     ) -> requests.Response:
         """One attempt: the response once its status is 2xx, its body unread; else raise a _Failure."""
         url = self.base_url + path
@@ -1241,7 +1344,7 @@ class Client:
                 refused = _refuse_redirect(url, target)
                 if refused:
                     raise _Failure(self._status_error(resp, request_id, refused), "sent")
-                self._drain(resp)  # so that its connection is reused
+                self._read_error_body(resp)  # so that its connection is reused
                 url, path = target, urlsplit(target).path
                 ours = _origin(url) == self._origin
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
@@ -1299,39 +1402,41 @@ class Client:
         except Exception as exc:  # requests, urllib3, or whatever a mounted adapter raises
             raise self._failure(exc, method, url, proxies=proxies) from exc
 
-    def _read_json(self, resp: requests.Response, deadline: float) -> Any:
+    def _json(self, resp: requests.Response, deadline: float) -> _Reply:
+        """A JSON answer, its body read whole within the cap and the deadline."""
         request_id = resp.headers.get("X-Request-ID")
         length = _content_length(resp.headers)
         if length is not None and length > MAX_BODY_BYTES:
             raise InvalidResponseError(_too_big(str(length)), request_id=request_id)
-        body = self._read_whole(resp, MAX_BODY_BYTES, deadline)
+        body = self._read(resp, MAX_BODY_BYTES, deadline)
         if len(body) > MAX_BODY_BYTES:
             raise InvalidResponseError(_too_big("more than " + str(MAX_BODY_BYTES)), request_id=request_id)
         try:
-            return json.loads(body)  # bytes: UTF-8, 16 or 32, with or without a byte order mark
+            data = json.loads(self._clean(body))  # bytes: UTF-8, 16 or 32, with or without a byte order mark
         except (ValueError, RecursionError) as exc:
-            message = self._redact(f"response is not JSON: {_excerpt(body)!r}")  # a proxy may echo the request
+            message = f"response is not JSON: {_excerpt(self._clean(body))!r}"  # a proxy may echo the request
             raise InvalidResponseError(message, request_id=request_id) from exc
+        return _Reply(data, request_id, resp.headers.get("Date"))
 
-    def _read_whole(self, resp: requests.Response, limit: int, deadline: float) -> bytes:
+    def _read(self, resp: requests.Response, limit: int, deadline: float) -> bytes:
         """The decoded body, or its first ``limit`` + 1 bytes, read within the deadline."""
         chunks = []
         size = 0
-        for chunk in self._body(resp):
+        for chunk in self._chunks(resp):
             chunks.append(chunk)
             size += len(chunk)
-            self._in_time(deadline, resp, f"body not read within {sum(self.timeout)}s")
+            self._in_time(deadline, resp, f"body not read within {self._deadline}s")
             if size > limit:
                 break
         return b"".join(chunks)
 
-    def _drain(self, resp: requests.Response) -> bytes:
+    def _read_error_body(self, resp: requests.Response) -> bytes:
         """An error's body, cut at _ERROR_BODY_BYTES; read whole when small, so that the connection is reused."""
         with contextlib.suppress(_Failure, InvalidResponseError):  # a body that breaks off adds nothing
-            return self._read_whole(resp, _ERROR_BODY_BYTES, time.monotonic() + sum(self.timeout))[:_ERROR_BODY_BYTES]
+            return self._read(resp, _ERROR_BODY_BYTES, time.monotonic() + self._deadline)[:_ERROR_BODY_BYTES]
         return b""
 
-    def _body(self, resp: requests.Response) -> Iterator[bytes]:
+    def _chunks(self, resp: requests.Response) -> Iterator[bytes]:
         """The body as it arrives, decoded; the connection goes back to the pool only once all is read."""
         read = _read1(resp.raw)
         length = _content_length(resp.headers)
@@ -1368,6 +1473,63 @@ class Client:
         if release is not None:
             release()
 
+    def _lines(
+        self,
+        resp: requests.Response,
+        deadline: float,
+        taken: "_Taken",
+        name: str,
+        progress: Optional[Callable[[int, int, Optional[int]], None]],
+    ) -> Iterator[bytes]:
+        """This attempt's lines of a file, from the first not yet taken."""
+        request_id = taken.request_id = resp.headers.get("X-Request-ID")
+        # Progress counts decoded bytes, so the length of an encoded body is no total for it.
+        total = _content_length(resp.headers) if _encoding(resp) == "identity" else None
+        number = 0
+        skipped = 0
+        for line in self._split(resp, taken, name):
+            number += 1
+            if number <= taken.lines:  # read before the connection broke: check, and skip
+                skipped += len(line) + 1
+                if number == taken.lines and (skipped, line) != (taken.bytes, taken.last):
+                    raise _changed(name, request_id)
+                continue
+            taken.lines = number
+            taken.bytes += len(line) + 1
+            taken.last = line
+            if progress is not None:
+                progress(number, taken.read, total)
+            yield line
+        if number < taken.lines:
+            raise _changed(name, request_id)
+
+    def _split(self, resp: requests.Response, taken: "_Taken", name: str) -> Iterator[bytes]:
+        """The body's lines, each within the deadline and the size cap, the key replaced; counts ``taken.read``."""
+        deadline = time.monotonic() + self._deadline
+        parts: List[bytes] = []
+        size = 0
+        taken.read = 0
+        for chunk in self._chunks(resp):
+            taken.read += len(chunk)
+            *lines, tail = self._clean(chunk).split(b"\n")
+            for line in lines:
+                if parts:  # a line that spans chunks, and so may a key
+                    line = self._clean(b"".join([*parts, line]))
+                    parts, size = [], 0
+                if len(line) > MAX_LINE_BYTES:
+                    raise _too_long(name, taken.lines + 1, resp)
+                yield line
+            if lines:  # the deadline starts again after the caller took the last line: its time is not the server's
+                deadline = time.monotonic() + self._deadline
+            if tail:
+                parts.append(tail)
+                size += len(tail)
+                if size > MAX_LINE_BYTES:
+                    raise _too_long(name, taken.lines + 1, resp)
+            self._in_time(deadline, resp, f"line {taken.lines + 1} not read within {self._deadline}s")
+        if parts:
+            yield self._clean(b"".join(parts))
+
     def _in_time(self, deadline: float, resp: requests.Response, what: str) -> None:
         if time.monotonic() > deadline:
             raise self._failure(socket.timeout(what), _method(resp), resp.url, what)
@@ -1375,7 +1537,7 @@ class Client:
     def _status_error(
         self, resp: requests.Response, request_id: Optional[str], refused: str = "not followed"
     ) -> APIStatusError:
-        text = self._redact(self._drain(resp).decode("utf-8", "replace"))
+        text = self._clean(self._read_error_body(resp)).decode("utf-8", "replace")
         try:
             data: Any = json.loads(text) if text else None
         except (ValueError, RecursionError):
@@ -1418,8 +1580,15 @@ class Client:
         unsent = any(isinstance(e, _UNSENT) for e in chain)
         return _Failure(error, "final" if final else "unsent" if unsent else "sent")
 
+    def _clean(self, data: bytes) -> bytes:
+        """Bytes from the server with the key, should they echo it, replaced."""
+        for secret in self._secrets:
+            if secret in data:
+                data = data.replace(secret, b"[token]")
+        return data
+
     def _redact(self, text: str) -> str:
-        return text.replace(self._token, "[token]").replace(json.dumps(self._token)[1:-1], "[token]")
+        return self._clean(text.encode("utf-8", "surrogateescape")).decode("utf-8", "surrogateescape")
 
 
 class _Failure(Exception):
@@ -1442,21 +1611,22 @@ class _Failure(Exception):
         return not isinstance(self.error, APIStatusError) or self.error.status_code in _AMBIGUOUS_STATUSES
 
 
-def _may_retry(failure: _Failure, safe: bool) -> bool:
-    """The retry policy: a read may be sent again after any failure that can pass; a write only
-    where the server cannot have acted on it (not sent, 408, 429)."""
+def _next_step(failure: _Failure, write: bool) -> str:
+    """The retry policy: "retry", "raise", or for a write the server may have acted on, "look" first.
+
+    A read may be sent again after any failure that can pass: a connection error, a timeout, a
+    transient status. A write only where the server cannot have acted on it (not sent, 408, 429).
+    """
     if failure.kind == "final":
-        return False
+        return "raise"
     error = failure.error
-    if isinstance(error, APIStatusError):
-        return error.status_code in (408, 429) or (safe and error.status_code in _AMBIGUOUS_STATUSES)
-    return safe or failure.kind == "unsent"
+    if isinstance(error, APIStatusError) and error.status_code not in _TRANSIENT_STATUSES:
+        return "raise"
+    return "look" if write and failure.ambiguous else "retry"
 
 
-def _retry_delay(failure: _Failure, attempt: int, max_retries: int, safe: bool) -> Optional[float]:
-    """Seconds to wait before attempt ``attempt + 1``, or None when there is none."""
-    if attempt > max_retries or not _may_retry(failure, safe):
-        return None
+def _delay(failure: _Failure, attempt: int) -> Optional[float]:
+    """Seconds to wait before attempt ``attempt + 1``: Retry-After, else backoff; None past MAX_RETRY_AFTER."""
     retry_after = getattr(failure.error, "retry_after", None)
     if retry_after is not None:
         return retry_after if retry_after <= MAX_RETRY_AFTER else None
@@ -1534,112 +1704,27 @@ class _Multipart:
         yield self._tail
 
 
-class _FileReader:
-    """Reads one file's JSONL lines as results, and resumes after a break without repeating one."""
+class _Taken:
+    """How far a file's read has gone, across its attempts: the lines taken, their bytes, the last one; and
+    this attempt's bytes read and request id."""
 
-    def __init__(
-        self,
-        client: Client,
-        file_id: str,
-        progress: Optional[Callable[[str, int, int, Optional[int]], None]],
-        parse: Callable[[Any], Any] = BatchResult.from_dict,
-    ):
-        self.client = client
-        self.file_id = file_id
-        self.parse = parse
-        self.path = _FILES + "/" + _check_id(file_id, "file id") + "/content"
-        self.progress = progress
-        #: Lines yielded so far (blank ones included), and the bytes of those lines.
+    def __init__(self) -> None:
+        self.request_id: Optional[str] = None
         self.lines = 0
-        self.done_bytes = 0
-        self.last_line = b""
-        #: Bytes read in this attempt, and the body's length when the server gave it.
-        self.bytes_read = 0
-        self.total: Optional[int] = None
+        self.bytes = 0
+        self.last = b""
+        self.read = 0
 
-    def pairs(self, who: Optional[str]) -> Iterator[Tuple[bytes, Any]]:
-        """Each line and its result; after a break, the file is asked for again and read on from where it was."""
-        attempt = 1
-        while True:
-            try:
-                with self.client._attempt("GET", self.path, who, accept="*/*", follow=True, attempt=attempt) as resp:
-                    yield from self._read(resp)
-                return
-            except _Failure as failure:
-                self.client._backoff("GET", self.path, failure, attempt, None, True)
-            except InvalidResponseError as exc:
-                exc.args = (self.client._redact(str(exc)),)  # a line may echo the key
-                raise
-            attempt += 1
 
-    def _read(self, resp: requests.Response) -> Iterator[Tuple[bytes, Any]]:
-        request_id = resp.headers.get("X-Request-ID")
-        # bytes_read counts decoded bytes, so the length of an encoded body is no total for it.
-        self.total = _content_length(resp.headers) if _encoding(resp) == "identity" else None
-        number = 0
-        skipped = 0
-        for line in self._lines(resp):
-            number += 1
-            if number <= self.lines:  # read before the connection broke: check, and skip
-                skipped += len(line) + 1
-                if number == self.lines and (skipped, line) != (self.done_bytes, self.last_line):
-                    raise self._changed(request_id)
-                continue
-            self.lines = number
-            self.done_bytes += len(line) + 1
-            self.last_line = line
-            if self.progress is not None:
-                self.progress(self.file_id, self.lines, self.bytes_read, self.total)
-            if not line.strip():
-                continue
-            try:
-                result = self.parse(json.loads(line))
-            except (ValueError, RecursionError) as exc:  # InvalidResponseError is a ValueError too
-                field = getattr(exc, "field", None)
-                what = str(exc) if field else f"not a JSON object: {_excerpt(line)!r}"
-                raise InvalidResponseError(
-                    f"file {self.file_id} line {number}: {what}", field=field, request_id=request_id
-                ) from exc
-            yield line, result
-        if number < self.lines:
-            raise self._changed(request_id)
+def _changed(name: str, request_id: Optional[str]) -> InvalidResponseError:
+    return InvalidResponseError(
+        f"{name} changed while it was read again after a broken connection", request_id=request_id
+    )
 
-    def _lines(self, resp: requests.Response) -> Iterator[bytes]:
-        """The body's lines, without their newlines, each within the deadline and the size cap."""
-        total = sum(self.client.timeout)
-        deadline = time.monotonic() + total
-        parts: List[bytes] = []
-        size = 0
-        self.bytes_read = 0
-        for chunk in self.client._body(resp):
-            self.bytes_read += len(chunk)
-            *lines, tail = chunk.split(b"\n")
-            for line in lines:
-                if parts:
-                    line = b"".join([*parts, line])
-                    parts, size = [], 0
-                self._check_size(len(line), resp)
-                yield line
-            if lines:  # the deadline starts again after the caller took the last line: its time is not the server's
-                deadline = time.monotonic() + total
-            if tail:
-                parts.append(tail)
-                size += len(tail)
-                self._check_size(size, resp)
-            self.client._in_time(deadline, resp, f"line {self.lines + 1} not read within {total}s")
-        if parts:
-            yield b"".join(parts)
 
-    def _check_size(self, size: int, resp: requests.Response) -> None:
-        if size > MAX_LINE_BYTES:
-            raise InvalidResponseError(
-                f"file {self.file_id} line {self.lines + 1}: longer than the {MAX_LINE_BYTES}-byte limit",
-                request_id=resp.headers.get("X-Request-ID"),
-            )
-
-    def _changed(self, request_id: Optional[str]) -> InvalidResponseError:
-        message = f"file {self.file_id} changed while it was read again after a broken connection"
-        return InvalidResponseError(message, request_id=request_id)
+def _too_long(name: str, number: int, resp: requests.Response) -> InvalidResponseError:
+    message = f"{name} line {number}: longer than the {MAX_LINE_BYTES}-byte limit"
+    return InvalidResponseError(message, request_id=resp.headers.get("X-Request-ID"))
 
 
 def _close_pools(session: requests.Session) -> None:
@@ -1650,7 +1735,7 @@ def _close_pools(session: requests.Session) -> None:
         managers = [getattr(adapter, "poolmanager", None), *getattr(adapter, "proxy_manager", {}).values()]
         for pools in [getattr(manager, "pools", None) for manager in managers]:
             for key in pools.keys() if pools is not None else ():
-                pools[key].close()
+                pools[key].close()  # type: ignore[index]
 
 
 def _closing(client: Client, items: Iterator[_T]) -> Iterator[_T]:
@@ -1789,15 +1874,18 @@ def _digest(stream: BinaryIO) -> Tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def _page(data: Any, request_id: Optional[str]) -> Tuple[Dict[str, Any], Optional[str]]:
-    """One page of a list endpoint, its shape checked, and its request id; the caller parses the items."""
+def _page(data: Any, request_id: Optional[str]) -> Dict[str, Any]:
+    """One page of a list endpoint, its shape checked; the caller parses the items."""
     if type(data) is not dict:
-        raise _invalid("list", "an object", data)
-    if type(data.get("data")) is not list:
-        raise _invalid("data", "a list", data.get("data"))
-    if type(data.get("has_more")) is not bool:
-        raise _invalid("has_more", "true or false", data.get("has_more"))
-    return data, request_id
+        error = _invalid("list", "an object", data)
+    elif type(data.get("data")) is not list:
+        error = _invalid("data", "a list", data.get("data"))
+    elif type(data.get("has_more")) is not bool:
+        error = _invalid("has_more", "true or false", data.get("has_more"))
+    else:
+        return data
+    error.request_id = request_id
+    raise error
 
 
 def _custom_id(data: Any) -> str:
@@ -1806,10 +1894,6 @@ def _custom_id(data: Any) -> str:
     if type(custom_id) is not str:
         raise InvalidResponseError("expected a JSON object with a string custom_id", field="custom_id")
     return custom_id
-
-
-def _file(data: Any, request_id: Optional[str]) -> File:
-    return File.from_dict(data)
 
 
 def _read1(raw: Any) -> Callable[[int], bytes]:
