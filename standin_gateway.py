@@ -286,6 +286,12 @@ class Gateway:
     "refuse-502": answers so without acting. ``stuck_cursor``: every batches page is the
     first, with ``has_more`` true. ``empty_has_more``: every batches page is empty, with
     ``has_more`` true. ``ignore_sha256_filter``: the files list ignores ``sha256``.
+    ``clock_offset``: seconds the gateway's clock (``now()``) runs ahead of this machine's,
+    behind if negative. It dates all the gateway makes: a created batch's ``created_at``,
+    ``expires_at``, the ``_at`` of each state it reaches (``cancelling_at`` too) and its
+    results' ``created``, and uploads' and output files' ``created_at``; the scripted batches
+    and files keep their fixed times (``created_at`` 1704067200). Tests may change it while
+    the gateway runs.
 
     What the tests read: ``requests`` (each request's method, path with its query, query,
     and headers), ``connections``, ``created_batches(scope)`` and ``stored_files(scope)``.
@@ -303,6 +309,7 @@ class Gateway:
         stuck_cursor: bool = False,
         empty_has_more: bool = False,
         ignore_sha256_filter: bool = False,
+        clock_offset: float = 0.0,
     ):
         self.chaos = chaos
         self.chaos_every = chaos_every
@@ -313,6 +320,7 @@ class Gateway:
         self.stuck_cursor = stuck_cursor
         self.empty_has_more = empty_has_more
         self.ignore_sha256_filter = ignore_sha256_filter
+        self.clock_offset = clock_offset
         self.connections = 0
         self.requests: List[Dict[str, str]] = []
         self._polls: Dict[Tuple[Optional[str], str], Tuple[int, float]] = {}
@@ -334,6 +342,10 @@ class Gateway:
         self._stop.set()
         self._server.shutdown()
         self._server.server_close()
+
+    def now(self) -> float:
+        """The gateway's clock, Unix seconds: this machine's, ``clock_offset`` seconds on."""
+        return time.time() + self.clock_offset
 
     def created_batches(self, scope: Optional[str] = None) -> List[Dict[str, Any]]:
         """The batches this scope created, as they stand, oldest first."""
@@ -448,13 +460,13 @@ class Gateway:
         return None
 
     def _store(self, scope: Optional[str], data: bytes, filename: str, purpose: str, uploaded: bool) -> Dict[str, Any]:
-        meta = _file_json("file-" + uuid.uuid4().hex[:24], data, filename, purpose, int(time.time()))
+        meta = _file_json("file-" + uuid.uuid4().hex[:24], data, filename, purpose, int(self.now()))
         self._files.append({"scope": scope, "meta": meta, "data": data, "uploaded": uploaded})
         return dict(meta)
 
     def _advance(self, created: _Created) -> Dict[str, Any]:
         """Move a created batch one state on, and answer it."""
-        batch, now = created.batch, int(time.time())
+        batch, now = created.batch, int(self.now())
         status = batch["status"]
         if status == "validating":
             errors, lines = _validate(created.data, batch["endpoint"])
@@ -477,7 +489,7 @@ class Gateway:
     def _outcomes(self, created: _Created) -> List[Tuple[Optional[str], bool, bytes]]:
         finished = list(reversed(created.lines))[: created.done]
         endpoint = created.batch["endpoint"]
-        return [_result_line(n, custom_id, endpoint, body, int(time.time())) for n, custom_id, body in finished]
+        return [_result_line(n, custom_id, endpoint, body, int(self.now())) for n, custom_id, body in finished]
 
     def _finish(self, created: _Created, status: str, now: int) -> None:
         batch, outcomes = created.batch, self._outcomes(created)
@@ -570,7 +582,7 @@ class Gateway:
                 return 404, {"error": {"message": "File not found", "details": {"file_id": file_id}}}, {}
             if purpose != "batch":
                 return _invalid(f"the input file {file_id} has purpose {purpose}, not batch")
-            now = int(time.time())
+            now = int(self.now())
             batch = dict(DOCUMENTED_EXAMPLE, id="batch_" + uuid.uuid4().hex, endpoint=endpoint)
             batch.update({key: None for key in batch if key.endswith(("_at", "_file_id"))})
             batch.update(input_file_id=file_id, status="validating", created_at=now, expires_at=now + 86400)
@@ -612,7 +624,7 @@ class Gateway:
                 return 200, self.final(batch_id, scope), {}
             if status != "cancelling":
                 created.done = {"in_progress": len(created.lines) // 2, "finalizing": len(created.lines)}.get(status, 0)
-                batch.update(status="cancelling", cancelling_at=int(time.time()))
+                batch.update(status="cancelling", cancelling_at=int(self.now()))
             return 200, copy.deepcopy(batch), {}
 
     def write(self, route: Tuple[str, str], scope: Optional[str], content_type: Optional[str], body: bytes) -> Answer:
@@ -1112,6 +1124,8 @@ def demo(gateway: Gateway) -> int:
         file=sys.stderr,
         flush=True,
     )
+    if gateway.clock_offset:
+        print(f"Its clock runs {gateway.clock_offset:+g} s from this machine's.", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as work:
         write_example(os.path.join(work, EXAMPLE))
         for args in DEMO_COMMANDS:
@@ -1138,6 +1152,8 @@ def serve(gateway: Gateway) -> int:
     print(f"  python standin_gateway.py --example {EXAMPLE}")
     for args in DEMO_COMMANDS:
         print("  python -m mka1_batches " + " ".join(args))
+    if gateway.clock_offset:
+        print(f"Its clock runs {gateway.clock_offset:+g} s from this machine's.")
     print(f"batch_progress starts over once left at its end for {gateway.restart_after:g} s.", flush=True)
     threading.Event().wait()
     return 0  # not reached: only Ctrl-C ends the wait
@@ -1165,6 +1181,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--serve", action="store_true", help="only serve, until Ctrl-C")
     parser.add_argument("--port", type=int, default=0, metavar="N", help="the port to listen on (default: a free one)")
     parser.add_argument(
+        "--clock-offset",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="run the gateway's clock this far ahead of this machine's, or behind if negative"
+        " (--clock-offset=-86400: a day behind); it dates the batches and files it makes",
+    )
+    parser.add_argument(
         "--example", metavar="PATH", help=f"only write the demo's input file to PATH, such as {EXAMPLE}"
     )
     args = parser.parse_args(argv)
@@ -1174,7 +1198,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not 0 <= args.port <= 65535:
         parser.error("--port must be from 0 to 65535")
     try:
-        gateway = Gateway(port=args.port)
+        gateway = Gateway(port=args.port, clock_offset=args.clock_offset)
     except OSError as exc:
         print(f"error: cannot listen on 127.0.0.1:{args.port}: {exc.strerror}", file=sys.stderr)
         return 1

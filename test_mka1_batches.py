@@ -4030,7 +4030,10 @@ def test_demo_stops_at_the_first_failing_command(monkeypatch, capfd):
 def test_standin_help_prints_usage_and_runs_nothing():
     r = standin("--help")
     assert (r.returncode, r.stderr) == (0, "")
-    assert r.stdout.startswith("usage: python standin_gateway.py [-h] [--serve] [--port N] [--example PATH]\n")
+    assert r.stdout.startswith(
+        "usage: python standin_gateway.py [-h] [--serve] [--port N]\n"
+        "                                 [--clock-offset SECONDS] [--example PATH]\n"
+    )
     for text in ["--serve", "--port N", "'demo-key'", "python -m mka1_batches resubmit batch_partial\n"]:
         assert text in r.stdout
 
@@ -4841,6 +4844,79 @@ def test_demo_ends_saying_how_to_keep_a_stand_in_running(demo):
         "  export MKA1_BASE_URL=http://127.0.0.1:8080",
         "  export MKA1_API_KEY=demo-key",
     ]
+
+
+# The gateway's clock, its Date header, its file and list switches, and quiet when a client goes away.
+
+
+class FrozenTime:
+    """The stand-in's ``time`` module, but time() stands at ``now`` until a test moves it; monotonic and sleep run."""
+
+    monotonic = staticmethod(time.monotonic)
+    sleep = staticmethod(time.sleep)
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_standin_clock_dates_what_the_gateway_makes(skewed_gateway, monkeypatch):
+    gw, clock = skewed_gateway, FrozenTime(1750000000.75)
+    monkeypatch.setattr(standin_gateway, "time", clock)
+    now = {"-86400": 1749913600, "0": 1750000000, "86400": 1750086400}[f"{gw.clock_offset:g}"]
+    assert gw.now() == 1750000000.75 + gw.clock_offset
+    f = upload(gw, requests_file(None, None)).json()
+    batch = create(gw, f["id"]).json()
+    assert (f["created_at"], batch["created_at"], batch["expires_at"]) == (now, now, now + 86400)
+    states = []
+    for _ in range(3):
+        clock.now += 60  # each state is dated when it is reached
+        states.append(poll(gw, batch["id"]))
+    assert [(s["status"], s["in_progress_at"], s["finalizing_at"], s["completed_at"]) for s in states] == [
+        ("in_progress", now + 60, None, None),
+        ("finalizing", now + 60, now + 120, None),
+        ("completed", now + 60, now + 120, now + 180),
+    ]
+    output = fetch(gw, "/api/v1/llm/files/" + states[-1]["output_file_id"]).json()
+    assert output["created_at"] == now + 180
+    assert [x["response"]["body"]["created"] for x in file_lines(gw, output["id"])] == [now + 180] * 2
+    other = create(gw, f["id"]).json()["id"]
+    clock.now += 60
+    cancelling = post(gw, f"/api/v1/llm/batches/{other}/cancel").json()
+    clock.now += 60
+    assert (cancelling["cancelling_at"], poll(gw, other)["cancelled_at"]) == (now + 240, now + 300)
+    failed = created(gw, b"not json\n")["id"]
+    assert poll(gw, failed)["failed_at"] == now + 300
+    scripted = poll(gw, "batch_x")
+    assert (scripted["created_at"], scripted["completed_at"]) == (1704067200, 1704070860)  # fixed, whatever the clock
+    assert fetch(gw, "/api/v1/llm/files/file-batch_partial-input").json()["created_at"] == 1704067200
+
+
+def test_standin_clock_offset_flag_skews_the_served_gateway():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "standin_gateway.py", "--serve", "--port", str(port), "--clock-offset=-86400"]
+    p = subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    try:
+        assert p.stdout is not None
+        head = [p.stdout.readline() for _ in range(6)]
+        assert head[-1] == "Its clock runs -86400 s from this machine's.\n"
+        url = f"http://127.0.0.1:{port}/api/v1/llm/files"
+        r = requests.post(
+            url,
+            headers={"Authorization": "Bearer demo-key"},
+            files={"file": ("a.jsonl", b"{}\n")},
+            data={"purpose": "batch"},
+            timeout=10,
+        )
+        assert abs(r.json()["created_at"] - (time.time() - 86400)) < 60
+    finally:
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=10)[1]
+    assert p.returncode == 0 and "Traceback" not in err
 
 
 # --- Writes: upload, create, list and cancel, each exactly once ---------------------------------
