@@ -5,15 +5,16 @@
     python standin_gateway.py --serve --port 8080
 
 It speaks the real contract (bearer token, X-On-Behalf-Of scoping, error envelopes,
-X-Request-ID) for a batch's whole life: upload a file (``POST /api/v1/llm/files``), list and
-get files, create a batch (``POST /api/v1/llm/batches``), list, get and cancel batches, and
-read a file's content. It has scripted batches and files (see Gateway), and breaks
-connections and writes on request for the tests. Standard library only; it runs on Python
-3.6 and later.
+X-Request-ID, a Date header) for a batch's whole life: upload a file (``POST
+/api/v1/llm/files``), list and get files, create a batch (``POST /api/v1/llm/batches``),
+list, get and cancel batches, and read a file's content. It has scripted batches and files
+(see Gateway), and breaks connections and writes on request for the tests. Standard library
+only; it runs on Python 3.6 and later.
 """
 
 import argparse
 import copy
+import email.utils
 import hashlib
 import json
 import os
@@ -291,7 +292,8 @@ class Gateway:
     ``expires_at``, the ``_at`` of each state it reaches (``cancelling_at`` too) and its
     results' ``created``, and uploads' and output files' ``created_at``; the scripted batches
     and files keep their fixed times (``created_at`` 1704067200). Tests may change it while
-    the gateway runs.
+    the gateway runs. Every answer, errors and faults included, has a ``Date`` header from
+    that clock (IMF-fixdate); ``send_date=False`` leaves it out, as some proxies do.
 
     What the tests read: ``requests`` (each request's method, path with its query, query,
     and headers), ``connections``, ``created_batches(scope)`` and ``stored_files(scope)``.
@@ -310,6 +312,7 @@ class Gateway:
         empty_has_more: bool = False,
         ignore_sha256_filter: bool = False,
         clock_offset: float = 0.0,
+        send_date: bool = True,
     ):
         self.chaos = chaos
         self.chaos_every = chaos_every
@@ -321,6 +324,7 @@ class Gateway:
         self.empty_has_more = empty_has_more
         self.ignore_sha256_filter = ignore_sha256_filter
         self.clock_offset = clock_offset
+        self.send_date = send_date
         self.connections = 0
         self.requests: List[Dict[str, str]] = []
         self._polls: Dict[Tuple[Optional[str], str], Tuple[int, float]] = {}
@@ -959,6 +963,14 @@ def _handler(gateway: Gateway) -> type:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
+        def date_time_string(self, timestamp: Optional[float] = None) -> str:
+            # BaseHTTPRequestHandler's own answers (send_error: an unknown method, a bad request line) come here too.
+            return email.utils.formatdate(gateway.now() if timestamp is None else timestamp, usegmt=True)
+
+        def send_header(self, keyword: str, value: str) -> None:
+            if keyword != "Date" or gateway.send_date:
+                super().send_header(keyword, value)
+
         def _record(self) -> Tuple[str, Dict[str, str], Optional[str]]:
             """Note the request; its path without the query, the query, and its scope."""
             path, _, query = self.path.partition("?")
@@ -1050,8 +1062,10 @@ def _handler(gateway: Gateway) -> type:
                     self._reset()
                     self.close_connection = True
 
-        def _head(self, status: int, headers: Dict[str, str]) -> bytes:
-            items = {**headers, "X-Request-ID": f"{uuid.uuid4()}#{self.number}"}
+        def _head(self, status: int, headers: Dict[str, str], request_id: bool = True) -> bytes:
+            items = dict(headers, Date=self.date_time_string()) if gateway.send_date else dict(headers)
+            if request_id:
+                items["X-Request-ID"] = f"{uuid.uuid4()}#{self.number}"
             head = [f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}"]
             head += [f"{k}: {v}" for k, v in items.items()]
             return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
@@ -1083,7 +1097,7 @@ def _handler(gateway: Gateway) -> type:
             elif kind == "503":
                 self._send(503, b"<html><body><h1>503 Service Unavailable</h1></body></html>", {"Retry-After": "0"})
             elif kind == "drip":  # the whole body, one byte at a time, each just inside a read timeout
-                self.wfile.write(f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+                self.wfile.write(self._bare(len(body)))
                 for byte in body:
                     if gateway._stop.wait(gateway.drip):
                         break
@@ -1092,9 +1106,9 @@ def _handler(gateway: Gateway) -> type:
             elif kind == "hang":  # read the request, never answer
                 gateway._stop.wait(30)
             elif kind == "short":  # promise more than is sent, then close
-                self.wfile.write(f"HTTP/1.1 200 OK\r\nContent-Length: {len(body) + 100}\r\n\r\n".encode() + body)
+                self.wfile.write(self._bare(len(body) + 100) + body)
             elif kind == "reset_mid":  # half the body, then a reset
-                self.wfile.write(f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:40])
+                self.wfile.write(self._bare(len(body)) + body[:40])
                 self.wfile.flush()
                 time.sleep(0.05)
                 self._reset()
@@ -1102,6 +1116,10 @@ def _handler(gateway: Gateway) -> type:
                 self._reset()
             # "drop", and every fault above but the status ones: close without another word.
             self.close_connection = kind not in ("429", "503")
+
+        def _bare(self, length: int) -> bytes:
+            """A broken answer's head: a 200 with its length and date, and no request id."""
+            return self._head(200, {"Content-Length": str(length)}, request_id=False)
 
         def _reset(self) -> None:
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -1186,7 +1204,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         default=0.0,
         metavar="SECONDS",
         help="run the gateway's clock this far ahead of this machine's, or behind if negative"
-        " (--clock-offset=-86400: a day behind); it dates the batches and files it makes",
+        " (--clock-offset=-86400: a day behind); it dates the batches and files it makes, and each answer",
     )
     parser.add_argument(
         "--example", metavar="PATH", help=f"only write the demo's input file to PATH, such as {EXAMPLE}"

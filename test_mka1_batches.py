@@ -4913,10 +4913,57 @@ def test_standin_clock_offset_flag_skews_the_served_gateway():
             timeout=10,
         )
         assert abs(r.json()["created_at"] - (time.time() - 86400)) < 60
+        assert abs(email.utils.parsedate_to_datetime(r.headers["Date"]).timestamp() - (time.time() - 86400)) < 60
     finally:
         p.send_signal(signal.SIGINT)
         err = p.communicate(timeout=10)[1]
     assert p.returncode == 0 and "Traceback" not in err
+
+
+def every_kind_of_answer(gw: Gateway) -> List[Tuple[int, Any]]:
+    """(status, Date header) of one answer of each kind the stand-in sends: found, errors, a stream, faults."""
+
+    def faulted(kind: str) -> requests.Response:
+        gw.write_faults = [kind]
+        return upload(gw, b"{}\n")
+
+    answers = [
+        fetch(gw, "/api/v1/llm/batches/batch_x"),
+        fetch(gw, "/api/v1/llm/batches/batch_nope"),
+        fetch(gw, "/api/v1/llm/batches/batch_x", bearer="wrong"),
+        fetch(gw, "/api/v1/llm/batches?limit=0"),
+        fetch(gw, "/api/v1/llm/batches/batch_ratelimited"),
+        fetch(gw, content("file-large-3")),
+        fetch(gw, "/api/v1/llm/batches/fault_429"),
+        fetch(gw, "/api/v1/llm/batches/fault_503"),
+        upload(gw, b"{}\n"),
+        *[faulted(kind) for kind in ["500", "502", "429", "refuse-502"]],
+        post(gw, "/api/v1/llm/files", data=iter([b"x"])),  # chunked: 411
+        requests.put(gw.base_url + "/api/v1/llm/batches/batch_x", timeout=10),  # http.server's own 501
+        fetch(gw, "/api/v1/llm/nope"),
+    ]
+    for fault in ["short", "drip", "reset_mid"]:  # their heads only: the bodies break
+        with fetch(gw, "/api/v1/llm/batches/fault_" + fault, stream=True) as r:
+            answers.append(r)
+    return [(r.status_code, r.headers.get("Date")) for r in answers]
+
+
+ANSWERED = [200, 404, 401, 400, 429, 200, 429, 503, 200, 500, 502, 429, 502, 411, 501, 404, 200, 200, 200]
+
+
+def test_standin_every_answer_is_dated_by_the_gateways_clock(skewed_gateway, monkeypatch):
+    monkeypatch.setattr(standin_gateway, "time", FrozenTime(1750000000.75))
+    date = {
+        "-86400": "Sat, 14 Jun 2025 15:06:40 GMT",
+        "0": "Sun, 15 Jun 2025 15:06:40 GMT",
+        "86400": "Mon, 16 Jun 2025 15:06:40 GMT",
+    }[f"{skewed_gateway.clock_offset:g}"]
+    assert every_kind_of_answer(skewed_gateway) == [(status, date) for status in ANSWERED]
+
+
+def test_standin_send_date_off_leaves_the_date_header_out():
+    with Gateway(send_date=False) as gw:
+        assert every_kind_of_answer(gw) == [(status, None) for status in ANSWERED]
 
 
 # --- Writes: upload, create, list and cancel, each exactly once ---------------------------------
