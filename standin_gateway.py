@@ -294,6 +294,10 @@ class Gateway:
     and files keep their fixed times (``created_at`` 1704067200). Tests may change it while
     the gateway runs. Every answer, errors and faults included, has a ``Date`` header from
     that clock (IMF-fixdate); ``send_date=False`` leaves it out, as some proxies do.
+    ``no_sha256``: every File has ``sha256`` null and the files list ignores ``sha256``, as a
+    gateway that does not know it. ``file_ttl``: an upload's ``expires_at`` is its
+    ``created_at`` plus these seconds (null without); 0 or less makes it expired on arrival.
+    The stand-in never deletes a file: an expired one is still listed, read and batched.
 
     What the tests read: ``requests`` (each request's method, path with its query, query,
     and headers), ``connections``, ``created_batches(scope)`` and ``stored_files(scope)``.
@@ -313,6 +317,8 @@ class Gateway:
         ignore_sha256_filter: bool = False,
         clock_offset: float = 0.0,
         send_date: bool = True,
+        no_sha256: bool = False,
+        file_ttl: Optional[int] = None,
     ):
         self.chaos = chaos
         self.chaos_every = chaos_every
@@ -325,6 +331,8 @@ class Gateway:
         self.ignore_sha256_filter = ignore_sha256_filter
         self.clock_offset = clock_offset
         self.send_date = send_date
+        self.no_sha256 = no_sha256
+        self.file_ttl = file_ttl
         self.connections = 0
         self.requests: List[Dict[str, str]] = []
         self._polls: Dict[Tuple[Optional[str], str], Tuple[int, float]] = {}
@@ -464,7 +472,9 @@ class Gateway:
         return None
 
     def _store(self, scope: Optional[str], data: bytes, filename: str, purpose: str, uploaded: bool) -> Dict[str, Any]:
-        meta = _file_json("file-" + uuid.uuid4().hex[:24], data, filename, purpose, int(self.now()))
+        file_id, created_at = "file-" + uuid.uuid4().hex[:24], int(self.now())
+        expires_at = created_at + int(self.file_ttl) if uploaded and self.file_ttl is not None else None
+        meta = _file_json(file_id, data, filename, purpose, created_at, expires_at, self.no_sha256)
         self._files.append({"scope": scope, "meta": meta, "data": data, "uploaded": uploaded})
         return dict(meta)
 
@@ -538,7 +548,7 @@ class Gateway:
             files = [dict(f["meta"]) for f in self._files if f["scope"] == scope and f["uploaded"]]
         if "purpose" in query:
             files = [f for f in files if f["purpose"] == query["purpose"]]
-        if "sha256" in query and not self.ignore_sha256_filter:
+        if "sha256" in query and not (self.ignore_sha256_filter or self.no_sha256):
             files = [f for f in files if f["sha256"] == query["sha256"].lower()]
         if order == "desc":
             files.reverse()
@@ -553,7 +563,8 @@ class Gateway:
         if file_id in _PARTIAL_FILES:
             purpose = "batch" if file_id == _PARTIAL_FILES[0] else "batch_output"
             name = file_id[len("file-") :].replace("-", "_") + ".jsonl"
-            return 200, _file_json(file_id, _partial_files()[file_id], name, purpose, _SCRIPTED_AT), {}
+            meta = _file_json(file_id, _partial_files()[file_id], name, purpose, _SCRIPTED_AT, None, self.no_sha256)
+            return 200, meta, {}
         return 404, {"error": {"message": "File not found", "details": {"file_id": file_id}}}, {}
 
     def create(self, scope: Optional[str], body: bytes) -> Answer:
@@ -694,7 +705,9 @@ def _is_metadata(value: Any) -> bool:
     )
 
 
-def _file_json(file_id: str, data: bytes, filename: str, purpose: str, created_at: int) -> Dict[str, Any]:
+def _file_json(
+    file_id: str, data: bytes, filename: str, purpose: str, created_at: int, expires_at: Optional[int], no_sha256: bool
+) -> Dict[str, Any]:
     return {
         "id": file_id,
         "object": "file",
@@ -702,9 +715,9 @@ def _file_json(file_id: str, data: bytes, filename: str, purpose: str, created_a
         "created_at": created_at,
         "filename": filename,
         "purpose": purpose,
-        "expires_at": None,
+        "expires_at": expires_at,
         "status": "processed",
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "sha256": None if no_sha256 else hashlib.sha256(data).hexdigest(),
     }
 
 

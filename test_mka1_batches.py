@@ -4966,6 +4966,35 @@ def test_standin_send_date_off_leaves_the_date_header_out():
         assert every_kind_of_answer(gw) == [(status, None) for status in ANSWERED]
 
 
+def test_standin_no_sha256_files_have_none_and_the_list_ignores_the_filter():
+    with Gateway(no_sha256=True) as gw:
+        data = requests_file(None)
+        files = [upload(gw, data).json(), upload(gw, b"{}\n").json()]
+        assert [f["sha256"] for f in files] == [None, None] and fetch(
+            gw, "/api/v1/llm/files/" + files[0]["id"]
+        ).json() == files[0]
+        listed = fetch(gw, "/api/v1/llm/files", params={"sha256": hashlib.sha256(data).hexdigest()}).json()["data"]
+        assert listed == files[::-1]
+        end = to_the_end(gw, create(gw, files[0]["id"]).json()["id"])[-1]
+        assert fetch(gw, "/api/v1/llm/files/" + end["output_file_id"]).json()["sha256"] is None
+        assert fetch(gw, "/api/v1/llm/files/file-batch_partial-input").json()["sha256"] is None
+
+
+@pytest.mark.parametrize("ttl", [3600, 0, -1])  # 0 and -1: expired as it arrives
+def test_standin_file_ttl_dates_when_an_upload_expires_by_the_gateways_clock(monkeypatch, ttl):
+    monkeypatch.setattr(standin_gateway, "time", FrozenTime(1750000000.75))
+    with Gateway(file_ttl=ttl, clock_offset=86400) as gw:
+        f = upload(gw, requests_file(None)).json()
+        assert (f["created_at"], f["expires_at"]) == (1750086400, 1750086400 + ttl)
+        assert (
+            fetch(gw, "/api/v1/llm/files").json()["data"] == [f]
+            and fetch(gw, "/api/v1/llm/files/" + f["id"]).json() == f
+        )
+        end = to_the_end(gw, create(gw, f["id"]).json()["id"])[-1]  # expired or not, it is kept and used
+        assert end["status"] == "completed"
+        assert fetch(gw, "/api/v1/llm/files/" + end["output_file_id"]).json()["expires_at"] is None  # only uploads
+
+
 # --- Writes: upload, create, list and cancel, each exactly once ---------------------------------
 # The retry policy as a table, then each write over the stand-in's sockets, with the gateway
 # acting and then failing the answer, and what it holds counted afterwards.
