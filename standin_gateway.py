@@ -18,6 +18,7 @@ import email.utils
 import hashlib
 import json
 import os
+import random
 import re
 import socket
 import socketserver
@@ -59,6 +60,8 @@ STATUSES = (
 )
 #: What ``Gateway.write_faults`` may hold; see Gateway.
 WRITE_FAULTS = ("500", "502", "503", "504", "reset", "silent", "429", "refuse-502", "cut-upload")
+#: How the batches and files lists may page, ``Gateway.list_mode``; see Gateway.
+LIST_MODES = ("stable", "shuffled_ties", "keyset", "ignore_after")
 #: ``batch_partial``'s requests in input order, and what became of each: a status code in its
 #: output file, "error" in its error file, "drop" in neither.
 PARTIAL = [
@@ -298,6 +301,15 @@ class Gateway:
     gateway that does not know it. ``file_ttl``: an upload's ``expires_at`` is its
     ``created_at`` plus these seconds (null without); 0 or less makes it expired on arrival.
     The stand-in never deletes a file: an expired one is still listed, read and batched.
+    ``list_mode``, one of LIST_MODES, is how both lists page. "stable": ``after`` answers what
+    follows it in the order above (an unknown one is 400). "shuffled_ties": newest first by
+    ``created_at`` (oldest first for files' ``order=asc``), each second's ties in a new order on
+    every request (``seed`` repeats a run's orders); ``after`` answers what follows it in this
+    request's order, an unknown one from the top, so pages repeat and skip ties, as some
+    OpenAI-compatible servers do. "keyset": ``after`` answers only what is older (with
+    ``order=asc``, newer) than its second, so the rest of its second is skipped. "ignore_after":
+    every page is the first, with an honest ``has_more``. The scripted batches all share one
+    second. ``stuck_cursor`` and ``empty_has_more`` override it.
 
     What the tests read: ``requests`` (each request's method, path with its query, query,
     and headers), ``connections``, ``created_batches(scope)`` and ``stored_files(scope)``.
@@ -319,7 +331,11 @@ class Gateway:
         send_date: bool = True,
         no_sha256: bool = False,
         file_ttl: Optional[int] = None,
+        list_mode: str = "stable",
+        seed: Optional[int] = None,
     ):
+        if list_mode not in LIST_MODES:
+            raise ValueError(f"list_mode must be one of {', '.join(LIST_MODES)}, not {list_mode!r}")
         self.chaos = chaos
         self.chaos_every = chaos_every
         self.drip = drip
@@ -333,6 +349,8 @@ class Gateway:
         self.send_date = send_date
         self.no_sha256 = no_sha256
         self.file_ttl = file_ttl
+        self.list_mode = list_mode
+        self._random = random.Random(seed)  # shuffled_ties' orders: the same run for a seed, new on each request
         self.connections = 0
         self.requests: List[Dict[str, str]] = []
         self._polls: Dict[Tuple[Optional[str], str], Tuple[int, float]] = {}
@@ -552,7 +570,7 @@ class Gateway:
             files = [f for f in files if f["sha256"] == query["sha256"].lower()]
         if order == "desc":
             files.reverse()
-        return _page(files, limit, query.get("after"))
+        return self._list_page(files, limit, query.get("after"), newest_first=order == "desc")
 
     def file_object(self, file_id: str, scope: Optional[str]) -> Answer:
         """``GET /api/v1/llm/files/{id}``."""
@@ -621,7 +639,7 @@ class Gateway:
         if self.stuck_cursor:
             status, page, headers = _page(batches, limit, None)
             return status, dict(page, has_more=True), headers
-        return _page(batches, limit, query.get("after"))
+        return self._list_page(batches, limit, query.get("after"))
 
     def cancel(self, batch_id: str, scope: Optional[str]) -> Answer:
         """``POST /api/v1/llm/batches/{id}/cancel``."""
@@ -658,6 +676,26 @@ class Gateway:
             kind = faults.pop(0) if faults else None
             self.write_faults = faults
             return kind
+
+    def _list_page(
+        self, items: List[Dict[str, Any]], limit: int, after: Optional[str], newest_first: bool = True
+    ) -> Answer:
+        """A page of ``items``, given in the stable order (by ``created_at``), as ``list_mode`` pages them."""
+        mode = self.list_mode
+        if mode == "shuffled_ties":
+            with self._lock:
+                self._random.shuffle(items)
+            items.sort(key=lambda item: item["created_at"], reverse=newest_first)  # a stable sort: ties stay shuffled
+        ids = [item["id"] for item in items]
+        if mode == "ignore_after" or (mode == "shuffled_ties" and after not in ids):
+            after = None  # from the top; keyset refuses an unknown cursor as stable does
+        if mode == "keyset" and after in ids:
+            mark = items[ids.index(after)]["created_at"]  # past after's second: its ties not yet listed are lost
+            items = [
+                item for item in items if (item["created_at"] < mark if newest_first else item["created_at"] > mark)
+            ]
+            after = None
+        return _page(items, limit, after)
 
     def _peek(self, batch_id: str, scope: Optional[str]) -> Dict[str, Any]:
         """A scripted batch as a GET would now find it, without moving it on."""

@@ -4995,6 +4995,121 @@ def test_standin_file_ttl_dates_when_an_upload_expires_by_the_gateways_clock(mon
         assert fetch(gw, "/api/v1/llm/files/" + end["output_file_id"]).json()["expires_at"] is None  # only uploads
 
 
+#: The scripted batches the batches list shows a scope other than user_123, in the stable order; all made in one second.
+TIED = [b for b, _ in standin_gateway.SCRIPTED_BATCHES if "<" not in b and b != "batch_private"]
+
+
+def list_page(gw: Gateway, path: str = "/api/v1/llm/batches", who: Any = None, **params: Any) -> Dict[str, Any]:
+    r = fetch(gw, path, who, params=params)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def ids_of(page: Dict[str, Any]) -> List[str]:
+    return [item["id"] for item in page["data"]]
+
+
+def newer_batches(gw: Gateway, clock: FrozenTime) -> List[str]:
+    """Two batches created ten seconds apart, later than the scripted ones; their ids, newest first."""
+    ids = []
+    for _ in range(2):
+        clock.now += 10
+        ids.insert(0, created(gw, requests_file(None))["id"])
+    return ids
+
+
+def tied_files(gw: Gateway, clock: FrozenTime) -> List[str]:
+    """Files of user_f's: three uploaded in one second, then one in the next; their ids, oldest first."""
+    clock.now += 1
+    ids = [upload(gw, b"{}\n", "user_f").json()["id"] for _ in range(3)]
+    clock.now += 1
+    return [*ids, upload(gw, b"{}\n", "user_f").json()["id"]]
+
+
+def test_standin_list_mode_shuffled_ties_orders_each_seconds_ties_anew_on_every_request(monkeypatch):
+    clock = FrozenTime(1750000000.75)
+    monkeypatch.setattr(standin_gateway, "time", clock)
+    with Gateway(list_mode="shuffled_ties", seed=1) as gw:
+        newest, files = newer_batches(gw, clock), tied_files(gw, clock)
+        orders = set()
+        for _ in range(10):
+            ids = ids_of(list_page(gw, limit=100))
+            assert ids[:2] == newest and sorted(ids[2:]) == sorted(TIED)
+            orders.add(tuple(ids[2:]))
+        assert len(orders) == 10  # 15 ties: a new order each time
+        assert ids_of(list_page(gw, limit=100, after=newest[0]))[0] == newest[1]
+        assert ids_of(list_page(gw, limit=2, after="batch_nope")) == newest  # an unknown cursor: from the top
+        rests = [ids_of(list_page(gw, limit=100, after=TIED[0])) for _ in range(10)]
+        assert all(set(rest) <= set(TIED) - {TIED[0]} for rest in rests)  # never the newer ones, nor itself
+        assert len({len(rest) for rest in rests}) > 1  # what follows it depends on where this request put it
+        seen, after = [], None
+        for _ in range(50):
+            page = list_page(gw, limit=4, after=after)
+            seen, after = seen + ids_of(page), page["last_id"]
+            if not page["has_more"]:
+                break
+        assert not page["has_more"] and (len(seen) != len(set(seen)) or set(seen) != {*newest, *TIED})  # a pager's lot
+        for order in ["desc", "asc"]:
+            shown = set()
+            for _ in range(10):
+                ids = ids_of(list_page(gw, "/api/v1/llm/files", "user_f", order=order))
+                newest_file, ties = (ids[0], ids[1:]) if order == "desc" else (ids[3], ids[:3])
+                assert newest_file == files[3] and sorted(ties) == sorted(files[:3])
+                shown.add(tuple(ties))
+            assert len(shown) > 1  # 3 ties
+
+
+def test_standin_list_mode_shuffled_ties_gives_the_same_orders_for_the_same_seed():
+    def orders(seed: int) -> List[List[str]]:
+        with Gateway(list_mode="shuffled_ties", seed=seed) as gw:
+            return [ids_of(list_page(gw)) for _ in range(3)]
+
+    first = orders(7)
+    assert orders(7) == first and orders(8) != first and len({tuple(ids) for ids in first}) == 3
+
+
+def test_standin_list_mode_keyset_skips_the_rest_of_the_cursors_second(monkeypatch):
+    clock = FrozenTime(1750000000.75)
+    monkeypatch.setattr(standin_gateway, "time", clock)
+    with Gateway(list_mode="keyset") as gw:
+        newest, files = newer_batches(gw, clock), tied_files(gw, clock)
+        page = list_page(gw, limit=3)
+        assert ids_of(page) == [*newest, TIED[0]] and page["has_more"] is True
+        empty = {"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}
+        assert list_page(gw, limit=3, after=page["last_id"]) == empty  # the 14 others of its second are skipped
+        assert ids_of(list_page(gw, limit=100, after=newest[0])) == [newest[1], *TIED]  # ties in a fixed order
+        r = fetch(gw, "/api/v1/llm/batches?after=batch_nope")
+        assert (r.status_code, r.json()["error"]["message"]) == (400, "after names no item of this list: batch_nope")
+        page = list_page(gw, "/api/v1/llm/files", "user_f", limit=2)
+        assert ids_of(page) == [files[3], files[2]]
+        assert list_page(gw, "/api/v1/llm/files", "user_f", limit=2, after=page["last_id"]) == empty
+        page = list_page(gw, "/api/v1/llm/files", "user_f", limit=2, order="asc")
+        assert ids_of(page) == files[:2] and page["has_more"] is True
+        page = list_page(gw, "/api/v1/llm/files", "user_f", limit=2, order="asc", after=files[1])
+        assert ids_of(page) == files[3:] and page["has_more"] is False  # files[2] skipped
+
+
+def test_standin_list_mode_ignore_after_answers_from_the_top_every_time(monkeypatch):
+    clock = FrozenTime(1750000000.75)
+    monkeypatch.setattr(standin_gateway, "time", clock)
+    with Gateway(list_mode="ignore_after") as gw:
+        newest, files = newer_batches(gw, clock), tied_files(gw, clock)
+        first = list_page(gw, limit=4)
+        assert ids_of(first) == [*newest, *TIED[:2]] and first["has_more"] is True
+        assert list_page(gw, limit=4, after=first["last_id"]) == first == list_page(gw, limit=4, after="batch_nope")
+        whole = list_page(gw, limit=100, after=first["last_id"])
+        assert ids_of(whole) == [*newest, *TIED] and whole["has_more"] is False
+        page = list_page(gw, "/api/v1/llm/files", "user_f", limit=3, order="asc", after=files[2])
+        assert ids_of(page) == files[:3] and page["has_more"] is True
+
+
+def test_standin_list_mode_must_be_one_it_knows():
+    with pytest.raises(
+        ValueError, match=r"^list_mode must be one of stable, shuffled_ties, keyset, ignore_after, not 'x'$"
+    ):
+        Gateway(list_mode="x")
+
+
 # --- Writes: upload, create, list and cancel, each exactly once ---------------------------------
 # The retry policy as a table, then each write over the stand-in's sockets, with the gateway
 # acting and then failing the answer, and what it holds counted afterwards.
