@@ -195,8 +195,18 @@ def large_line(i: int) -> bytes:
 class _Server(socketserver.ThreadingMixIn, HTTPServer):
     daemon_threads = True  # a client that keeps its connection open does not hold up the exit
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that reset or hung up mid-request or mid-answer (a test's killed client, a read timeout) is
+        # no bug of the stand-in's: socketserver's traceback would only bury the ones that are.
+        if not isinstance(sys.exc_info()[1], _GONE):
+            super().handle_error(request, client_address)
+
 
 _BATCH_X = re.compile(r"batch_x[0-9]{1,5}")
+_GONE = (
+    ConnectionError,
+    socket.timeout,
+)  # what a client that went away raises: BrokenPipeError, ConnectionResetError...
 _NAMED = frozenset(batch_id for batch_id, _ in SCRIPTED_BATCHES if "<" not in batch_id)
 _PARTIAL_FILES = ("file-batch_partial-input", "file-batch_partial-output", "file-batch_partial-errors")
 _SCRIPTED_AT = 1704067200  # the documented example's created_at: every scripted batch and file was made then
@@ -313,6 +323,8 @@ class Gateway:
 
     What the tests read: ``requests`` (each request's method, path with its query, query,
     and headers), ``connections``, ``created_batches(scope)`` and ``stored_files(scope)``.
+    A client that goes away mid-request or mid-answer leaves nothing on stderr; any other
+    error in a handler prints its traceback there.
     """
 
     def __init__(

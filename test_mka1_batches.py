@@ -5110,6 +5110,52 @@ def test_standin_list_mode_must_be_one_it_knows():
         Gateway(list_mode="x")
 
 
+def test_standin_says_nothing_when_a_client_goes_away(gateway, capfd):
+    import struct
+
+    before, head = set(threading.enumerate()), f"Host: x\r\nAuthorization: Bearer {DEMO_TOKEN}\r\n"
+
+    def get(path: str) -> bytes:
+        return f"GET {path} HTTP/1.1\r\n{head}\r\n".encode()
+
+    def gone(request: bytes, read: int = 0, ready: Any = lambda: True) -> None:
+        """Send ``request``, read ``read`` bytes of the answer, then reset, once a handler has it and ``ready()``."""
+        connections, deadline = gateway.connections, time.monotonic() + 5
+        with socket.create_connection(("127.0.0.1", int(gateway.base_url.rsplit(":", 1)[1]))) as s:
+            s.sendall(request)
+            got = b""
+            while len(got) < read:
+                got += s.recv(read - len(got))
+            while not (gateway.connections > connections and ready()) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    gone(b"GET /api/v1/llm/bat")  # half a request line
+    gone(b"GET /api/v1/llm/batches/batch_x HTTP/1.1\r\nHost: x\r\n")  # half its headers
+    posted = len(gateway.requests) + 1
+    body = f"POST /api/v1/llm/files HTTP/1.1\r\n{head}Content-Length: 1000\r\n\r\nhalf".encode()
+    gone(body, ready=lambda: len(gateway.requests) == posted)  # half a body, as the gateway reads it
+    gone(get("/api/v1/llm/batches/batch_x"), read=15)  # once answered, on a connection kept alive
+    gone(get(content("file-large-100000")), read=65536)  # mid-file
+    gone(get("/api/v1/llm/batches/fault_drip"), read=15)  # mid-answer
+    for thread in set(threading.enumerate()) - before:
+        thread.join(5)
+        assert not thread.is_alive()
+    assert (gateway.connections, capfd.readouterr().err) == (6, "")
+
+
+def test_standin_still_shows_a_bugs_traceback(gateway, capfd, monkeypatch):
+    def answer(batch_id: str, scope: Any) -> Any:
+        raise RuntimeError("a bug in the stand-in")
+
+    monkeypatch.setattr(gateway, "answer", answer)
+    with pytest.raises(requests.exceptions.ConnectionError):
+        fetch(gateway, "/api/v1/llm/batches/batch_x")
+    err = capfd.readouterr().err
+    assert "\nTraceback (most recent call last):\n" in err
+    assert err.endswith("\nRuntimeError: a bug in the stand-in\n" + "-" * 40 + "\n")
+
+
 # --- Writes: upload, create, list and cancel, each exactly once ---------------------------------
 # The retry policy as a table, then each write over the stand-in's sockets, with the gateway
 # acting and then failing the answer, and what it holds counted afterwards.
