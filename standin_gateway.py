@@ -300,17 +300,21 @@ class Gateway:
     "refuse-502": answers so without acting. ``stuck_cursor``: every batches page is the
     first, with ``has_more`` true. ``empty_has_more``: every batches page is empty, with
     ``has_more`` true. ``ignore_sha256_filter``: the files list ignores ``sha256``.
+
     ``clock_offset``: seconds the gateway's clock (``now()``) runs ahead of this machine's,
-    behind if negative. It dates all the gateway makes: a created batch's ``created_at``,
-    ``expires_at``, the ``_at`` of each state it reaches (``cancelling_at`` too) and its
-    results' ``created``, and uploads' and output files' ``created_at``; the scripted batches
-    and files keep their fixed times (``created_at`` 1704067200). Tests may change it while
-    the gateway runs. Every answer, errors and faults included, has a ``Date`` header from
-    that clock (IMF-fixdate); ``send_date=False`` leaves it out, as some proxies do.
+    behind if negative; tests may change it while the gateway runs. It dates all the
+    gateway makes: a created batch's ``created_at``, ``expires_at``, the ``_at`` of each
+    state it reaches (``cancelling_at`` too) and its results' ``created``, and uploads' and
+    output files' ``created_at``; the scripted batches and files keep their fixed times
+    (``created_at`` 1704067200). Every answer, errors and faults included, has a ``Date``
+    header from that clock (IMF-fixdate); ``send_date=False`` leaves it out, as some
+    proxies do.
+
     ``no_sha256``: every File has ``sha256`` null and the files list ignores ``sha256``, as a
     gateway that does not know it. ``file_ttl``: an upload's ``expires_at`` is its
     ``created_at`` plus these seconds (null without); 0 or less makes it expired on arrival.
     The stand-in never deletes a file: an expired one is still listed, read and batched.
+
     ``list_mode``, one of LIST_MODES, is how both lists page. "stable": ``after`` answers what
     follows it in the order above (an unknown one is 400). "shuffled_ties": newest first by
     ``created_at`` (oldest first for files' ``order=asc``), each second's ties in a new order on
@@ -1266,8 +1270,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         type=float,
         default=0.0,
         metavar="SECONDS",
-        help="run the gateway's clock this far ahead of this machine's, or behind if negative"
-        " (--clock-offset=-86400: a day behind); it dates the batches and files it makes, and each answer",
+        help="run the gateway's clock this far ahead of this machine's, behind if negative (-86400: a day"
+        " behind); it dates the batches and files the gateway makes, and each answer's Date header",
     )
     parser.add_argument(
         "--example", metavar="PATH", help=f"only write the demo's input file to PATH, such as {EXAMPLE}"

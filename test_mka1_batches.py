@@ -4894,6 +4894,16 @@ def test_standin_clock_dates_what_the_gateway_makes(skewed_gateway, monkeypatch)
     assert fetch(gw, "/api/v1/llm/files/file-batch_partial-input").json()["created_at"] == 1704067200
 
 
+def test_demo_says_when_the_gateways_clock_is_off(monkeypatch, capfd):
+    monkeypatch.setattr(standin_gateway, "DEMO_COMMANDS", [["batch_x"]])
+    with Gateway(clock_offset=-86400) as gw:
+        assert standin_gateway.demo(gw) == 0
+    assert capfd.readouterr().err.splitlines()[1:3] == [
+        "Its clock runs -86400 s from this machine's.",
+        "$ python -m mka1_batches batch_x",
+    ]
+
+
 def test_standin_clock_offset_flag_skews_the_served_gateway():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
