@@ -203,10 +203,8 @@ class _Server(socketserver.ThreadingMixIn, HTTPServer):
 
 
 _BATCH_X = re.compile(r"batch_x[0-9]{1,5}")
-_GONE = (
-    ConnectionError,
-    socket.timeout,
-)  # what a client that went away raises: BrokenPipeError, ConnectionResetError...
+# What a client that went away makes a handler raise (BrokenPipeError and ConnectionResetError are ConnectionErrors).
+_GONE = (ConnectionError, socket.timeout)
 _NAMED = frozenset(batch_id for batch_id, _ in SCRIPTED_BATCHES if "<" not in batch_id)
 _PARTIAL_FILES = ("file-batch_partial-input", "file-batch_partial-output", "file-batch_partial-errors")
 _SCRIPTED_AT = 1704067200  # the documented example's created_at: every scripted batch and file was made then
