@@ -72,6 +72,13 @@ def gateway():
         yield gw
 
 
+@pytest.fixture(params=[-86400, 0, 86400], ids=["behind", "same", "ahead"])
+def skewed_gateway(request):
+    """A started stand-in whose clock is a day behind this machine's, the same, or a day ahead."""
+    with Gateway(clock_offset=request.param) as gw:
+        yield gw
+
+
 @pytest.fixture
 def plain_env(monkeypatch):
     """No proxy and no CA-bundle settings from the environment this suite runs in."""

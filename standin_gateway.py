@@ -5,18 +5,20 @@
     python standin_gateway.py --serve --port 8080
 
 It speaks the real contract (bearer token, X-On-Behalf-Of scoping, error envelopes,
-X-Request-ID) for a batch's whole life: upload a file (``POST /api/v1/llm/files``), list and
-get files, create a batch (``POST /api/v1/llm/batches``), list, get and cancel batches, and
-read a file's content. It has scripted batches and files (see Gateway), and breaks
-connections and writes on request for the tests. Standard library only; it runs on Python
-3.6 and later.
+X-Request-ID, a Date header) for a batch's whole life: upload a file (``POST
+/api/v1/llm/files``), list and get files, create a batch (``POST /api/v1/llm/batches``),
+list, get and cancel batches, and read a file's content. It has scripted batches and files
+(see Gateway), and breaks connections and writes on request for the tests. Standard library
+only; it runs on Python 3.6 and later.
 """
 
 import argparse
 import copy
+import email.utils
 import hashlib
 import json
 import os
+import random
 import re
 import socket
 import socketserver
@@ -58,6 +60,8 @@ STATUSES = (
 )
 #: What ``Gateway.write_faults`` may hold; see Gateway.
 WRITE_FAULTS = ("500", "502", "503", "504", "reset", "silent", "429", "refuse-502", "cut-upload")
+#: How the batches and files lists may page, ``Gateway.list_mode``; see Gateway.
+LIST_MODES = ("stable", "shuffled_ties", "keyset", "ignore_after")
 #: ``batch_partial``'s requests in input order, and what became of each: a status code in its
 #: output file, "error" in its error file, "drop" in neither.
 PARTIAL = [
@@ -191,8 +195,16 @@ def large_line(i: int) -> bytes:
 class _Server(socketserver.ThreadingMixIn, HTTPServer):
     daemon_threads = True  # a client that keeps its connection open does not hold up the exit
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that reset or hung up mid-request or mid-answer (a test's killed client, a read timeout) is
+        # no bug of the stand-in's: socketserver's traceback would only bury the ones that are.
+        if not isinstance(sys.exc_info()[1], _GONE):
+            super().handle_error(request, client_address)
+
 
 _BATCH_X = re.compile(r"batch_x[0-9]{1,5}")
+# What a client that went away makes a handler raise (BrokenPipeError and ConnectionResetError are ConnectionErrors).
+_GONE = (ConnectionError, socket.timeout)
 _NAMED = frozenset(batch_id for batch_id, _ in SCRIPTED_BATCHES if "<" not in batch_id)
 _PARTIAL_FILES = ("file-batch_partial-input", "file-batch_partial-output", "file-batch_partial-errors")
 _SCRIPTED_AT = 1704067200  # the documented example's created_at: every scripted batch and file was made then
@@ -287,8 +299,34 @@ class Gateway:
     first, with ``has_more`` true. ``empty_has_more``: every batches page is empty, with
     ``has_more`` true. ``ignore_sha256_filter``: the files list ignores ``sha256``.
 
+    ``clock_offset``: seconds the gateway's clock (``now()``) runs ahead of this machine's,
+    behind if negative; tests may change it while the gateway runs. It dates all the
+    gateway makes: a created batch's ``created_at``, ``expires_at``, the ``_at`` of each
+    state it reaches (``cancelling_at`` too) and its results' ``created``, and uploads' and
+    output files' ``created_at``; the scripted batches and files keep their fixed times
+    (``created_at`` 1704067200). Every answer, errors and faults included, has a ``Date``
+    header from that clock (IMF-fixdate); ``send_date=False`` leaves it out, as some
+    proxies do.
+
+    ``no_sha256``: every File has ``sha256`` null and the files list ignores ``sha256``, as a
+    gateway that does not know it. ``file_ttl``: an upload's ``expires_at`` is its
+    ``created_at`` plus these seconds (null without); 0 or less makes it expired on arrival.
+    The stand-in never deletes a file: an expired one is still listed, read and batched.
+
+    ``list_mode``, one of LIST_MODES, is how both lists page. "stable": ``after`` answers what
+    follows it in the order above (an unknown one is 400). "shuffled_ties": newest first by
+    ``created_at`` (oldest first for files' ``order=asc``), each second's ties in a new order on
+    every request (``seed`` repeats a run's orders); ``after`` answers what follows it in this
+    request's order, an unknown one from the top, so pages repeat and skip ties, as some
+    OpenAI-compatible servers do. "keyset": ``after`` answers only what is older (with
+    ``order=asc``, newer) than its second, so the rest of its second is skipped. "ignore_after":
+    every page is the first, with an honest ``has_more``. The scripted batches all share one
+    second. ``stuck_cursor`` and ``empty_has_more`` override it.
+
     What the tests read: ``requests`` (each request's method, path with its query, query,
     and headers), ``connections``, ``created_batches(scope)`` and ``stored_files(scope)``.
+    A client that goes away mid-request or mid-answer leaves nothing on stderr; any other
+    error in a handler prints its traceback there.
     """
 
     def __init__(
@@ -303,7 +341,15 @@ class Gateway:
         stuck_cursor: bool = False,
         empty_has_more: bool = False,
         ignore_sha256_filter: bool = False,
+        clock_offset: float = 0.0,
+        send_date: bool = True,
+        no_sha256: bool = False,
+        file_ttl: Optional[int] = None,
+        list_mode: str = "stable",
+        seed: Optional[int] = None,
     ):
+        if list_mode not in LIST_MODES:
+            raise ValueError(f"list_mode must be one of {', '.join(LIST_MODES)}, not {list_mode!r}")
         self.chaos = chaos
         self.chaos_every = chaos_every
         self.drip = drip
@@ -313,6 +359,12 @@ class Gateway:
         self.stuck_cursor = stuck_cursor
         self.empty_has_more = empty_has_more
         self.ignore_sha256_filter = ignore_sha256_filter
+        self.clock_offset = clock_offset
+        self.send_date = send_date
+        self.no_sha256 = no_sha256
+        self.file_ttl = file_ttl
+        self.list_mode = list_mode
+        self._random = random.Random(seed)  # shuffled_ties' orders: the same run for a seed, new on each request
         self.connections = 0
         self.requests: List[Dict[str, str]] = []
         self._polls: Dict[Tuple[Optional[str], str], Tuple[int, float]] = {}
@@ -334,6 +386,10 @@ class Gateway:
         self._stop.set()
         self._server.shutdown()
         self._server.server_close()
+
+    def now(self) -> float:
+        """The gateway's clock, Unix seconds: this machine's, ``clock_offset`` seconds on."""
+        return time.time() + self.clock_offset
 
     def created_batches(self, scope: Optional[str] = None) -> List[Dict[str, Any]]:
         """The batches this scope created, as they stand, oldest first."""
@@ -448,13 +504,15 @@ class Gateway:
         return None
 
     def _store(self, scope: Optional[str], data: bytes, filename: str, purpose: str, uploaded: bool) -> Dict[str, Any]:
-        meta = _file_json("file-" + uuid.uuid4().hex[:24], data, filename, purpose, int(time.time()))
+        file_id, created_at = "file-" + uuid.uuid4().hex[:24], int(self.now())
+        expires_at = created_at + int(self.file_ttl) if uploaded and self.file_ttl is not None else None
+        meta = _file_json(file_id, data, filename, purpose, created_at, expires_at, self.no_sha256)
         self._files.append({"scope": scope, "meta": meta, "data": data, "uploaded": uploaded})
         return dict(meta)
 
     def _advance(self, created: _Created) -> Dict[str, Any]:
         """Move a created batch one state on, and answer it."""
-        batch, now = created.batch, int(time.time())
+        batch, now = created.batch, int(self.now())
         status = batch["status"]
         if status == "validating":
             errors, lines = _validate(created.data, batch["endpoint"])
@@ -477,7 +535,7 @@ class Gateway:
     def _outcomes(self, created: _Created) -> List[Tuple[Optional[str], bool, bytes]]:
         finished = list(reversed(created.lines))[: created.done]
         endpoint = created.batch["endpoint"]
-        return [_result_line(n, custom_id, endpoint, body, int(time.time())) for n, custom_id, body in finished]
+        return [_result_line(n, custom_id, endpoint, body, int(self.now())) for n, custom_id, body in finished]
 
     def _finish(self, created: _Created, status: str, now: int) -> None:
         batch, outcomes = created.batch, self._outcomes(created)
@@ -522,11 +580,11 @@ class Gateway:
             files = [dict(f["meta"]) for f in self._files if f["scope"] == scope and f["uploaded"]]
         if "purpose" in query:
             files = [f for f in files if f["purpose"] == query["purpose"]]
-        if "sha256" in query and not self.ignore_sha256_filter:
+        if "sha256" in query and not (self.ignore_sha256_filter or self.no_sha256):
             files = [f for f in files if f["sha256"] == query["sha256"].lower()]
         if order == "desc":
             files.reverse()
-        return _page(files, limit, query.get("after"))
+        return self._list_page(files, limit, query.get("after"), newest_first=order == "desc")
 
     def file_object(self, file_id: str, scope: Optional[str]) -> Answer:
         """``GET /api/v1/llm/files/{id}``."""
@@ -537,7 +595,8 @@ class Gateway:
         if file_id in _PARTIAL_FILES:
             purpose = "batch" if file_id == _PARTIAL_FILES[0] else "batch_output"
             name = file_id[len("file-") :].replace("-", "_") + ".jsonl"
-            return 200, _file_json(file_id, _partial_files()[file_id], name, purpose, _SCRIPTED_AT), {}
+            meta = _file_json(file_id, _partial_files()[file_id], name, purpose, _SCRIPTED_AT, None, self.no_sha256)
+            return 200, meta, {}
         return 404, {"error": {"message": "File not found", "details": {"file_id": file_id}}}, {}
 
     def create(self, scope: Optional[str], body: bytes) -> Answer:
@@ -570,7 +629,7 @@ class Gateway:
                 return 404, {"error": {"message": "File not found", "details": {"file_id": file_id}}}, {}
             if purpose != "batch":
                 return _invalid(f"the input file {file_id} has purpose {purpose}, not batch")
-            now = int(time.time())
+            now = int(self.now())
             batch = dict(DOCUMENTED_EXAMPLE, id="batch_" + uuid.uuid4().hex, endpoint=endpoint)
             batch.update({key: None for key in batch if key.endswith(("_at", "_file_id"))})
             batch.update(input_file_id=file_id, status="validating", created_at=now, expires_at=now + 86400)
@@ -594,7 +653,7 @@ class Gateway:
         if self.stuck_cursor:
             status, page, headers = _page(batches, limit, None)
             return status, dict(page, has_more=True), headers
-        return _page(batches, limit, query.get("after"))
+        return self._list_page(batches, limit, query.get("after"))
 
     def cancel(self, batch_id: str, scope: Optional[str]) -> Answer:
         """``POST /api/v1/llm/batches/{id}/cancel``."""
@@ -612,7 +671,7 @@ class Gateway:
                 return 200, self.final(batch_id, scope), {}
             if status != "cancelling":
                 created.done = {"in_progress": len(created.lines) // 2, "finalizing": len(created.lines)}.get(status, 0)
-                batch.update(status="cancelling", cancelling_at=int(time.time()))
+                batch.update(status="cancelling", cancelling_at=int(self.now()))
             return 200, copy.deepcopy(batch), {}
 
     def write(self, route: Tuple[str, str], scope: Optional[str], content_type: Optional[str], body: bytes) -> Answer:
@@ -631,6 +690,26 @@ class Gateway:
             kind = faults.pop(0) if faults else None
             self.write_faults = faults
             return kind
+
+    def _list_page(
+        self, items: List[Dict[str, Any]], limit: int, after: Optional[str], newest_first: bool = True
+    ) -> Answer:
+        """A page of ``items``, given in the stable order (by ``created_at``), as ``list_mode`` pages them."""
+        mode = self.list_mode
+        if mode == "shuffled_ties":
+            with self._lock:
+                self._random.shuffle(items)
+            items.sort(key=lambda item: item["created_at"], reverse=newest_first)  # a stable sort: ties stay shuffled
+        ids = [item["id"] for item in items]
+        if mode == "ignore_after" or (mode == "shuffled_ties" and after not in ids):
+            after = None  # from the top; keyset refuses an unknown cursor as stable does
+        if mode == "keyset" and after in ids:
+            mark = items[ids.index(after)]["created_at"]  # past after's second: its ties not yet listed are lost
+            items = [
+                item for item in items if (item["created_at"] < mark if newest_first else item["created_at"] > mark)
+            ]
+            after = None
+        return _page(items, limit, after)
 
     def _peek(self, batch_id: str, scope: Optional[str]) -> Dict[str, Any]:
         """A scripted batch as a GET would now find it, without moving it on."""
@@ -678,7 +757,9 @@ def _is_metadata(value: Any) -> bool:
     )
 
 
-def _file_json(file_id: str, data: bytes, filename: str, purpose: str, created_at: int) -> Dict[str, Any]:
+def _file_json(
+    file_id: str, data: bytes, filename: str, purpose: str, created_at: int, expires_at: Optional[int], no_sha256: bool
+) -> Dict[str, Any]:
     return {
         "id": file_id,
         "object": "file",
@@ -686,9 +767,9 @@ def _file_json(file_id: str, data: bytes, filename: str, purpose: str, created_a
         "created_at": created_at,
         "filename": filename,
         "purpose": purpose,
-        "expires_at": None,
+        "expires_at": expires_at,
         "status": "processed",
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "sha256": None if no_sha256 else hashlib.sha256(data).hexdigest(),
     }
 
 
@@ -947,6 +1028,14 @@ def _handler(gateway: Gateway) -> type:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
+        def date_time_string(self, timestamp: Optional[float] = None) -> str:
+            # BaseHTTPRequestHandler's own answers (send_error: an unknown method, a bad request line) come here too.
+            return email.utils.formatdate(gateway.now() if timestamp is None else timestamp, usegmt=True)
+
+        def send_header(self, keyword: str, value: str) -> None:
+            if keyword != "Date" or gateway.send_date:
+                super().send_header(keyword, value)
+
         def _record(self) -> Tuple[str, Dict[str, str], Optional[str]]:
             """Note the request; its path without the query, the query, and its scope."""
             path, _, query = self.path.partition("?")
@@ -1038,8 +1127,10 @@ def _handler(gateway: Gateway) -> type:
                     self._reset()
                     self.close_connection = True
 
-        def _head(self, status: int, headers: Dict[str, str]) -> bytes:
-            items = {**headers, "X-Request-ID": f"{uuid.uuid4()}#{self.number}"}
+        def _head(self, status: int, headers: Dict[str, str], request_id: bool = True) -> bytes:
+            items = dict(headers, Date=self.date_time_string()) if gateway.send_date else dict(headers)
+            if request_id:
+                items["X-Request-ID"] = f"{uuid.uuid4()}#{self.number}"
             head = [f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}"]
             head += [f"{k}: {v}" for k, v in items.items()]
             return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
@@ -1071,7 +1162,7 @@ def _handler(gateway: Gateway) -> type:
             elif kind == "503":
                 self._send(503, b"<html><body><h1>503 Service Unavailable</h1></body></html>", {"Retry-After": "0"})
             elif kind == "drip":  # the whole body, one byte at a time, each just inside a read timeout
-                self.wfile.write(f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+                self.wfile.write(self._bare(len(body)))
                 for byte in body:
                     if gateway._stop.wait(gateway.drip):
                         break
@@ -1080,9 +1171,9 @@ def _handler(gateway: Gateway) -> type:
             elif kind == "hang":  # read the request, never answer
                 gateway._stop.wait(30)
             elif kind == "short":  # promise more than is sent, then close
-                self.wfile.write(f"HTTP/1.1 200 OK\r\nContent-Length: {len(body) + 100}\r\n\r\n".encode() + body)
+                self.wfile.write(self._bare(len(body) + 100) + body)
             elif kind == "reset_mid":  # half the body, then a reset
-                self.wfile.write(f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:40])
+                self.wfile.write(self._bare(len(body)) + body[:40])
                 self.wfile.flush()
                 time.sleep(0.05)
                 self._reset()
@@ -1090,6 +1181,10 @@ def _handler(gateway: Gateway) -> type:
                 self._reset()
             # "drop", and every fault above but the status ones: close without another word.
             self.close_connection = kind not in ("429", "503")
+
+        def _bare(self, length: int) -> bytes:
+            """A broken answer's head: a 200 with its length and date, and no request id."""
+            return self._head(200, {"Content-Length": str(length)}, request_id=False)
 
         def _reset(self) -> None:
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -1112,6 +1207,8 @@ def demo(gateway: Gateway) -> int:
         file=sys.stderr,
         flush=True,
     )
+    if gateway.clock_offset:
+        print(f"Its clock runs {gateway.clock_offset:+g} s from this machine's.", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as work:
         write_example(os.path.join(work, EXAMPLE))
         for args in DEMO_COMMANDS:
@@ -1138,6 +1235,8 @@ def serve(gateway: Gateway) -> int:
     print(f"  python standin_gateway.py --example {EXAMPLE}")
     for args in DEMO_COMMANDS:
         print("  python -m mka1_batches " + " ".join(args))
+    if gateway.clock_offset:
+        print(f"Its clock runs {gateway.clock_offset:+g} s from this machine's.")
     print(f"batch_progress starts over once left at its end for {gateway.restart_after:g} s.", flush=True)
     threading.Event().wait()
     return 0  # not reached: only Ctrl-C ends the wait
@@ -1165,6 +1264,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--serve", action="store_true", help="only serve, until Ctrl-C")
     parser.add_argument("--port", type=int, default=0, metavar="N", help="the port to listen on (default: a free one)")
     parser.add_argument(
+        "--clock-offset",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="run the gateway's clock this far ahead of this machine's, behind if negative (-86400: a day"
+        " behind); it dates the batches and files the gateway makes, and each answer's Date header",
+    )
+    parser.add_argument(
         "--example", metavar="PATH", help=f"only write the demo's input file to PATH, such as {EXAMPLE}"
     )
     args = parser.parse_args(argv)
@@ -1174,7 +1281,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not 0 <= args.port <= 65535:
         parser.error("--port must be from 0 to 65535")
     try:
-        gateway = Gateway(port=args.port)
+        gateway = Gateway(port=args.port, clock_offset=args.clock_offset)
     except OSError as exc:
         print(f"error: cannot listen on 127.0.0.1:{args.port}: {exc.strerror}", file=sys.stderr)
         return 1

@@ -4130,7 +4130,10 @@ def test_demo_stops_at_the_first_failing_command(monkeypatch, capfd):
 def test_standin_help_prints_usage_and_runs_nothing():
     r = standin("--help")
     assert (r.returncode, r.stderr) == (0, "")
-    assert r.stdout.startswith("usage: python standin_gateway.py [-h] [--serve] [--port N] [--example PATH]\n")
+    assert r.stdout.startswith(
+        "usage: python standin_gateway.py [-h] [--serve] [--port N]\n"
+        "                                 [--clock-offset SECONDS] [--example PATH]\n"
+    )
     for text in ["--serve", "--port N", "'demo-key'", "python -m mka1_batches resubmit batch_partial\n"]:
         assert text in r.stdout
 
@@ -4941,6 +4944,326 @@ def test_demo_ends_saying_how_to_keep_a_stand_in_running(demo):
         "  export MKA1_BASE_URL=http://127.0.0.1:8080",
         "  export MKA1_API_KEY=demo-key",
     ]
+
+
+# The gateway's clock, its Date header, its file and list switches, and quiet when a client goes away.
+
+
+class FrozenTime:
+    """The stand-in's ``time`` module, but time() stands at ``now`` until a test moves it; monotonic and sleep run."""
+
+    monotonic = staticmethod(time.monotonic)
+    sleep = staticmethod(time.sleep)
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_standin_clock_dates_what_the_gateway_makes(skewed_gateway, monkeypatch):
+    gw, clock = skewed_gateway, FrozenTime(1750000000.75)
+    monkeypatch.setattr(standin_gateway, "time", clock)
+    now = {"-86400": 1749913600, "0": 1750000000, "86400": 1750086400}[f"{gw.clock_offset:g}"]
+    assert gw.now() == 1750000000.75 + gw.clock_offset
+    f = upload(gw, requests_file(None, None)).json()
+    batch = create(gw, f["id"]).json()
+    assert (f["created_at"], batch["created_at"], batch["expires_at"]) == (now, now, now + 86400)
+    states = []
+    for _ in range(3):
+        clock.now += 60  # each state is dated when it is reached
+        states.append(poll(gw, batch["id"]))
+    assert [(s["status"], s["in_progress_at"], s["finalizing_at"], s["completed_at"]) for s in states] == [
+        ("in_progress", now + 60, None, None),
+        ("finalizing", now + 60, now + 120, None),
+        ("completed", now + 60, now + 120, now + 180),
+    ]
+    output = fetch(gw, "/api/v1/llm/files/" + states[-1]["output_file_id"]).json()
+    assert output["created_at"] == now + 180
+    assert [x["response"]["body"]["created"] for x in file_lines(gw, output["id"])] == [now + 180] * 2
+    other = create(gw, f["id"]).json()["id"]
+    clock.now += 60
+    cancelling = post(gw, f"/api/v1/llm/batches/{other}/cancel").json()
+    clock.now += 60
+    assert (cancelling["cancelling_at"], poll(gw, other)["cancelled_at"]) == (now + 240, now + 300)
+    failed = created(gw, b"not json\n")["id"]
+    assert poll(gw, failed)["failed_at"] == now + 300
+    scripted = poll(gw, "batch_x")
+    assert (scripted["created_at"], scripted["completed_at"]) == (1704067200, 1704070860)  # fixed, whatever the clock
+    assert fetch(gw, "/api/v1/llm/files/file-batch_partial-input").json()["created_at"] == 1704067200
+
+
+def test_demo_says_when_the_gateways_clock_is_off(monkeypatch, capfd):
+    monkeypatch.setattr(standin_gateway, "DEMO_COMMANDS", [["batch_x"]])
+    with Gateway(clock_offset=-86400) as gw:
+        assert standin_gateway.demo(gw) == 0
+    assert capfd.readouterr().err.splitlines()[1:3] == [
+        "Its clock runs -86400 s from this machine's.",
+        "$ python -m mka1_batches batch_x",
+    ]
+
+
+def test_standin_clock_offset_flag_skews_the_served_gateway():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "standin_gateway.py", "--serve", "--port", str(port), "--clock-offset=-86400"]
+    p = subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    try:
+        assert p.stdout is not None
+        head = [p.stdout.readline() for _ in range(6)]
+        assert head[-1] == "Its clock runs -86400 s from this machine's.\n"
+        url = f"http://127.0.0.1:{port}/api/v1/llm/files"
+        r = requests.post(
+            url,
+            headers={"Authorization": "Bearer demo-key"},
+            files={"file": ("a.jsonl", b"{}\n")},
+            data={"purpose": "batch"},
+            timeout=10,
+        )
+        assert abs(r.json()["created_at"] - (time.time() - 86400)) < 60
+        assert abs(email.utils.parsedate_to_datetime(r.headers["Date"]).timestamp() - (time.time() - 86400)) < 60
+    finally:
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=10)[1]
+    assert p.returncode == 0 and "Traceback" not in err
+
+
+def every_kind_of_answer(gw: Gateway) -> List[Tuple[int, Any]]:
+    """(status, Date header) of one answer of each kind the stand-in sends: found, errors, a stream, faults."""
+
+    def faulted(kind: str) -> requests.Response:
+        gw.write_faults = [kind]
+        return upload(gw, b"{}\n")
+
+    answers = [
+        fetch(gw, "/api/v1/llm/batches/batch_x"),
+        fetch(gw, "/api/v1/llm/batches/batch_nope"),
+        fetch(gw, "/api/v1/llm/batches/batch_x", bearer="wrong"),
+        fetch(gw, "/api/v1/llm/batches?limit=0"),
+        fetch(gw, "/api/v1/llm/batches/batch_ratelimited"),
+        fetch(gw, content("file-large-3")),
+        fetch(gw, "/api/v1/llm/batches/fault_429"),
+        fetch(gw, "/api/v1/llm/batches/fault_503"),
+        upload(gw, b"{}\n"),
+        *[faulted(kind) for kind in ["500", "502", "429", "refuse-502"]],
+        post(gw, "/api/v1/llm/files", data=iter([b"x"])),  # chunked: 411
+        requests.put(gw.base_url + "/api/v1/llm/batches/batch_x", timeout=10),  # http.server's own 501
+        fetch(gw, "/api/v1/llm/nope"),
+    ]
+    for fault in ["short", "drip", "reset_mid"]:  # their heads only: the bodies break
+        with fetch(gw, "/api/v1/llm/batches/fault_" + fault, stream=True) as r:
+            answers.append(r)
+    return [(r.status_code, r.headers.get("Date")) for r in answers]
+
+
+ANSWERED = [200, 404, 401, 400, 429, 200, 429, 503, 200, 500, 502, 429, 502, 411, 501, 404, 200, 200, 200]
+
+
+def test_standin_every_answer_is_dated_by_the_gateways_clock(skewed_gateway, monkeypatch):
+    monkeypatch.setattr(standin_gateway, "time", FrozenTime(1750000000.75))
+    date = {
+        "-86400": "Sat, 14 Jun 2025 15:06:40 GMT",
+        "0": "Sun, 15 Jun 2025 15:06:40 GMT",
+        "86400": "Mon, 16 Jun 2025 15:06:40 GMT",
+    }[f"{skewed_gateway.clock_offset:g}"]
+    assert every_kind_of_answer(skewed_gateway) == [(status, date) for status in ANSWERED]
+
+
+def test_standin_send_date_off_leaves_the_date_header_out():
+    with Gateway(send_date=False) as gw:
+        assert every_kind_of_answer(gw) == [(status, None) for status in ANSWERED]
+
+
+def test_standin_no_sha256_files_have_none_and_the_list_ignores_the_filter():
+    with Gateway(no_sha256=True) as gw:
+        data = requests_file(None)
+        files = [upload(gw, data).json(), upload(gw, b"{}\n").json()]
+        assert [f["sha256"] for f in files] == [None, None] and fetch(
+            gw, "/api/v1/llm/files/" + files[0]["id"]
+        ).json() == files[0]
+        listed = fetch(gw, "/api/v1/llm/files", params={"sha256": hashlib.sha256(data).hexdigest()}).json()["data"]
+        assert listed == files[::-1]
+        end = to_the_end(gw, create(gw, files[0]["id"]).json()["id"])[-1]
+        assert fetch(gw, "/api/v1/llm/files/" + end["output_file_id"]).json()["sha256"] is None
+        assert fetch(gw, "/api/v1/llm/files/file-batch_partial-input").json()["sha256"] is None
+
+
+@pytest.mark.parametrize("ttl", [3600, 0, -1])  # 0 and -1: expired as it arrives
+def test_standin_file_ttl_dates_when_an_upload_expires_by_the_gateways_clock(monkeypatch, ttl):
+    monkeypatch.setattr(standin_gateway, "time", FrozenTime(1750000000.75))
+    with Gateway(file_ttl=ttl, clock_offset=86400) as gw:
+        f = upload(gw, requests_file(None)).json()
+        assert (f["created_at"], f["expires_at"]) == (1750086400, 1750086400 + ttl)
+        assert (
+            fetch(gw, "/api/v1/llm/files").json()["data"] == [f]
+            and fetch(gw, "/api/v1/llm/files/" + f["id"]).json() == f
+        )
+        end = to_the_end(gw, create(gw, f["id"]).json()["id"])[-1]  # expired or not, it is kept and used
+        assert end["status"] == "completed"
+        assert fetch(gw, "/api/v1/llm/files/" + end["output_file_id"]).json()["expires_at"] is None  # only uploads
+
+
+#: The scripted batches the batches list shows a scope other than user_123, in the stable order; all made in one second.
+TIED = [b for b, _ in standin_gateway.SCRIPTED_BATCHES if "<" not in b and b != "batch_private"]
+
+
+def list_page(gw: Gateway, path: str = "/api/v1/llm/batches", who: Any = None, **params: Any) -> Dict[str, Any]:
+    r = fetch(gw, path, who, params=params)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def ids_of(page: Dict[str, Any]) -> List[str]:
+    return [item["id"] for item in page["data"]]
+
+
+def newer_batches(gw: Gateway, clock: FrozenTime) -> List[str]:
+    """Two batches created ten seconds apart, later than the scripted ones; their ids, newest first."""
+    ids = []
+    for _ in range(2):
+        clock.now += 10
+        ids.insert(0, created(gw, requests_file(None))["id"])
+    return ids
+
+
+def tied_files(gw: Gateway, clock: FrozenTime) -> List[str]:
+    """Files of user_f's: three uploaded in one second, then one in the next; their ids, oldest first."""
+    clock.now += 1
+    ids = [upload(gw, b"{}\n", "user_f").json()["id"] for _ in range(3)]
+    clock.now += 1
+    return [*ids, upload(gw, b"{}\n", "user_f").json()["id"]]
+
+
+def test_standin_list_mode_shuffled_ties_orders_each_seconds_ties_anew_on_every_request(monkeypatch):
+    clock = FrozenTime(1750000000.75)
+    monkeypatch.setattr(standin_gateway, "time", clock)
+    with Gateway(list_mode="shuffled_ties", seed=1) as gw:
+        newest, files = newer_batches(gw, clock), tied_files(gw, clock)
+        orders = set()
+        for _ in range(10):
+            ids = ids_of(list_page(gw, limit=100))
+            assert ids[:2] == newest and sorted(ids[2:]) == sorted(TIED)
+            orders.add(tuple(ids[2:]))
+        assert len(orders) == 10  # 15 ties: a new order each time
+        assert ids_of(list_page(gw, limit=100, after=newest[0]))[0] == newest[1]
+        assert ids_of(list_page(gw, limit=2, after="batch_nope")) == newest  # an unknown cursor: from the top
+        rests = [ids_of(list_page(gw, limit=100, after=TIED[0])) for _ in range(10)]
+        assert all(set(rest) <= set(TIED) - {TIED[0]} for rest in rests)  # never the newer ones, nor itself
+        assert len({len(rest) for rest in rests}) > 1  # what follows it depends on where this request put it
+        seen, after = [], None
+        for _ in range(50):
+            page = list_page(gw, limit=4, after=after)
+            seen, after = seen + ids_of(page), page["last_id"]
+            if not page["has_more"]:
+                break
+        assert not page["has_more"] and (len(seen) != len(set(seen)) or set(seen) != {*newest, *TIED})  # a pager's lot
+        for order in ["desc", "asc"]:
+            shown = set()
+            for _ in range(10):
+                ids = ids_of(list_page(gw, "/api/v1/llm/files", "user_f", order=order))
+                newest_file, ties = (ids[0], ids[1:]) if order == "desc" else (ids[3], ids[:3])
+                assert newest_file == files[3] and sorted(ties) == sorted(files[:3])
+                shown.add(tuple(ties))
+            assert len(shown) > 1  # 3 ties
+
+
+def test_standin_list_mode_shuffled_ties_gives_the_same_orders_for_the_same_seed():
+    def orders(seed: int) -> List[List[str]]:
+        with Gateway(list_mode="shuffled_ties", seed=seed) as gw:
+            return [ids_of(list_page(gw)) for _ in range(3)]
+
+    first = orders(7)
+    assert orders(7) == first and orders(8) != first and len({tuple(ids) for ids in first}) == 3
+
+
+def test_standin_list_mode_keyset_skips_the_rest_of_the_cursors_second(monkeypatch):
+    clock = FrozenTime(1750000000.75)
+    monkeypatch.setattr(standin_gateway, "time", clock)
+    with Gateway(list_mode="keyset") as gw:
+        newest, files = newer_batches(gw, clock), tied_files(gw, clock)
+        page = list_page(gw, limit=3)
+        assert ids_of(page) == [*newest, TIED[0]] and page["has_more"] is True
+        empty = {"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}
+        assert list_page(gw, limit=3, after=page["last_id"]) == empty  # the 14 others of its second are skipped
+        assert ids_of(list_page(gw, limit=100, after=newest[0])) == [newest[1], *TIED]  # ties in a fixed order
+        r = fetch(gw, "/api/v1/llm/batches?after=batch_nope")
+        assert (r.status_code, r.json()["error"]["message"]) == (400, "after names no item of this list: batch_nope")
+        page = list_page(gw, "/api/v1/llm/files", "user_f", limit=2)
+        assert ids_of(page) == [files[3], files[2]]
+        assert list_page(gw, "/api/v1/llm/files", "user_f", limit=2, after=page["last_id"]) == empty
+        page = list_page(gw, "/api/v1/llm/files", "user_f", limit=2, order="asc")
+        assert ids_of(page) == files[:2] and page["has_more"] is True
+        page = list_page(gw, "/api/v1/llm/files", "user_f", limit=2, order="asc", after=files[1])
+        assert ids_of(page) == files[3:] and page["has_more"] is False  # files[2] skipped
+
+
+def test_standin_list_mode_ignore_after_answers_from_the_top_every_time(monkeypatch):
+    clock = FrozenTime(1750000000.75)
+    monkeypatch.setattr(standin_gateway, "time", clock)
+    with Gateway(list_mode="ignore_after") as gw:
+        newest, files = newer_batches(gw, clock), tied_files(gw, clock)
+        first = list_page(gw, limit=4)
+        assert ids_of(first) == [*newest, *TIED[:2]] and first["has_more"] is True
+        assert list_page(gw, limit=4, after=first["last_id"]) == first == list_page(gw, limit=4, after="batch_nope")
+        whole = list_page(gw, limit=100, after=first["last_id"])
+        assert ids_of(whole) == [*newest, *TIED] and whole["has_more"] is False
+        page = list_page(gw, "/api/v1/llm/files", "user_f", limit=3, order="asc", after=files[2])
+        assert ids_of(page) == files[:3] and page["has_more"] is True
+
+
+def test_standin_list_mode_must_be_one_it_knows():
+    with pytest.raises(
+        ValueError, match=r"^list_mode must be one of stable, shuffled_ties, keyset, ignore_after, not 'x'$"
+    ):
+        Gateway(list_mode="x")
+
+
+def test_standin_says_nothing_when_a_client_goes_away(gateway, capfd):
+    import struct
+
+    before, head = set(threading.enumerate()), f"Host: x\r\nAuthorization: Bearer {DEMO_TOKEN}\r\n"
+
+    def get(path: str) -> bytes:
+        return f"GET {path} HTTP/1.1\r\n{head}\r\n".encode()
+
+    def gone(request: bytes, read: int = 0, ready: Any = lambda: True) -> None:
+        """Send ``request``, read ``read`` bytes of the answer, then reset, once a handler has it and ``ready()``."""
+        connections, deadline = gateway.connections, time.monotonic() + 5
+        with socket.create_connection(("127.0.0.1", int(gateway.base_url.rsplit(":", 1)[1]))) as s:
+            s.sendall(request)
+            got = b""
+            while len(got) < read:
+                got += s.recv(read - len(got))
+            while not (gateway.connections > connections and ready()) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    gone(b"GET /api/v1/llm/bat")  # half a request line
+    gone(b"GET /api/v1/llm/batches/batch_x HTTP/1.1\r\nHost: x\r\n")  # half its headers
+    posted = len(gateway.requests) + 1
+    body = f"POST /api/v1/llm/files HTTP/1.1\r\n{head}Content-Length: 1000\r\n\r\nhalf".encode()
+    gone(body, ready=lambda: len(gateway.requests) == posted)  # half a body, as the gateway reads it
+    gone(get("/api/v1/llm/batches/batch_x"), read=15)  # once answered, on a connection kept alive
+    gone(get(content("file-large-100000")), read=65536)  # mid-file
+    gone(get("/api/v1/llm/batches/fault_drip"), read=15)  # mid-answer
+    for thread in set(threading.enumerate()) - before:
+        thread.join(5)
+        assert not thread.is_alive()
+    assert (gateway.connections, capfd.readouterr().err) == (6, "")
+
+
+def test_standin_still_shows_a_bugs_traceback(gateway, capfd, monkeypatch):
+    def answer(batch_id: str, scope: Any) -> Any:
+        raise RuntimeError("a bug in the stand-in")
+
+    monkeypatch.setattr(gateway, "answer", answer)
+    with pytest.raises(requests.exceptions.ConnectionError):
+        fetch(gateway, "/api/v1/llm/batches/batch_x")
+    err = capfd.readouterr().err
+    assert "\nTraceback (most recent call last):\n" in err
+    assert err.endswith("\nRuntimeError: a bug in the stand-in\n" + "-" * 40 + "\n")
 
 
 # --- Writes: upload, create, list and cancel, each exactly once ---------------------------------
