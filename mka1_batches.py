@@ -122,6 +122,7 @@ CREATE_KEY = "mka1_batches_create"
 RESUBMIT_KEY = "mka1_batches_resubmit_of"
 
 _T = TypeVar("_T")
+_Listed = TypeVar("_Listed", "Batch", "File")
 _Timeout = Union[float, Tuple[float, float]]
 #: A path (str or os.PathLike) or a binary file object open for reading.
 _Input = Union[str, "os.PathLike[str]", BinaryIO]
@@ -1054,7 +1055,7 @@ class Client:
             raise ValueError(f"page_size must be an integer from 1 to 100, not {page_size!r}")
         if after is not None:
             _check_id(after, "after")
-        return self._pages(Batch.from_dict, _BATCHES, self._who(on_behalf_of), {"limit": page_size}, after)
+        return self._pages(Batch.from_dict, _BATCHES, self._who(on_behalf_of), page_size, after=after)
 
     def cancel_batch(self, batch_id: str, *, on_behalf_of: Optional[str] = None) -> Batch:
         """Ask the gateway to cancel a batch; it answers with the batch, ``cancelling``.
@@ -1088,7 +1089,7 @@ class Client:
 
     def _find_batch(self, who: Optional[str], mark: str, since: float) -> Optional[Batch]:
         """The batch a create with this mark made, among those made since a while before ``since``."""
-        for batch in self._pages(Batch.from_dict, _BATCHES, who, {"limit": 100}, None):
+        for batch in self._pages(Batch.from_dict, _BATCHES, who, 100):
             if (batch.metadata or {}).get(CREATE_KEY) == mark:
                 return batch
             if batch.created_at < since - _CLOCK_SKEW:  # newest first: older ones cannot be it
@@ -1100,8 +1101,7 @@ class Client:
     ) -> Optional["File"]:
         """A usable file with these bytes; with ``sent`` (its name and when), also one the gateway gave no sha256."""
         # The sha256 filter narrows the list; what comes back is checked, not trusted.
-        query = {"purpose": purpose, "sha256": digest, "limit": 100}
-        for found in self._pages(File.from_dict, _FILES, who, query, None):
+        for found in self._pages(File.from_dict, _FILES, who, 100, {"purpose": purpose, "sha256": digest}):
             if (found.bytes, found.purpose) != (size, purpose) or found.status == "error":
                 continue
             if found.expires_at is not None and found.expires_at < time.time() + _CLOCK_SKEW:
@@ -1115,31 +1115,61 @@ class Client:
 
     def _pages(
         self,
-        parse: Callable[[Any, Optional[str]], _T],
+        parse: Callable[[Any, Optional[str]], "_Listed"],
         path: str,
         who: Optional[str],
-        query: Dict[str, Any],
-        after: Optional[str],
-    ) -> Iterator[_T]:
-        """The items of a list endpoint, page by page, following ``after`` with each page's last id."""
-        cursors: Set[str] = set()
+        limit: int,
+        query: Optional[Dict[str, str]] = None,
+        after: Optional[str] = None,
+    ) -> Iterator["_Listed"]:
+        """The items of a list endpoint, newest first, each once: a listing that is whole, or an InvalidResponseError.
+
+        A page is checked before any of its items is yielded: one already yielded, one newer than
+        the one before it, or ``has_more`` with nothing new, is an error. Servers sort by
+        ``created_at`` in whole seconds, and some break ties in a new order on every request, or
+        list only what is older than the cursor: so a page's last items that share a second are
+        held back, and the next page is asked for after the item before them, from which every
+        order of the tie follows. When a whole page shares one second, it is asked for again with
+        100 items; a tie longer than a page cannot be listed by pages, and is an error.
+        """
+        yielded: Set[str] = set()
+        newest: Optional[int] = None  # the created_at of the last item yielded: none after it is newer
+        size = limit
         while True:
-            reply = self._transport.request("GET", path, who, query=dict(query, after=after))
-            data = _page(reply.data, reply.request_id)
-            items = [parse(item, reply.request_id) for item in data["data"]]
-            yield from items
-            if not data["has_more"]:
+            reply = self._transport.request("GET", path, who, query=dict(query or {}, limit=size, after=after))
+            page = _page(reply.data, reply.request_id)
+            items = [parse(item, reply.request_id) for item in page["data"]]
+            fresh: List[_Listed] = []
+            here: Set[str] = set()
+            for item in items:
+                if item.id in yielded and item.created_at == newest and item.id != after:
+                    continue  # the cursor's tie, in another order than before: listed already
+                later = fresh[-1].created_at if fresh else newest
+                if item.id in yielded or item.id in here:
+                    raise _listing_error(f"page repeats {item.id!r}, listed already", reply)
+                if later is not None and item.created_at > later:
+                    raise _listing_error(f"page is not newest first: {item.id!r} after created_at {later}", reply)
+                fresh.append(item)
+                here.add(item.id)
+            if not page["has_more"]:
+                yield from fresh
                 return
-            if not items:
-                raise InvalidResponseError(
-                    "page is empty but has_more is true", field="data", request_id=reply.request_id
-                )
-            after = items[-1].id  # type: ignore[attr-defined]
-            if after in cursors:
-                raise InvalidResponseError(
-                    f"cursor {after!r} did not advance", field="data", request_id=reply.request_id
-                )
-            cursors.add(after)
+            ready = [item for item in fresh if item.created_at != fresh[-1].created_at]
+            if not ready:
+                if not items:
+                    problem = "page is empty but has_more is true"
+                elif size < 100:
+                    size = 100  # room past the tie
+                    continue
+                elif fresh:
+                    tie = f"all {len(fresh)} new items of a page share created_at {fresh[-1].created_at}"
+                    problem = tie + ", and more follow: pages past a tie could skip or repeat some"
+                else:
+                    problem = f"cursor {after!r} did not advance"
+                raise _listing_error(problem, reply)
+            yield from ready
+            yielded.update(item.id for item in ready)
+            after, newest, size = ready[-1].id, ready[-1].created_at, limit
 
     def _file_lines(
         self,
@@ -1888,6 +1918,10 @@ def _page(data: Any, request_id: Optional[str]) -> Dict[str, Any]:
     raise error
 
 
+def _listing_error(problem: str, reply: _Reply) -> InvalidResponseError:
+    return InvalidResponseError(problem, field="data", request_id=reply.request_id)
+
+
 def _custom_id(data: Any) -> str:
     """The custom_id of a line of an input file read back from the gateway."""
     custom_id = data.get("custom_id") if type(data) is dict else None
@@ -2497,7 +2531,8 @@ def _cli_list(client: Client, args: Any) -> int:
     """``list``: the newest batches, at most ``--limit``, asking for no page more than that needs."""
     import itertools
 
-    for batch in itertools.islice(client.list_batches(page_size=min(args.limit, 100)), args.limit):
+    # One more than the limit: a page's last items that share a second wait for the next page.
+    for batch in itertools.islice(client.list_batches(page_size=min(args.limit + 1, 100)), args.limit):
         print(json.dumps(batch.to_dict(), separators=(",", ":")))
     return 0
 

@@ -100,6 +100,7 @@ from conftest import (
 from standin_gateway import DEMO_TOKEN, LINE_BYTES, PROGRESS, Gateway, large_line
 
 # OpenAI's Batch schema's required fields; request_counts may be absent or null (a batch that validates).
+DEMO_AUTH = {"Authorization": "Bearer " + DEMO_TOKEN}
 REQUIRED = ["id", "object", "endpoint", "input_file_id", "completion_window", "status", "created_at"]
 MINIMAL = {k: EXAMPLE[k] for k in REQUIRED}
 OPTIONAL = [k for k in EXAMPLE if k not in REQUIRED]
@@ -3942,9 +3943,15 @@ def test_cli_submit_usage_errors_exit_2_and_send_nothing(cli_as_user, api, tmp_p
     assert r.stderr.endswith(f"\npython -m mka1_batches submit: error: {error}\n")
 
 
+def stamped(batch_id: str) -> Dict[str, Any]:
+    """The documented example as batch b<N>, made N seconds before it."""
+    return dict(EXAMPLE, id=batch_id, created_at=EXAMPLE["created_at"] - int(batch_id[1:]))
+
+
 def listed(api: responses.RequestsMock, limit: int, ids: List[str], has_more: bool, after: Any = None) -> None:
+    """A page of batches b1, b2, ...: each a second older than the one before."""
     query = {"limit": str(limit), **({} if after is None else {"after": after})}
-    page = {"object": "list", "data": [dict(EXAMPLE, id=i) for i in ids], "has_more": has_more}
+    page = {"object": "list", "data": [stamped(i) for i in ids], "has_more": has_more}
     api.add(
         responses.GET, BASE + "/api/v1/llm/batches", json=page, match=[responses.matchers.query_param_matcher(query)]
     )
@@ -3953,10 +3960,15 @@ def listed(api: responses.RequestsMock, limit: int, ids: List[str], has_more: bo
 @pytest.mark.parametrize(
     "args, pages, shown",
     [
-        ([], [(20, ["b1", "b2"], False, None)], ["b1", "b2"]),
-        (["--limit", "2"], [(2, ["b1", "b2"], True, None)], ["b1", "b2"]),  # has more, but no more asked for
-        (["--limit", "3"], [(3, ["b1", "b2"], True, None), (3, ["b3", "b4"], True, "b2")], ["b1", "b2", "b3"]),
-        (["--limit", "150"], [(100, ["b1"], True, None), (100, ["b2"], False, "b1")], ["b1", "b2"]),
+        ([], [(21, ["b1", "b2"], False, None)], ["b1", "b2"]),
+        # A page of one more than the limit, as its last item may be held back; more, but none asked for.
+        (["--limit", "2"], [(3, ["b1", "b2", "b3"], True, None)], ["b1", "b2"]),
+        (["--limit", "3"], [(4, ["b1", "b2"], True, None), (4, ["b2", "b3", "b4"], True, "b1")], ["b1", "b2", "b3"]),
+        (
+            ["--limit", "150"],
+            [(100, [f"b{i}" for i in range(1, 101)], True, None), (100, ["b100", "b101"], False, "b99")],
+            [f"b{i}" for i in range(1, 102)],
+        ),
     ],
 )
 def test_cli_list_prints_a_compact_batch_a_line_asking_no_more_than_the_limit_needs(
@@ -3966,7 +3978,7 @@ def test_cli_list_prints_a_compact_batch_a_line_asking_no_more_than_the_limit_ne
         listed(api, *page)
     r = cli_as_user("list", *args)
     assert (r.returncode, r.stderr, len(api.calls)) == (0, "", len(pages))
-    compact = [json.dumps(m.Batch.from_dict(dict(EXAMPLE, id=i)).to_dict(), separators=(",", ":")) for i in shown]
+    compact = [json.dumps(m.Batch.from_dict(stamped(i)).to_dict(), separators=(",", ":")) for i in shown]
     assert r.stdout == "".join(line + "\n" for line in compact)
 
 
@@ -5615,27 +5627,114 @@ def test_check_batch_file_names_the_line_and_what_is_wrong(tmp_path, lines, line
     assert (info.value.line, str(info.value)) == (line, message)
 
 
-def test_list_batches_is_lazy_and_follows_the_cursor(gateway, tmp_path):
-    with writer(gateway) as client:
+def made_at(gw: Gateway, tmp_path: Any, seconds: List[int]) -> List[str]:
+    """The ids of the batches the stand-in makes, one at each of these seconds of its clock."""
+    made = []
+    with writer(gw) as client:
         file_id = client.upload_file(request_file(tmp_path, None)).id
-        made = [client.create_batch(file_id, CHAT).id for _ in range(5)]
-        before = len(gateway.requests)
+        for second in seconds:
+            gw.now = lambda: float(second)  # type: ignore[method-assign]
+            made.append(client.create_batch(file_id, CHAT).id)
+    del gw.now
+    return made
+
+
+def made_a_second_apart(gw: Gateway, tmp_path: Any, n: int) -> List[str]:
+    """The ids of n batches the stand-in makes a second apart, oldest first."""
+    return made_at(gw, tmp_path, [1800000000 + i for i in range(n)])
+
+
+def test_list_batches_is_lazy_and_follows_the_cursor(gateway, tmp_path):
+    """A page per request as they are taken; each after the item before a page's held-back last."""
+    made = made_a_second_apart(gateway, tmp_path, 5)
+    before = len(gateway.requests)
+    with writer(gateway) as client:
         listed = client.list_batches(page_size=2)
         assert len(gateway.requests) == before
         assert next(listed).id == made[-1] and len(gateway.requests) == before + 1
         rest = [b.id for b in listed]
-    ours = [bid for bid in [made[-1], *rest] if bid in made]
-    assert ours == made[::-1]
+    assert [bid for bid in [made[-1], *rest] if bid in made] == made[::-1]
     queries = [r["query"] for r in gateway.requests[before:]]
-    assert all("limit=2" in q for q in queries) and "after=" + made[-2] in queries[1]
+    assert queries[:4] == [
+        "limit=2",
+        f"limit=2&after={made[4]}",
+        f"limit=2&after={made[3]}",
+        f"limit=2&after={made[2]}",
+    ]
 
 
-@pytest.mark.parametrize("switch, message", [("stuck_cursor", "did not advance"), ("empty_has_more", "page is empty")])
-def test_list_batches_refuses_a_stuck_cursor_and_an_empty_page_with_more(switch, message):
+# Servers that sort by created_at in whole seconds and break ties in a new order on each request, or
+# list only what is older than the cursor's second, or ignore the cursor: a whole listing, or an error.
+@pytest.mark.parametrize("page_size", [1, 2, 3, 4, 7, 100])
+@pytest.mark.parametrize("mode, seed", [("stable", None), ("keyset", None), *[("shuffled_ties", i) for i in range(8)]])
+def test_list_batches_lists_each_batch_once_whatever_order_the_gateway_gives_ties(tmp_path, mode, seed, page_size):
+    """Ties of two and three among the batches made, and the scripted ones' tie of 15, older than all."""
+    with Gateway(list_mode=mode, seed=seed) as gw:
+        made = made_at(gw, tmp_path, [1800000000 + s for s in (0, 0, 1, 1, 1, 2, 3, 3)])
+        everything = requests.get(gw.base_url + "/api/v1/llm/batches?limit=100", headers=DEMO_AUTH).json()["data"]
+        with writer(gw) as client:
+            listed = list(client.list_batches(page_size=page_size))
+    ids = [b.id for b in listed]
+    assert set(ids[:8]) == set(made) and len(ids) == len(set(ids)) == len(everything) == 23
+    assert set(ids) == {b["id"] for b in everything}
+    assert [b.created_at for b in listed] == sorted((b.created_at for b in listed), reverse=True)
+
+
+@pytest.mark.parametrize("page_size", [2, 5])
+def test_list_batches_refuses_a_gateway_that_ignores_the_cursor(tmp_path, page_size):
+    """Every page is the first: its newest batch comes again, and the pager stops before yielding it twice."""
+    with Gateway(list_mode="ignore_after") as gw:
+        made = made_a_second_apart(gw, tmp_path, 6)
+        seen = []
+        with writer(gw) as client, pytest.raises(m.InvalidResponseError) as info:
+            for batch in client.list_batches(page_size=page_size):
+                seen.append(batch.id)
+    assert seen == made[::-1][: page_size - 1]
+    assert (str(info.value), info.value.field) == (f"page repeats {made[-1]!r}, listed already", "data")
+
+
+def test_list_batches_of_one_a_page_from_a_gateway_that_ignores_the_cursor_is_whole(tmp_path):
+    """A page of one holds back its only batch, and asks for 100: a gateway that ignores the cursor then gives all."""
+    with Gateway(list_mode="ignore_after") as gw:
+        made = made_a_second_apart(gw, tmp_path, 6)
+        with writer(gw) as client:
+            ids = [b.id for b in client.list_batches(page_size=1)]
+        assert ids[:6] == made[::-1] and len(ids) == len(set(ids)) == 21
+        assert [r["query"] for r in gw.requests[-2:]] == ["limit=1", "limit=100"]
+
+
+def test_list_batches_refuses_a_tie_longer_than_a_page(api):
+    """101 batches made in one second, and more: no page reaches past them, so no order of them can be trusted."""
+    tie = [dict(EXAMPLE, id=f"batch_{i}") for i in range(101)]
+    for limit in (20, 100):
+        page = {"object": "list", "data": tie[:limit], "has_more": True}
+        api.add(
+            responses.GET,
+            BASE + "/api/v1/llm/batches",
+            json=page,
+            match=[responses.matchers.query_param_matcher({"limit": str(limit)})],
+        )
+    with pytest.raises(m.InvalidResponseError) as info:
+        list(m.list_batches(TOKEN, base_url=BASE))
+    assert str(info.value) == (
+        "all 100 new items of a page share created_at 1704067200, and more follow: pages past a tie could skip or repeat some"
+    )
+    assert [c.request.url.split("?")[1] for c in api.calls] == ["limit=20", "limit=100"]
+
+
+@pytest.mark.parametrize(
+    "switch, message",
+    [("stuck_cursor", "^page repeats 'batch_"), ("empty_has_more", "^page is empty but has_more is true$")],
+)
+def test_list_batches_refuses_a_stuck_cursor_and_an_empty_page_with_more(tmp_path, switch, message):
     with Gateway(**{switch: True}) as gw:
+        made_a_second_apart(gw, tmp_path, 3)
+        before = len(gw.requests)
         with pytest.raises(m.InvalidResponseError, match=message) as info:
-            list(m.list_batches(DEMO_TOKEN, base_url=gw.base_url, page_size=1))
-        assert info.value.field == "data" and len(gw.requests) <= 3
+            list(m.list_batches(DEMO_TOKEN, base_url=gw.base_url, page_size=2))
+        assert (
+            info.value.field == "data" and len(gw.requests) - before == {"stuck_cursor": 2, "empty_has_more": 1}[switch]
+        )
 
 
 @pytest.mark.parametrize("size", [0, 101, True, 2.0])
@@ -6983,11 +7082,12 @@ def test_a_list_page_error_carries_its_request_id_and_its_exact_message(api):
 
 
 def test_a_stuck_cursor_error_carries_its_request_id_and_its_exact_message(api):
-    page = {"object": "list", "data": [EXAMPLE], "has_more": True}
+    """The page after b1 is the first again: b1 comes after itself, which no order of ties explains."""
+    page = {"object": "list", "data": [stamped("b1"), stamped("b2")], "has_more": True}
     api.add(responses.GET, BASE + "/api/v1/llm/batches", json=page, headers={"X-Request-ID": RID})
     with pytest.raises(m.InvalidResponseError) as info:
         list(m.list_batches(TOKEN, base_url=BASE))
-    assert (str(info.value), info.value.request_id) == (f"cursor {BID!r} did not advance", RID)
+    assert (str(info.value), info.value.request_id) == ("page repeats 'b1', listed already", RID)
 
 
 def test_a_bad_item_on_a_list_page_carries_the_pages_request_id(api):
