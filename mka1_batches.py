@@ -77,6 +77,7 @@ __all__ = [
     "Client",
     "ConflictError",
     "File",
+    "IdempotencyKeyError",
     "InternalServerError",
     "InvalidBatchFileError",
     "InvalidResponseError",
@@ -144,8 +145,11 @@ _BATCHES = "/api/v1/llm/batches"
 _FILES = "/api/v1/llm/files"
 # An upload is read and sent in pieces of this size.
 _UPLOAD_CHUNK = 1024 * 1024
-# How much earlier than the call a batch it made may say it was created: the gateway's clock is not ours.
-_CLOCK_SKEW = 3600.0
+# How far apart the gateway's own clocks may be (its front's Date, its store's created_at), whole seconds
+# included: a lookup for what a call made reads back this much further than the call's start.
+_GATEWAY_SKEW = 300.0
+# A file that expires sooner than this after the gateway's Date is not reused: a batch made from it could be refused.
+_FILE_MARGIN = 3600.0
 _USER_AGENT = f"mka1-batches/{__version__} python-requests/{requests.__version__}"
 # What a connection error's chain holds when the request never left: no retry can make a second write.
 _UNSENT = (
@@ -300,6 +304,14 @@ class InvalidBatchFileError(MKA1Error, ValueError):
     def __init__(self, message: str, *, line: Optional[int]):
         super().__init__(message if line is None else f"line {line}: {message}")
         self.line = line
+
+
+class IdempotencyKeyError(MKA1Error, ValueError):
+    """An idempotency key that already names a batch made from other input; ``batch`` is that batch."""
+
+    def __init__(self, message: str, batch: "Batch"):
+        super().__init__(message)
+        self.batch = batch
 
 
 class WaitTimeoutError(MKA1Error, TimeoutError):
@@ -734,17 +746,8 @@ def check_batch_file(file: _Input, endpoint: str) -> int:
     :raises InvalidBatchFileError: naming the first line that is wrong, and what is wrong with it.
     """
     _check_endpoint(endpoint)
-    first: Dict[str, int] = {}  # custom_id: the line it first appeared on
     with _opened(file) as (stream, _):
-        for number, line in enumerate(stream, 1):
-            if number == 1 and line.startswith(b"\xef\xbb\xbf"):
-                raise InvalidBatchFileError("starts with a UTF-8 byte order mark; save it without one", line=1)
-            if line.strip():
-                custom_id = _check_line(line, endpoint, number, first)
-                first[custom_id] = number
-    if not first:
-        raise InvalidBatchFileError("the file has no requests", line=None)
-    return len(first)
+        return len(_scan(stream, endpoint)[0])
 
 
 class Client:
@@ -912,30 +915,21 @@ class Client:
     def upload_file(self, file: _Input, *, purpose: str = "batch", on_behalf_of: Optional[str] = None) -> "File":
         """Upload a file, streamed from disk with its length up front, and never the same bytes twice.
 
-        A file of this user with this purpose, the same sha256 and the same size, not expired, is
-        returned instead of uploading again. After a failure that leaves unknown whether the
-        gateway stored the file (a broken connection or a timeout after it was sent, 500, 502,
-        503, 504), it waits, looks again (by sha256, or by name, size and time where the gateway
-        gives no sha256), and uploads again only if it is not there.
+        A file of this user with this purpose, the same sha256 and the same size, and not about to
+        expire (by the gateway's clock), is returned instead of uploading again. After a failure
+        that leaves unknown whether the gateway stored the file (a broken connection or a timeout
+        after it was sent, 500, 502, 503, 504), it waits, looks again (by sha256, or where the
+        gateway gives none, by name and size among the files it made since this call began), and
+        uploads again only if it is not there.
 
         :param file: a path, or a seekable binary file object (read from where it stands).
         """
         if not isinstance(purpose, str) or not purpose.strip() or not purpose.isprintable():
             raise ValueError(f"purpose must be a non-empty string such as 'batch', not {purpose!r}")
         who = self._who(on_behalf_of)
-        started = time.time()
         with _opened(file) as (stream, name):
             size, digest = _digest(stream)
-            name = name if name.strip() and name != "blob" else "input.jsonl"
-            found = self._find_file(who, purpose, digest, size)
-            if found is not None:
-                return found
-            body = _Multipart(stream, size, name, purpose)
-
-            def lookup() -> Optional[File]:
-                return self._find_file(who, purpose, digest, size, (name, started))
-
-            return self._transport.write(_FILES, who, body, File.from_dict, lookup)
+            return self._upload(stream, name, purpose, who, size, digest)
 
     def create_batch(
         self,
@@ -945,51 +939,78 @@ class Client:
         completion_window: str = "24h",
         metadata: Optional[Dict[str, str]] = None,
         max_concurrency: Optional[int] = None,
+        idempotency_key: Optional[str] = None,
         on_behalf_of: Optional[str] = None,
     ) -> Batch:
         """Create a batch: one call makes at most one batch, whatever fails on the way.
 
-        The request carries ``metadata[CREATE_KEY]``, a value new to this call. After a failure
-        that leaves unknown whether the gateway made the batch (a broken connection or a timeout
-        after it was sent, 500, 502, 503, 504), the call waits, looks for a batch with that value
-        among the user's newest, returns it if there is one, else sends again.
-        408 and 429 are retried; other 4xx are raised at once. When ``metadata`` already has 16
-        pairs there is no room for the key: such a failure is then raised (``list_batches``
-        shows whether the batch was made). A gateway that makes the batch only after the lookup
-        has looked could still make a second: nothing a client can see tells the two apart.
+        The request carries ``metadata[CREATE_KEY]``: ``idempotency_key``, or a value new to this
+        call. After a failure that leaves unknown whether the gateway made the batch (a broken
+        connection or a timeout after it was sent, 500, 502, 503, 504), the call waits, looks for
+        the batch that carries it, returns it if there is one, else sends again. 408 and 429 are
+        retried; other 4xx are raised at once. Without a key, the lookup reads the user's batches
+        made since the call began, by the gateway's clock (its ``Date``, less the time the call
+        has taken); with one, all of them. When ``metadata`` already has 16 pairs there is no room
+        for the value: such a failure is then raised (``list_batches`` shows whether the batch was
+        made). A gateway that makes the batch only after the lookup has looked could still make a
+        second: nothing a client can see tells the two apart.
 
-        :param metadata: up to 16 pairs of strings, kept on the batch.
+        :param metadata: up to 16 pairs of strings, kept on the batch (15 with a key).
         :param max_concurrency: how many of its requests may run at once; sent only when given.
+        :param idempotency_key: your name for this one create, 1 to 64 printable ASCII characters,
+            such as ``nightly-2026-12-04``. A batch of this user that already carries it is
+            returned, and nothing is sent, if it was made from this file id for this endpoint:
+            a rerun after a crash finds what the first run made.
+        :raises IdempotencyKeyError: the key names a batch made from another file or endpoint.
         """
         who = self._who(on_behalf_of)
-        body = _create_body(input_file_id, endpoint, completion_window, metadata, max_concurrency)
-        mark = body["metadata"].get(CREATE_KEY)
-        started = time.time()
-
-        def lookup() -> Optional[Batch]:
-            return self._find_batch(who, mark, started)
-
-        return self._transport.write(_BATCHES, who, body, Batch.from_dict, None if mark is None else lookup)
+        _check_id(input_file_id, "input_file_id")
+        body = _create_body(input_file_id, endpoint, completion_window, metadata, max_concurrency, idempotency_key)
+        if idempotency_key is not None:
+            found = self._find_batch(who, idempotency_key)
+            if found is not None:
+                same = (found.input_file_id, found.endpoint) == (input_file_id, endpoint)
+                return _reused(found, idempotency_key, same)
+        return self._create(who, body, idempotency_key is not None)
 
     def submit_batch(
         self,
         file: _Input,
         endpoint: str,
         *,
+        completion_window: str = "24h",
         metadata: Optional[Dict[str, str]] = None,
         max_concurrency: Optional[int] = None,
+        idempotency_key: Optional[str] = None,
         on_behalf_of: Optional[str] = None,
     ) -> Batch:
         """Check a JSONL input file, upload it and create its batch, each exactly once.
 
-        See :func:`check_batch_file`, :meth:`upload_file` and :meth:`create_batch`.
+        See :func:`check_batch_file`, :meth:`upload_file` and :meth:`create_batch`. With an
+        ``idempotency_key``, a batch of this user that already carries it is returned, and
+        nothing is uploaded or sent, if it was made from the same bytes for the same endpoint;
+        so the whole call is safe to run again at any point: the upload is found by its sha256,
+        the batch by its key.
+
+        :raises IdempotencyKeyError: the key names a batch made from other bytes or for another
+            endpoint; nothing is uploaded.
         """
-        _check_create(endpoint, "24h", metadata, max_concurrency)  # before the file is read
-        check_batch_file(file, endpoint)
-        uploaded = self.upload_file(file, on_behalf_of=on_behalf_of)
-        return self.create_batch(
-            uploaded.id, endpoint, metadata=metadata, max_concurrency=max_concurrency, on_behalf_of=on_behalf_of
-        )
+        who = self._who(on_behalf_of)
+        _check_create(endpoint, completion_window, metadata, max_concurrency, idempotency_key)  # before any read
+        with _opened(file) as (stream, name):
+            if not _seekable(stream):
+                raise TypeError("file must be seekable to be uploaded: it is checked, then sent")
+            start = stream.tell()
+            _, size, digest = _scan(stream, endpoint)
+            stream.seek(start)
+            if idempotency_key is not None:
+                found = self._find_batch(who, idempotency_key)
+                if found is not None:
+                    same = found.endpoint == endpoint and self._holds(found.input_file_id, who, size, digest)
+                    return _reused(found, idempotency_key, same)
+            uploaded = self._upload(stream, name, "batch", who, size, digest)
+        body = _create_body(uploaded.id, endpoint, completion_window, metadata, max_concurrency, idempotency_key)
+        return self._create(who, body, idempotency_key is not None)
 
     def resubmit_failed(
         self,
@@ -1001,14 +1022,18 @@ class Client:
     ) -> Optional[Batch]:
         """Send the requests of a finished batch that failed again, as a new batch; None if none failed.
 
-        Failed: every line of its error file, every output line whose status is 408, 429 or 5xx,
-        and every ``custom_id`` of its input that came back in neither file. An output line with
-        another 4xx would fail the same way again: it is not resent, and ``on_kept`` sees it.
-        The new input holds the failed lines of the original input file, byte for byte and in
-        their order, streamed through a temporary file: memory grows with the number of
-        requests (a set of ids), never with their size. It is then checked, uploaded and created
-        as :meth:`submit_batch` does, with the batch's endpoint and ``metadata[RESUBMIT_KEY]``
+        Failed: every line of its error file, every output line whose status may pass (408, 429,
+        500, 502, 503, 504), and every ``custom_id`` of its input that came back in neither file.
+        An output line with another status would fail the same way again: it is not resent, and
+        ``on_kept`` sees it. The new input holds the failed lines of the original input file, byte
+        for byte and in their order, streamed through a temporary file: memory grows with the
+        number of requests (a set of ids), never with their size. It is then checked, uploaded and
+        created as :meth:`submit_batch` does, with the batch's endpoint and ``metadata[RESUBMIT_KEY]``
         naming the batch it came from.
+
+        Run again, it returns the batch the first run made (the newest that names this one in
+        ``RESUBMIT_KEY``), reading and sending nothing, unless that one ended failed, expired or
+        cancelled: then it makes a new one.
 
         :param batch: a terminal Batch, or its id (fetched first).
         :param metadata: up to 14 pairs of strings, kept on the new batch beside RESUBMIT_KEY and
@@ -1019,13 +1044,18 @@ class Client:
         who = self._who(on_behalf_of)
         if not isinstance(batch, Batch):
             batch = self.get_batch(batch, on_behalf_of=on_behalf_of)
+        file_ids = _file_ids(batch, True)  # a batch that has not finished is refused here
+        _check_id(batch.input_file_id, "file id")
+        earlier = self._find_batch(who, batch.id, key=RESUBMIT_KEY, oldest=batch.created_at)
+        if earlier is not None and earlier.status not in ("failed", "expired", "cancelled"):
+            return earlier
         seen: Set[str] = set()
         failed: Set[str] = set()
-        for file_id in _file_ids(batch, True):  # a batch that has not finished is refused here
+        for file_id in file_ids:
             for _, result in self._file_lines(file_id, who, None, BatchResult.from_dict):
                 seen.add(result.custom_id)
                 code = (result.response and result.response.status_code) or 0  # 0: no response, or no status
-                if file_id == batch.error_file_id or result.response is None or code in (408, 429) or code >= 500:
+                if file_id == batch.error_file_id or result.response is None or code in _TRANSIENT_STATUSES:
                     failed.add(result.custom_id)
                 elif code >= 400 and on_kept is not None:
                     on_kept(result)
@@ -1055,7 +1085,8 @@ class Client:
             raise ValueError(f"page_size must be an integer from 1 to 100, not {page_size!r}")
         if after is not None:
             _check_id(after, "after")
-        return self._pages(Batch.from_dict, _BATCHES, self._who(on_behalf_of), page_size, after=after)
+        pairs = self._listing(Batch.from_dict, _BATCHES, self._who(on_behalf_of), page_size, after=after)
+        return (batch for batch, _ in pairs)
 
     def cancel_batch(self, batch_id: str, *, on_behalf_of: Optional[str] = None) -> Batch:
         """Ask the gateway to cancel a batch; it answers with the batch, ``cancelling``.
@@ -1087,33 +1118,90 @@ class Client:
             raise InvalidResponseError(message, field="id", request_id=batch.request_id)
         return batch
 
-    def _find_batch(self, who: Optional[str], mark: str, since: float) -> Optional[Batch]:
-        """The batch a create with this mark made, among those made since a while before ``since``."""
-        for batch in self._pages(Batch.from_dict, _BATCHES, who, 100):
-            if (batch.metadata or {}).get(CREATE_KEY) == mark:
+    def _create(self, who: Optional[str], body: Dict[str, Any], keyed: bool) -> Batch:
+        """POST a create; after a lost answer, the batch that carries its CREATE_KEY is looked for first."""
+        mark = body["metadata"].get(CREATE_KEY)
+        started = time.monotonic()
+
+        def lookup() -> Optional[Batch]:
+            return self._find_batch(who, mark, started=None if keyed else started)
+
+        return self._transport.write(_BATCHES, who, body, Batch.from_dict, None if mark is None else lookup, "batch")
+
+    def _upload(self, stream: BinaryIO, name: str, purpose: str, who: Optional[str], size: int, digest: str) -> File:
+        """POST the rest of a stream as a file, unless this user has it already; see :meth:`upload_file`."""
+        name = name if name.strip() and name != "blob" else "input.jsonl"
+        found = self._find_file(who, purpose, digest, size)
+        if found is not None:
+            return found
+        started = time.monotonic()
+
+        def lookup() -> Optional[File]:
+            return self._find_file(who, purpose, digest, size, (name, started))
+
+        body = _Multipart(stream, size, name, purpose)
+        return self._transport.write(_FILES, who, body, File.from_dict, lookup, "file")
+
+    def _find_batch(
+        self,
+        who: Optional[str],
+        value: str,
+        *,
+        key: str = CREATE_KEY,
+        oldest: Optional[float] = None,
+        started: Optional[float] = None,
+    ) -> Optional[Batch]:
+        """The newest batch of this user whose ``metadata[key]`` is ``value``, or None.
+
+        Only among those made since ``oldest`` (a created_at), or with ``started`` (the
+        ``time.monotonic()`` a call began) those the gateway made since then by its own clock: the
+        first page's Date, less the time since. With neither, among all of the user's batches.
+        """
+        for batch, reply in self._listing(Batch.from_dict, _BATCHES, who, 100):
+            if started is not None:
+                oldest, started = _since(reply, started), None
+            if oldest is not None and batch.created_at < oldest:
+                return None  # newest first: older ones cannot be it
+            if (batch.metadata or {}).get(key) == value:
                 return batch
-            if batch.created_at < since - _CLOCK_SKEW:  # newest first: older ones cannot be it
-                return None
         return None
 
     def _find_file(
         self, who: Optional[str], purpose: str, digest: str, size: int, sent: Optional[Tuple[str, float]] = None
     ) -> Optional["File"]:
-        """A usable file with these bytes; with ``sent`` (its name and when), also one the gateway gave no sha256."""
+        """A usable file with these bytes; with ``sent`` (its name and the monotonic time its upload began),
+        also one with no sha256 that the gateway made since then, by its clock.
+
+        Usable: not failed, and not expiring within _FILE_MARGIN of the gateway's Date. Without a
+        Date, a file that may expire is not reused, and a file with no sha256 is not taken for the
+        one sent.
+        """
+        now = oldest = None
         # The sha256 filter narrows the list; what comes back is checked, not trusted.
-        for found in self._pages(File.from_dict, _FILES, who, 100, {"purpose": purpose, "sha256": digest}):
+        query = {"purpose": purpose, "sha256": digest}
+        for index, (found, reply) in enumerate(self._listing(File.from_dict, _FILES, who, 100, query)):
+            if index == 0:
+                now = _http_date(reply.date)
+                oldest = _since(reply, sent[1]) if sent else None
             if (found.bytes, found.purpose) != (size, purpose) or found.status == "error":
                 continue
-            if found.expires_at is not None and found.expires_at < time.time() + _CLOCK_SKEW:
+            if found.expires_at is not None and (now is None or found.expires_at < now + _FILE_MARGIN):
                 continue  # about to go: a batch made from it could be refused
             if found.sha256 == digest:
                 return found
-            # No sha256 to go by: the file this call sent has its name, and was made since it began.
-            if sent and (found.sha256, found.filename) == (None, sent[0]) and found.created_at >= sent[1] - _CLOCK_SKEW:
+            if sent and (found.sha256, found.filename) == (None, sent[0]) and oldest and found.created_at >= oldest:
                 return found
         return None
 
-    def _pages(
+    def _holds(self, file_id: str, who: Optional[str], size: int, digest: str) -> bool:
+        """Whether a file of this user holds exactly these bytes: by its sha256, else by reading it."""
+        path = _FILES + "/" + _check_id(file_id, "input_file_id")
+        stored = File.from_dict(*self._transport.request("GET", path, who)[:2])
+        if stored.bytes != size or stored.sha256 is not None:
+            return (stored.bytes, stored.sha256) == (size, digest)
+        return self._transport.digest(path + "/content", who) == (size, digest)
+
+    def _listing(
         self,
         parse: Callable[[Any, Optional[str]], "_Listed"],
         path: str,
@@ -1121,8 +1209,9 @@ class Client:
         limit: int,
         query: Optional[Dict[str, str]] = None,
         after: Optional[str] = None,
-    ) -> Iterator["_Listed"]:
-        """The items of a list endpoint, newest first, each once: a listing that is whole, or an InvalidResponseError.
+    ) -> Iterator[Tuple["_Listed", "_Reply"]]:
+        """The items of a list endpoint, newest first, each once and beside the reply of its page: a listing
+        that is whole, or an InvalidResponseError.
 
         A page is checked before any of its items is yielded: one already yielded, one newer than
         the one before it, or ``has_more`` with nothing new, is an error. Servers sort by
@@ -1152,7 +1241,7 @@ class Client:
                 fresh.append(item)
                 here.add(item.id)
             if not page["has_more"]:
-                yield from fresh
+                yield from ((item, reply) for item in fresh)
                 return
             ready = [item for item in fresh if item.created_at != fresh[-1].created_at]
             if not ready:
@@ -1167,7 +1256,7 @@ class Client:
                 else:
                     problem = f"cursor {after!r} did not advance"
                 raise _listing_error(problem, reply)
-            yield from ready
+            yield from ((item, reply) for item in ready)
             yielded.update(item.id for item in ready)
             after, newest, size = ready[-1].id, ready[-1].created_at, limit
 
@@ -1250,6 +1339,7 @@ class _Transport:
         body: Any,
         parse: Callable[[Any, Optional[str]], _T],
         lookup: Optional[Callable[[], Optional[_T]]],
+        what: str,
     ) -> _T:
         """POST a write that must happen once: what ``parse`` makes of its answer, or what ``lookup`` finds.
 
@@ -1257,12 +1347,22 @@ class _Transport:
         a failure that leaves that unknown (a broken connection or a timeout after it was sent,
         500, 502, 503, 504), it waits as before a retry (so that what a slow gateway made shows),
         then returns what ``lookup`` finds, or sends again if there is a retry left. Without a
-        ``lookup``, such a failure is raised.
+        ``lookup``, such a failure is raised. A 2xx answer that cannot be read is an
+        InvalidResponseError that says the gateway made the ``what`` (and its id, if the answer
+        names one): sending it again would make another.
         """
 
         def read(resp: requests.Response, deadline: float) -> Tuple[_T]:
-            reply = self._json(resp, deadline)
-            return (parse(reply.data, reply.request_id),)
+            reply = None
+            try:
+                reply = self._json(resp, deadline)
+                return (parse(reply.data, reply.request_id),)
+            except InvalidResponseError as exc:
+                named = getattr(reply, "data", None)
+                named = named.get("id") if type(named) is dict else None
+                made = what + (f" {_excerpt(repr(named))}" if type(named) is str else "")
+                exc.args = (f"the gateway made the {made}, but its answer cannot be read: {exc}",)
+                raise
 
         with contextlib.closing(self._exchanges("POST", path, who, read, body=body, write=True, look=lookup)) as made:
             return next(made)
@@ -1279,6 +1379,22 @@ class _Transport:
         taken = _Taken()
         read = functools.partial(self._lines, taken=taken, name=name, progress=progress)
         return self._exchanges("GET", path, who, read, accept="*/*", follow=True), taken
+
+    def digest(self, path: str, who: Optional[str]) -> Tuple[int, str]:
+        """The size and sha256 of a file's content; after a break, read again from the start."""
+
+        def read(resp: requests.Response, deadline: float) -> Tuple[Tuple[int, str]]:
+            digest = hashlib.sha256()
+            size = 0
+            for chunk in self._chunks(resp):
+                digest.update(chunk)
+                size += len(chunk)
+                self._in_time(deadline, resp, f"body not read within {self._deadline}s")
+                deadline = time.monotonic() + self._deadline  # per chunk: a large file takes its time
+            return ((size, digest.hexdigest()),)
+
+        with contextlib.closing(self._exchanges("GET", path, who, read, accept="*/*", follow=True)) as digests:
+            return next(digests)
 
     def _exchanges(
         self,
@@ -1579,7 +1695,7 @@ class _Transport:
             status_code=status,
             request_id=request_id,
             body=data,
-            retry_after=_retry_after(resp.headers.get("Retry-After")),
+            retry_after=_retry_after(resp.headers.get("Retry-After"), resp.headers.get("Date")),
         )
 
     def _failure(
@@ -1791,14 +1907,27 @@ def _file_ids(batch: Union[Batch, str], include_errors: bool) -> List[str]:
 
 
 def _check_create(
-    endpoint: str, completion_window: str, metadata: Optional[Dict[str, str]], max_concurrency: Optional[int]
+    endpoint: str,
+    completion_window: str,
+    metadata: Optional[Dict[str, str]],
+    max_concurrency: Optional[int],
+    key: Optional[str],
 ) -> None:
     _check_endpoint(endpoint)
     if not isinstance(completion_window, str) or not completion_window:
         raise ValueError(f"completion_window must be a string such as '24h', not {completion_window!r}")
-    _check_metadata(metadata, 16)
+    _check_metadata(metadata, 16 if key is None else 15)
     if max_concurrency is not None and (type(max_concurrency) is not int or max_concurrency < 1):
         raise ValueError(f"max_concurrency must be None or a positive integer, not {max_concurrency!r}")
+    if key is not None:
+        _check_key(key)
+
+
+def _check_key(key: object) -> None:
+    if not isinstance(key, str):
+        raise TypeError(f"idempotency_key must be a string, not {type(key).__name__}")
+    if len(key) > 64 or not _printable_ascii(key):
+        raise ValueError(f"idempotency_key must be 1 to 64 printable ASCII characters, not {_excerpt(repr(key))}")
 
 
 def _check_metadata(metadata: Optional[Dict[str, str]], room: int) -> None:
@@ -1818,12 +1947,15 @@ def _create_body(
     completion_window: str,
     metadata: Optional[Dict[str, str]],
     max_concurrency: Optional[int],
+    key: Optional[str],
 ) -> Dict[str, Any]:
-    """create_batch's JSON, its arguments checked; the metadata gains CREATE_KEY where there is room."""
-    _check_id(input_file_id, "input_file_id")
-    _check_create(endpoint, completion_window, metadata, max_concurrency)
+    """create_batch's JSON, its arguments checked; the metadata gains CREATE_KEY (the key, or a new
+    value) where there is room."""
+    _check_create(endpoint, completion_window, metadata, max_concurrency, key)
     sent = dict(metadata or {})
-    if len(sent) < 16:
+    if key is not None:
+        sent[CREATE_KEY] = key
+    elif len(sent) < 16:
         import uuid  # only here: a plain get_batch does not need it
 
         sent[CREATE_KEY] = uuid.uuid4().hex
@@ -1880,7 +2012,7 @@ def _opened(file: _Input) -> Iterator[Tuple[BinaryIO, str]]:
         return
     if not callable(getattr(file, "read", None)) or not isinstance(file.read(0), bytes):
         raise TypeError(f"file must be a path or a binary file object open for reading, not {type(file).__name__}")
-    seekable = getattr(file, "seekable", lambda: False)()
+    seekable = _seekable(file)
     start = file.tell() if seekable else 0
     try:
         name = getattr(file, "name", "")  # a TemporaryFile's is its descriptor
@@ -1890,9 +2022,31 @@ def _opened(file: _Input) -> Iterator[Tuple[BinaryIO, str]]:
             file.seek(start)
 
 
+def _scan(stream: BinaryIO, endpoint: str) -> Tuple[Dict[str, int], int, str]:
+    """Every line of a batch input file checked, read once from where it stands: its custom_ids (each
+    with the line it is on), and its size and sha256."""
+    first: Dict[str, int] = {}
+    digest = hashlib.sha256()
+    size = 0
+    for number, line in enumerate(stream, 1):
+        digest.update(line)
+        size += len(line)
+        if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+            raise InvalidBatchFileError("starts with a UTF-8 byte order mark; save it without one", line=1)
+        if line.strip():
+            first[_check_line(line, endpoint, number, first)] = number
+    if not first:
+        raise InvalidBatchFileError("the file has no requests", line=None)
+    return first, size, digest.hexdigest()
+
+
+def _seekable(stream: BinaryIO) -> bool:
+    return bool(getattr(stream, "seekable", lambda: False)())
+
+
 def _digest(stream: BinaryIO) -> Tuple[int, str]:
     """The size and sha256 of what is left of a stream, which is then put back."""
-    if not getattr(stream, "seekable", lambda: False)():
+    if not _seekable(stream):
         raise TypeError("file must be seekable to be uploaded: it is read once to find its sha256, then sent")
     start = stream.tell()
     digest = hashlib.sha256()
@@ -2182,19 +2336,43 @@ def _too_big(size: str) -> str:
     return f"response body of {size} bytes is over the {MAX_BODY_BYTES}-byte limit"
 
 
-def _retry_after(value: Optional[str]) -> Optional[float]:
-    """Seconds to wait: a number (a fraction too), else an HTTP date, else None; never an error."""
+def _retry_after(value: Optional[str], date: Optional[str]) -> Optional[float]:
+    """Seconds to wait: a number (a fraction too), else an HTTP date less the answer's own ``Date``
+    (RFC 9110, 10.2.3: the gateway's clock, not ours), else None; never an error."""
     if value is None:
         return None
     if re.fullmatch(r"[0-9]+(\.[0-9]+)?", value.strip()):
         return float(value.strip())  # str.strip takes more than float does: "0\x1f"
-    import email.utils  # only here: most answers carry no date
+    until, now = _http_date(value), _http_date(date)
+    return None if until is None or now is None else max(0.0, until - now)
+
+
+def _http_date(value: Optional[str]) -> Optional[float]:
+    """An HTTP date (a Date header) in Unix seconds, or None; never an error."""
+    if value is None:
+        return None
+    import email.utils  # only here: a plain get_batch reads no date
 
     try:
         date = email.utils.parsedate_tz(value)  # a date with no zone comes back as GMT
-        return None if date is None else max(0.0, email.utils.mktime_tz(date) - time.time())
+        return None if date is None else float(email.utils.mktime_tz(date))
     except (ValueError, OverflowError, TypeError, IndexError):  # a year or an hour out of range
         return None
+
+
+def _since(reply: "_Reply", started: float) -> Optional[float]:
+    """The gateway's time, by its own clock, when a call that began at ``started`` (time.monotonic) began,
+    less _GATEWAY_SKEW; None without a Date."""
+    now = _http_date(reply.date)
+    return None if now is None else now - (time.monotonic() - started) - _GATEWAY_SKEW
+
+
+def _reused(found: Batch, key: str, same: bool) -> Batch:
+    """The batch an idempotency key already names, if it was made from the same input; else the error."""
+    if not same:
+        message = f"idempotency key {key!r} already names batch {found.id}, made from other input"
+        raise IdempotencyKeyError(message + f" ({found.input_file_id} for {found.endpoint})", found)
+    return found
 
 
 def _printable(text: str) -> str:
@@ -2384,6 +2562,13 @@ def _cli_args(argv: List[str]) -> Any:
         count = _cli_type(_cli_count, "a whole number of 1 or more")
         parser.add_argument("--max-concurrency", metavar="N", type=count, help="requests in flight at once")
         parser.add_argument("--check", action="store_true", help="only check the file: nothing is sent")
+        key = _cli_type(_cli_key, "1 to 64 printable ASCII characters")
+        parser.add_argument(
+            "--idempotency-key",
+            metavar="KEY",
+            type=key,
+            help="your name for this submission: run again, it finds the batch the first run made",
+        )
     if command == "list":
         limit = _cli_type(_cli_count, "a whole number of 1 or more")
         parser.add_argument("--limit", metavar="N", type=limit, default=20, help="at most N batches (20)")
@@ -2426,8 +2611,9 @@ def _cli_args(argv: List[str]) -> Any:
         if args.check and args.wait:
             parser.error("argument --wait: not allowed with --check")
         keys = [key for key, _ in args.metadata]
-        if len(keys) > 16 or CREATE_KEY in keys or len(set(keys)) < len(keys):
-            parser.error(f"argument --metadata: up to 16 distinct keys, {CREATE_KEY} not among them")
+        room = 16 if args.idempotency_key is None else 15  # the key takes one
+        if len(keys) > room or CREATE_KEY in keys or len(set(keys)) < len(keys):
+            parser.error(f"argument --metadata: up to {room} distinct keys, {CREATE_KEY} not among them")
     runs = {None: _cli_get, "submit": _cli_submit, "list": _cli_list, "cancel": _cli_cancel}
     args.run = runs.get(command, _cli_resubmit)
     return args
@@ -2449,6 +2635,11 @@ def _cli_type(parse: Callable[[str], _T], expected: str) -> Callable[[str], _T]:
 
 def _cli_id(text: str) -> str:
     _check_id(text, "id")
+    return text
+
+
+def _cli_key(text: str) -> str:
+    _check_key(text)
     return text
 
 
@@ -2500,7 +2691,13 @@ def _cli_submit(client: Client, args: Any) -> int:
     # Read before the batch is made, so that nothing but waiting follows what costs money.
     expected = _cli_custom_ids(args.file) if args.results else None
     metadata = dict(args.metadata) if args.metadata else None
-    batch = client.submit_batch(args.file, args.endpoint, metadata=metadata, max_concurrency=args.max_concurrency)
+    batch = client.submit_batch(
+        args.file,
+        args.endpoint,
+        metadata=metadata,
+        max_concurrency=args.max_concurrency,
+        idempotency_key=args.idempotency_key,
+    )
     if args.wait:  # its id, before a wait that a Ctrl-C or --max-wait may end
         print(_printable(f"batch {batch.id} created"), file=sys.stderr, flush=True)
         batch = _cli_wait(client, batch.id, args)

@@ -922,34 +922,44 @@ def test_retry_after_seconds_is_honoured(api, sleeps, value, expected):
     assert sleeps == [expected]
 
 
-def test_retry_after_http_date_is_honoured(api, sleeps):
-    when = email.utils.formatdate(time.time() + 30, usegmt=True)
-    fail(api, 503, "<html>busy</html>", {"Retry-After": when})
+GATEWAY_NOW = 1800000000  # the gateway's clock in these tests: years from the client's, either way
+
+
+@pytest.mark.parametrize(
+    "retry_after, date, slept",
+    [
+        (email.utils.formatdate(GATEWAY_NOW + 30, usegmt=True), email.utils.formatdate(GATEWAY_NOW, usegmt=True), 30.0),
+        # No zone is GMT.
+        (
+            time.strftime("%a, %d %b %Y %H:%M:%S", time.gmtime(GATEWAY_NOW + 30)),
+            email.utils.formatdate(GATEWAY_NOW, usegmt=True),
+            30.0,
+        ),
+        ("Sun, 06 Nov 1994 08:49:37 GMT", email.utils.formatdate(GATEWAY_NOW, usegmt=True), 0.0),  # past: no wait
+    ],
+    ids=["ahead", "no-zone", "past"],
+)
+def test_retry_after_http_date_is_read_against_the_answers_own_date(api, sleeps, retry_after, date, slept):
+    """RFC 9110 10.2.3: the date is the gateway's clock; its Date says what that clock read, whatever ours does."""
+    fail(api, 503, "<html>busy</html>", {"Retry-After": retry_after, "Date": date})
     ok(api)
-    get()
-    assert len(sleeps) == 1 and 27 <= sleeps[0] <= 31
+    assert get().id == BID and sleeps == [slept]
 
 
-def test_retry_after_http_date_without_a_zone_is_gmt(api, sleeps):
-    when = time.strftime("%a, %d %b %Y %H:%M:%S", time.gmtime(time.time() + 30))  # no "GMT"
-    fail(api, 503, "<html>busy</html>", {"Retry-After": when})
+def test_retry_after_http_date_without_the_answers_date_is_the_backoff(api, sleeps, monkeypatch):
+    """No Date to read it against: the client's own clock is not the gateway's, so the backoff it is."""
+    monkeypatch.setattr(m.random, "uniform", lambda a, b: 0.75)
+    fail(api, 503, "<html>busy</html>", {"Retry-After": email.utils.formatdate(time.time() + 30, usegmt=True)})
     ok(api)
-    get()
-    assert len(sleeps) == 1 and 27 <= sleeps[0] <= 31
-
-
-def test_retry_after_http_date_already_past_is_no_wait(api, sleeps):
-    fail(api, 503, "<html>busy</html>", {"Retry-After": "Sun, 06 Nov 1994 08:49:37 GMT"})
-    ok(api)
-    get()
-    assert sleeps == [0.0]
+    assert get().id == BID and sleeps == [0.75]
 
 
 def test_retry_after_http_date_far_ahead_is_refused(api, sleeps):
-    fail(api, 503, "busy", {"Retry-After": email.utils.formatdate(time.time() + 3600, usegmt=True)})
+    date = email.utils.formatdate(GATEWAY_NOW, usegmt=True)
+    fail(api, 503, "busy", {"Retry-After": email.utils.formatdate(GATEWAY_NOW + 3600, usegmt=True), "Date": date})
     with pytest.raises(m.InternalServerError) as info:
         get()
-    assert 3590 <= info.value.retry_after <= 3601 and sleeps == [] and len(api.calls) == 1
+    assert info.value.retry_after == 3600.0 and sleeps == [] and len(api.calls) == 1
 
 
 @pytest.mark.parametrize("value", ["soon", "", "nan", "Wed, 99 Foo 2024 99:99:99 GMT", "inf", "1.", ".5", "-5", "²"])
@@ -1160,7 +1170,7 @@ def test_all_names_the_public_surface():
     errors = ["MKA1Error", "APIConnectionError", "APITimeoutError", "InvalidResponseError", "WaitTimeoutError"]
     errors += ["APIStatusError", "BadRequestError", "AuthenticationError", "PermissionDeniedError", "NotFoundError"]
     errors += ["UnprocessableEntityError", "RateLimitError", "InternalServerError", "ConflictError"]
-    errors += ["InvalidBatchFileError"]
+    errors += ["InvalidBatchFileError", "IdempotencyKeyError"]
     constants = ["DEFAULT_BASE_URL", "DEFAULT_TIMEOUT", "MAX_BODY_BYTES", "MAX_LINE_BYTES", "MAX_RETRY_AFTER"]
     constants += ["TERMINAL_STATUSES", "CREATE_KEY", "RESUBMIT_KEY"]
     assert sorted(m.__all__) == sorted(functions + classes + errors + constants)
@@ -5833,15 +5843,16 @@ def test_one_client_shared_by_threads_keeps_each_answer_apart(gateway):
 )
 @settings(max_examples=300, deadline=None)
 def test_retry_after_of_any_text_is_seconds_or_none(value):
-    got = m._retry_after(value)
-    assert got is None or (isinstance(got, float) and got >= 0)
+    for date in (None, email.utils.formatdate(GATEWAY_NOW, usegmt=True), value):  # a Date of any text too
+        got = m._retry_after(value, date)
+        assert got is None or (isinstance(got, float) and got >= 0)
 
 
 @pytest.mark.parametrize(
     "value", ["21 Oct 99999999999999999999 07:28:00 GMT", "1000000 Oct 1000000 99:99 00:00:00:00 , 99:99"]
 )
 def test_retry_after_dates_out_of_range_are_none(value):
-    assert m._retry_after(value) is None
+    assert m._retry_after(value, email.utils.formatdate(GATEWAY_NOW, usegmt=True)) is None
 
 
 def test_a_fractional_retry_after_is_honoured(api, sleeps):
@@ -5921,17 +5932,53 @@ def test_bad_after_is_refused_before_any_io(api, bad, exc):
     assert len(api.calls) == 0
 
 
-def test_create_lookup_stops_at_batches_older_than_the_call(api, sleeps, monkeypatch):
-    """A 502 with nothing made: the lookup reads the newest page, stops at an old batch, then sends again."""
+def gateway_date(offset: float = 0) -> Dict[str, str]:
+    """A Date header from the gateway's clock, GATEWAY_NOW, years from the client's."""
+    return {"Date": email.utils.formatdate(GATEWAY_NOW + offset, usegmt=True)}
+
+
+@pytest.mark.parametrize("dated", [True, False])
+def test_create_lookup_stops_at_batches_older_than_the_call_by_the_gateways_clock(api, fake_clock, monkeypatch, dated):
+    """A 502 with nothing made: the lookup reads back to the call's start by the page's Date, then sends again.
+
+    Without a Date it reads every page. The client's wall clock, years off the gateway's, plays no part.
+    """
     monkeypatch.setattr(m.random, "uniform", lambda a, b: 0.5)
-    old = dict(EXAMPLE, status="completed", created_at=1, metadata=None)
-    made = dict(EXAMPLE, status="validating", created_at=2**31)
+    old = dict(EXAMPLE, status="completed", created_at=GATEWAY_NOW - 302, metadata=None)  # 300 s and the 2 s waited
+    made = dict(EXAMPLE, status="validating", created_at=GATEWAY_NOW)
     api.add(responses.POST, BASE + "/api/v1/llm/batches", status=502, body="<title>502 Bad Gateway</title>")
     api.add(responses.POST, BASE + "/api/v1/llm/batches", json=made)
-    page = {"object": "list", "data": [old, dict(old, id="batch_older")], "has_more": True}
-    api.add(responses.GET, BASE + "/api/v1/llm/batches", json=page)
+    fake_clock[0] += 1.5  # the call has taken this long when the page arrives
+    first = {"object": "list", "data": [old, dict(old, id="batch_older", created_at=1)], "has_more": True}
+    api.add(responses.GET, BASE + "/api/v1/llm/batches", json=first, headers=gateway_date() if dated else {})
+    last = {"object": "list", "data": [dict(old, id="batch_oldest", created_at=0)], "has_more": False}
+    api.add(responses.GET, BASE + "/api/v1/llm/batches", json=last)
     assert m.create_batch(TOKEN, "file_abc123", CHAT, base_url=BASE) == m.Batch.from_dict(made)
-    assert [c.request.method for c in api.calls] == ["POST", "GET", "POST"] and sleeps == [0.5]
+    gets = ["GET"] if dated else ["GET", "GET"]
+    assert [c.request.method for c in api.calls] == ["POST", *gets, "POST"]
+
+
+def test_create_lookup_reads_on_past_a_batch_made_exactly_at_the_bound(api, fake_clock):
+    marks: List[str] = []
+
+    def create(request: Any) -> Any:
+        marks.append(json.loads(request.body)["metadata"][m.CREATE_KEY])
+        return (
+            (500, {}, json.dumps({"error": {"message": "upstream"}}))
+            if len(marks) == 1
+            else (200, {}, json.dumps(EXAMPLE))
+        )
+
+    def page(request: Any) -> Any:
+        bound = GATEWAY_NOW - int(m._GATEWAY_SKEW) - int(sum(fake_clock) - 1000)  # the oldest a batch it made may be
+        other = dict(EXAMPLE, id="batch_other", created_at=bound, metadata={})
+        made = dict(EXAMPLE, id="batch_made", created_at=bound, metadata={m.CREATE_KEY: marks[0]})
+        return 200, gateway_date(), json.dumps({"object": "list", "data": [other, made], "has_more": False})
+
+    api.add_callback(responses.POST, BASE + "/api/v1/llm/batches", callback=create)
+    api.add_callback(responses.GET, BASE + "/api/v1/llm/batches", callback=page)
+    batch = m.create_batch(TOKEN, "file-1", "/v1/chat/completions", base_url=BASE)
+    assert batch.id == "batch_made" and len(marks) == 1
 
 
 def test_a_file_that_shrinks_while_it_is_uploaded_is_refused(api, tmp_path, monkeypatch):
@@ -6188,10 +6235,11 @@ def test_client_iter_results_acts_for_the_user_named(api):
 
 
 def test_upload_after_a_lost_answer_finds_a_file_the_gateway_gave_no_sha256(api, sleeps):
-    stored = {"id": "file-1", "object": "file", "bytes": 3, "created_at": 2**31, "filename": "in.jsonl"}
+    stored = {"id": "file-1", "object": "file", "bytes": 3, "created_at": GATEWAY_NOW, "filename": "in.jsonl"}
     stored.update(purpose="batch", sha256=None)
     api.add(responses.GET, BASE + "/api/v1/llm/files", json={"object": "list", "data": [], "has_more": False})
-    api.add(responses.GET, BASE + "/api/v1/llm/files", json={"object": "list", "data": [stored], "has_more": False})
+    page = {"object": "list", "data": [stored], "has_more": False}
+    api.add(responses.GET, BASE + "/api/v1/llm/files", json=page, headers=gateway_date())
     api.add_callback(
         responses.POST, BASE + "/api/v1/llm/files", callback=lambda r: (b"".join(r.body), (502, {}, ""))[1]
     )
@@ -6233,16 +6281,21 @@ def resubmit_api(api: Any, output: bytes, inputs: bytes) -> None:
     api.add(responses.GET, URL + BID, json=done)
     api.add(responses.GET, FILES + "file-out/content", body=output)
     api.add(responses.GET, FILES + "file-in/content", body=inputs)
+    api.add(responses.GET, BASE + "/api/v1/llm/batches", json={"object": "list", "data": [], "has_more": False})
 
 
 def test_resubmit_judges_each_output_line_by_its_status(api):
+    """The statuses that may pass are resent; 501 and 599, as 404, would come again: kept."""
     output = jsonl(
         {"custom_id": "a", "response": {"body": {}}},  # no status: not known to have failed
         {"custom_id": "b", "response": {"status_code": 404}},
         {"custom_id": "c", "response": None, "error": {"code": "x"}},
         {"custom_id": "d", "response": {"status_code": 599}},
+        {"custom_id": "f", "response": {"status_code": 501}},
+        {"custom_id": "g", "response": {"status_code": 504}},
+        {"custom_id": "h", "response": {"status_code": 408}},
     )
-    inputs = jsonl(*[dict(GOOD, custom_id=c) for c in "abcde"])
+    inputs = jsonl(*[dict(GOOD, custom_id=c) for c in "abcdefgh"])
     resubmit_api(api, output, inputs)
     sent: List[bytes] = []
 
@@ -6260,7 +6313,7 @@ def test_resubmit_judges_each_output_line_by_its_status(api):
     kept: List[str] = []
     m.resubmit_failed(TOKEN, BID, base_url=BASE, on_kept=lambda r: kept.append(r.custom_id))
     resent = [json.loads(line)["custom_id"] for line in sent[0].splitlines() if line.startswith(b"{")]
-    assert (resent, kept) == (["c", "d", "e"], ["b"])
+    assert (resent, kept) == (["c", "e", "g", "h"], ["b", "d", "f"])
 
 
 def test_cli_resubmit_whose_rebuilt_input_fails_the_check_says_so(cli, api):
@@ -6514,31 +6567,6 @@ def test_a_file_read_that_cannot_connect_names_its_method(api):
     assert str(error).startswith("GET /api/v1/llm/files/file-1/content on gw.example.test failed")
 
 
-def test_create_lookup_reads_on_past_a_batch_made_exactly_at_the_skew_bound(api, monkeypatch):
-    now = 1704070800.0
-    monkeypatch.setattr(m.time, "time", lambda: now)
-    marks: List[str] = []
-
-    def create(request: Any) -> Any:
-        marks.append(json.loads(request.body)["metadata"][m.CREATE_KEY])
-        return (
-            (500, {}, json.dumps({"error": {"message": "upstream"}}))
-            if len(marks) == 1
-            else (200, {}, json.dumps(EXAMPLE))
-        )
-
-    def page(request: Any) -> Any:
-        bound = int(now - m._CLOCK_SKEW)  # as old as a batch this create could have made may be
-        other = dict(EXAMPLE, id="batch_other", created_at=bound, metadata={})
-        made = dict(EXAMPLE, id="batch_made", created_at=bound, metadata={m.CREATE_KEY: marks[0]})
-        return 200, {}, json.dumps({"object": "list", "data": [other, made], "has_more": False})
-
-    api.add_callback(responses.POST, BASE + "/api/v1/llm/batches", callback=create)
-    api.add_callback(responses.GET, BASE + "/api/v1/llm/batches", callback=page)
-    batch = m.create_batch(TOKEN, "file-1", "/v1/chat/completions", base_url=BASE)
-    assert batch.id == "batch_made" and len(marks) == 1
-
-
 def test_create_batch_accepts_a_max_concurrency_of_one(api):
     api.add(responses.POST, BASE + "/api/v1/llm/batches", json=EXAMPLE)
     assert m.create_batch(TOKEN, "file-1", "/v1/chat/completions", max_concurrency=1, base_url=BASE).id == BID
@@ -6604,9 +6632,9 @@ _MUT_CLI_HELP = {
     ),
     "submit": (
         "usage: python -m mka1_batches submit [-h] --endpoint EP [--metadata KEY=VALUE]\n"
-        "                                     [--max-concurrency N] [--check] [--on-behalf-of ID]\n"
-        "                                     [--base-url URL] [--timeout S] [--wait] [--poll-interval S]\n"
-        "                                     [--max-wait S] [--results]\n"
+        "                                     [--max-concurrency N] [--check] [--idempotency-key KEY]\n"
+        "                                     [--on-behalf-of ID] [--base-url URL] [--timeout S] [--wait]\n"
+        "                                     [--poll-interval S] [--max-wait S] [--results]\n"
         "                                     FILE\n"
         "\n"
         "Check a JSONL input file, upload it and create its batch, then print the batch as JSON; "
@@ -6621,6 +6649,9 @@ _MUT_CLI_HELP = {
         "  --metadata KEY=VALUE  a pair of strings to keep on the batch; repeat for more, up to 16\n"
         "  --max-concurrency N   requests in flight at once\n"
         "  --check               only check the file: nothing is sent\n"
+        "  --idempotency-key KEY\n"
+        "                        your name for this submission: run again, it finds the batch the first run\n"
+        "                        made\n"
         "  --on-behalf-of ID     the end user to act for (X-On-Behalf-Of)\n"
         "  --base-url URL        default: $MKA1_BASE_URL, else https://apigw.mka1.com\n"
         "  --timeout S           connect and read timeout: S, or CONNECT,READ (default: 10,30)\n"
@@ -7042,13 +7073,22 @@ def test_an_upload_passes_over_unusable_files_to_the_one_that_fits(api, monkeypa
     assert [c.request.method for c in api.calls] == ["GET"]
 
 
-@pytest.mark.parametrize("created_at, found", [(1_000_000 - 3600, True), (1_000_000, True), (1_000_000 - 3601, False)])
-def test_a_lost_uploads_file_without_sha256_is_known_by_its_time(api, sleeps, monkeypatch, created_at, found):
-    monkeypatch.setattr(m.time, "time", lambda: 1_000_000.0)
+@pytest.mark.parametrize(
+    "created_at, dated, found",
+    [
+        (GATEWAY_NOW - 300, True, True),
+        (GATEWAY_NOW, True, True),
+        (GATEWAY_NOW - 301, True, False),
+        (GATEWAY_NOW, False, False),
+    ],
+)
+def test_a_lost_uploads_file_without_sha256_is_known_by_its_time(api, sleeps, fake_clock, created_at, dated, found):
+    """Made since the upload began, by the gateway's clock (the page's Date, less 300 s); without a Date, not known."""
     stored = {"id": "file-1", "object": "file", "bytes": 3, "created_at": created_at, "filename": "in.jsonl"}
     stored.update(purpose="batch", sha256=None)
     api.add(responses.GET, BASE + "/api/v1/llm/files", json=EMPTY_LIST)
-    api.add(responses.GET, BASE + "/api/v1/llm/files", json={"object": "list", "data": [stored], "has_more": False})
+    page = {"object": "list", "data": [stored], "has_more": False}
+    api.add(responses.GET, BASE + "/api/v1/llm/files", json=page, headers=gateway_date() if dated else {})
     api.add(responses.GET, BASE + "/api/v1/llm/files", json=EMPTY_LIST)
     api.add_callback(
         responses.POST, BASE + "/api/v1/llm/files", callback=lambda r: (b"".join(r.body), (502, {}, ""))[1]
@@ -7060,6 +7100,26 @@ def test_a_lost_uploads_file_without_sha256_is_known_by_its_time(api, sleeps, mo
     else:
         with pytest.raises(m.InternalServerError):
             m.upload_file(TOKEN, named, base_url=BASE, max_retries=0)
+
+
+@pytest.mark.parametrize(
+    "expires_at, dated, reused",
+    [
+        (GATEWAY_NOW + 3601, True, True),
+        (GATEWAY_NOW + 3599, True, False),  # about to go, by the gateway's clock
+        (None, False, True),
+        (GATEWAY_NOW + 10**6, False, False),  # no Date: whether it is about to go cannot be told
+    ],
+)
+def test_upload_reuses_a_file_not_about_to_expire_by_the_gateways_clock(api, expires_at, dated, reused):
+    data = b"abc"
+    old = {"id": "file-old", "object": "file", "bytes": 3, "created_at": 1, "filename": "x", "purpose": "batch"}
+    old.update(sha256=hashlib.sha256(data).hexdigest(), expires_at=expires_at)
+    new = dict(old, id="file-new", expires_at=None)
+    page = {"object": "list", "data": [old], "has_more": False}
+    api.add(responses.GET, BASE + "/api/v1/llm/files", json=page, headers=gateway_date() if dated else {})
+    api.add_callback(responses.POST, BASE + "/api/v1/llm/files", callback=lambda r: (200, {}, json.dumps(new)))
+    assert m.upload_file(TOKEN, io.BytesIO(data), base_url=BASE).id == ("file-old" if reused else "file-new")
 
 
 @pytest.mark.parametrize("kw", [{"metadata": {"a": 1}}, {"max_concurrency": 0}])
@@ -7177,4 +7237,4 @@ def test_a_write_refused_before_it_left_is_sent_again_as_a_post(plain_env, sleep
 
 @pytest.mark.parametrize("value, seconds", [("0\x1f", 0.0), (" 2 ", 2.0), ("1.5\x1c", 1.5)])
 def test_retry_after_with_white_space_that_str_strip_takes_is_read(value, seconds):
-    assert m._retry_after(value) == seconds
+    assert m._retry_after(value, None) == seconds
