@@ -189,13 +189,13 @@ def padded_line(custom_id: str, size: int) -> bytes:
     return head + b"x" * (size - len(head) - len(tail)) + tail
 
 
-def read_until_error(it: Any, error: Any) -> Any:
-    """The custom_ids yielded before ``it`` raised ``error``, and the raised exception."""
+def read_until_error(it: Any, error: Any, name: str = "custom_id") -> Any:
+    """The custom_ids (or another attribute) of what ``it`` yielded before it raised ``error``, and the error."""
     seen: List[str] = []
 
     def read() -> None:
-        for result in it:
-            seen.append(result.custom_id)
+        for item in it:
+            seen.append(getattr(item, name))
 
     with pytest.raises(error) as info:
         read()

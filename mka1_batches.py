@@ -655,6 +655,7 @@ def create_batch(
     completion_window: str = "24h",
     metadata: Optional[Dict[str, str]] = None,
     max_concurrency: Optional[int] = None,
+    idempotency_key: Optional[str] = None,
     base_url: Optional[str] = None,
     timeout: _Timeout = DEFAULT_TIMEOUT,
     max_retries: int = 2,
@@ -668,6 +669,7 @@ def create_batch(
             completion_window=completion_window,
             metadata=metadata,
             max_concurrency=max_concurrency,
+            idempotency_key=idempotency_key,
         )
 
 
@@ -677,8 +679,10 @@ def submit_batch(
     endpoint: str,
     on_behalf_of: Optional[str] = None,
     *,
+    completion_window: str = "24h",
     metadata: Optional[Dict[str, str]] = None,
     max_concurrency: Optional[int] = None,
+    idempotency_key: Optional[str] = None,
     base_url: Optional[str] = None,
     timeout: _Timeout = DEFAULT_TIMEOUT,
     max_retries: int = 2,
@@ -686,7 +690,14 @@ def submit_batch(
 ) -> Batch:
     """Check, upload and create: :meth:`Client.submit_batch`."""
     with Client(token, on_behalf_of, base_url=base_url, timeout=timeout, max_retries=max_retries, session=session) as c:
-        return c.submit_batch(file, endpoint, metadata=metadata, max_concurrency=max_concurrency)
+        return c.submit_batch(
+            file,
+            endpoint,
+            completion_window=completion_window,
+            metadata=metadata,
+            max_concurrency=max_concurrency,
+            idempotency_key=idempotency_key,
+        )
 
 
 def resubmit_failed(

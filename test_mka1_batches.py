@@ -100,7 +100,6 @@ from conftest import (
 from standin_gateway import DEMO_TOKEN, LINE_BYTES, PROGRESS, Gateway, large_line
 
 # OpenAI's Batch schema's required fields; request_counts may be absent or null (a batch that validates).
-DEMO_AUTH = {"Authorization": "Bearer " + DEMO_TOKEN}
 REQUIRED = ["id", "object", "endpoint", "input_file_id", "completion_window", "status", "created_at"]
 MINIMAL = {k: EXAMPLE[k] for k in REQUIRED}
 OPTIONAL = [k for k in EXAMPLE if k not in REQUIRED]
@@ -1557,7 +1556,7 @@ def test_invalid_content_length_is_a_broken_connection_retried(start, sleeps, va
 
 
 def test_huge_content_length_is_refused_unread(start):
-    with pytest.raises(m.InvalidResponseError, match="^response body of 1000000000000000000 bytes is over the "):
+    with pytest.raises(m.InvalidResponseError, match=r"^response body of 1000000000000000000 bytes is over the "):
         live(odd_length_server(start, "99999999999999999999"), "batch_cl", max_retries=0)
 
 
@@ -3836,6 +3835,7 @@ def test_cli_submit_of_a_missing_file_is_exit_1(cli_as_user, api, tmp_path):
 
 
 def test_cli_submit_prints_the_created_batch(cli_as_user, api, tmp_path):
+    api.add(responses.GET, BASE + "/api/v1/llm/batches", json={"object": "list", "data": [], "has_more": False})
     submitting(api)
     r = cli_as_user(
         "submit",
@@ -3848,17 +3848,20 @@ def test_cli_submit_prints_the_created_batch(cli_as_user, api, tmp_path):
         "note=a=b",
         "--max-concurrency",
         "8",
+        "--idempotency-key",
+        "nightly-2026-12-04",
     )
     assert (r.returncode, json.loads(r.stdout), r.stderr) == (0, CREATED, "")
     assert r.stdout.startswith('{\n  "id": ')
     assert calls(api) == [
-        "GET /api/v1/llm/files?purpose=batch&sha256=" + api.calls[0].request.url.split("sha256=")[1],
+        "GET /api/v1/llm/batches?limit=100",  # the key: has an earlier run made this batch?
+        "GET /api/v1/llm/files?purpose=batch&sha256=" + api.calls[1].request.url.split("sha256=")[1],
         "POST /api/v1/llm/files",
         "POST /api/v1/llm/batches",
     ]
-    sent = json.loads(api.calls[2].request.body)
+    sent = json.loads(api.calls[3].request.body)
     assert (sent["endpoint"], sent["max_concurrency"], sent["input_file_id"]) == (CHAT, 8, "file-in")
-    assert {k: v for k, v in sent["metadata"].items() if k != m.CREATE_KEY} == {"project": "eval", "note": "a=b"}
+    assert sent["metadata"] == {"project": "eval", "note": "a=b", m.CREATE_KEY: "nightly-2026-12-04"}
 
 
 def journey(api: responses.RequestsMock, done: Any, output: bytes, errors: bytes = b"") -> None:
@@ -5339,7 +5342,9 @@ def posts(gw: Gateway) -> List[str]:
 
 
 @pytest.mark.parametrize("fault", ["500", "502", "503", "504", "reset"])
-def test_create_after_the_gateway_made_it_and_failed_the_answer_returns_that_batch(gateway, tmp_path, fault):
+def test_create_after_the_gateway_made_it_and_failed_the_answer_returns_that_batch(skewed_gateway, tmp_path, fault):
+    """A day ahead of the client's clock, or behind: the lookup goes by the gateway's clock alone."""
+    gateway = skewed_gateway
     with writer(gateway) as client:
         uploaded = client.upload_file(request_file(tmp_path, None))
         gateway.write_faults = [fault]
@@ -5389,10 +5394,13 @@ def test_create_with_full_metadata_is_sent_once_and_an_ambiguous_failure_raised(
     assert made["metadata"] == full and sleeps == []
 
 
-def test_two_threads_creating_the_same_batch_at_once_make_two_each_returning_its_own(gateway, tmp_path):
+@pytest.mark.parametrize("fault", ["502", "reset"])
+def test_two_threads_creating_the_same_batch_at_once_make_two_each_returning_its_own(skewed_gateway, tmp_path, fault):
+    """Each gateway made, then lost the answer: each thread reads past the other's batch to its own."""
+    gateway = skewed_gateway
     with writer(gateway) as client:
         uploaded = client.upload_file(request_file(tmp_path, None))
-        gateway.write_faults = ["502", "502"]
+        gateway.write_faults = [fault, fault]
         got: List[m.Batch] = []
         threads = [
             threading.Thread(target=lambda: got.append(client.create_batch(uploaded.id, CHAT, metadata={"a": "b"})))
@@ -5404,6 +5412,164 @@ def test_two_threads_creating_the_same_batch_at_once_make_two_each_returning_its
             t.join(30)
     assert sorted(b.id for b in got) == sorted(b["id"] for b in gateway.created_batches())
     assert len({b.id for b in got}) == 2
+
+
+@pytest.mark.parametrize(
+    "key, exc, message",
+    [
+        (5, TypeError, "idempotency_key must be a string, not int"),
+        ("", ValueError, "idempotency_key must be 1 to 64 printable ASCII characters, not ''"),
+        ("k" * 65, ValueError, "idempotency_key must be 1 to 64 printable ASCII characters, not 'kkkkk"),
+        ("nightly\n", ValueError, "idempotency_key must be 1 to 64 printable ASCII characters, not 'nightly\\n'"),
+        ("nächtlich", ValueError, "idempotency_key must be 1 to 64 printable ASCII characters, not 'nächtlich'"),
+    ],
+)
+def test_an_idempotency_key_is_checked_before_any_io(api, tmp_path, key, exc, message):
+    for call in (
+        lambda: m.create_batch(TOKEN, "file-1", CHAT, base_url=BASE, idempotency_key=key),
+        lambda: m.submit_batch(TOKEN, str(tmp_path / "missing.jsonl"), CHAT, base_url=BASE, idempotency_key=key),
+    ):
+        with pytest.raises(exc) as info:
+            call()
+        assert str(info.value).startswith(message)
+    assert api.calls == [] or len(api.calls) == 0
+
+
+def test_an_idempotency_key_takes_one_of_the_16_pairs_of_metadata(api):
+    full = {f"k{i}": "v" for i in range(16)}
+    with pytest.raises(ValueError, match=r"^metadata holds at most 15 pairs here, not 16$"):
+        m.create_batch(TOKEN, "file-1", CHAT, base_url=BASE, metadata=full, idempotency_key="k")
+    assert len(api.calls) == 0
+
+
+def keyed(batch_id: str, key: str, **kw: Any) -> Dict[str, Any]:
+    return dict(EXAMPLE, id=batch_id, metadata={m.CREATE_KEY: key}, **kw)
+
+
+def test_create_with_a_key_another_run_used_for_this_input_returns_its_batch_and_sends_nothing(api):
+    page = {"object": "list", "data": [dict(EXAMPLE, id="batch_new"), keyed("batch_k", "nightly")], "has_more": False}
+    api.add(responses.GET, BASE + "/api/v1/llm/batches", json=page)
+    batch = m.create_batch(TOKEN, EXAMPLE["input_file_id"], CHAT, base_url=BASE, idempotency_key="nightly")
+    assert batch.id == "batch_k" and [c.request.method for c in api.calls] == ["GET"]
+
+
+@pytest.mark.parametrize(
+    "change", [{"input_file_id": "file_other"}, {"endpoint": "/v1/embeddings"}], ids=["file", "endpoint"]
+)
+def test_create_with_a_key_that_names_a_batch_of_other_input_is_refused_before_any_write(api, change):
+    made = keyed("batch_k", "nightly", **change)
+    api.add(responses.GET, BASE + "/api/v1/llm/batches", json={"object": "list", "data": [made], "has_more": False})
+    with pytest.raises(m.IdempotencyKeyError) as info:
+        m.create_batch(TOKEN, EXAMPLE["input_file_id"], CHAT, base_url=BASE, idempotency_key="nightly")
+    assert str(info.value) == (
+        f"idempotency key 'nightly' already names batch batch_k, made from other input"
+        f" ({made['input_file_id']} for {made['endpoint']})"
+    )
+    assert info.value.batch.id == "batch_k" and isinstance(info.value, ValueError)
+    assert [c.request.method for c in api.calls] == ["GET"]
+    back = pickle.loads(pickle.dumps(info.value))  # noqa: S301 - our own bytes
+    assert (type(back), str(back), back.batch) == (m.IdempotencyKeyError, str(info.value), info.value.batch)
+
+
+def test_create_with_a_new_key_sends_it_and_after_a_lost_answer_looks_through_every_batch(api, sleeps):
+    """The key's batch may be older than any bound of this call: the lookup reads every page."""
+    sent: List[Dict[str, Any]] = []
+
+    def create(request: Any) -> Any:
+        sent.append(json.loads(request.body))
+        return 502, {}, "<title>502 Bad Gateway</title>"
+
+    api.add(responses.GET, BASE + "/api/v1/llm/batches", json=EMPTY_LIST)  # before: not made yet
+    api.add_callback(responses.POST, BASE + "/api/v1/llm/batches", callback=create)
+    old = dict(EXAMPLE, id="batch_old", created_at=1, metadata=None)
+    first = {
+        "object": "list",
+        "data": [dict(old, created_at=3), dict(old, id="batch_older", created_at=2)],
+        "has_more": True,
+    }
+    api.add(responses.GET, BASE + "/api/v1/llm/batches", json=first, headers=gateway_date())
+    api.add(
+        responses.GET,
+        BASE + "/api/v1/llm/batches",
+        json={"object": "list", "data": [keyed("batch_k", "K", created_at=1)], "has_more": False},
+    )
+    assert m.create_batch(TOKEN, "file_abc123", CHAT, base_url=BASE, idempotency_key="K").id == "batch_k"
+    assert sent == [
+        {"input_file_id": "file_abc123", "endpoint": CHAT, "completion_window": "24h", "metadata": {m.CREATE_KEY: "K"}}
+    ]
+
+
+def test_submit_with_a_key_run_again_finds_the_first_runs_file_and_batch(skewed_gateway, tmp_path):
+    gateway = skewed_gateway
+    path = request_file(tmp_path, None, None)
+    with writer(gateway) as client:
+        first = client.submit_batch(path, CHAT, idempotency_key="run-1")
+        before = posts(gateway)
+        assert client.submit_batch(path, CHAT, idempotency_key="run-1") == first
+    assert posts(gateway) == before == ["/api/v1/llm/files", "/api/v1/llm/batches"]
+    assert first.metadata == {m.CREATE_KEY: "run-1"} and len(gateway.stored_files()) == 1
+
+
+@pytest.mark.parametrize("no_sha256", [False, True], ids=["sha256", "read-back"])
+def test_submit_with_a_key_of_other_bytes_is_refused_and_uploads_nothing(gateway, tmp_path, no_sha256):
+    """The first run's input is compared by its sha256, or where the gateway gives none, read back and hashed."""
+    gateway.no_sha256 = no_sha256
+    with writer(gateway) as client:
+        first = client.submit_batch(request_file(tmp_path, None, name="a.jsonl"), CHAT, idempotency_key="k")
+        assert client.submit_batch(request_file(tmp_path, None, name="b.jsonl"), CHAT, idempotency_key="k") == first
+        before = posts(gateway)
+        with pytest.raises(m.IdempotencyKeyError, match=f"^idempotency key 'k' already names batch {first.id},"):
+            client.submit_batch(request_file(tmp_path, None, None, name="c.jsonl"), CHAT, idempotency_key="k")
+        path = request_file(tmp_path, None, name="d.jsonl", url="/v1/embeddings")
+        with pytest.raises(m.IdempotencyKeyError):
+            client.submit_batch(path, "/v1/embeddings", idempotency_key="k")
+    assert posts(gateway) == before and len(gateway.stored_files()) == 1
+
+
+@pytest.mark.parametrize("fault", ["502", "reset"])
+def test_submit_with_a_key_whose_create_answer_was_lost_returns_the_batch(skewed_gateway, tmp_path, fault):
+    gateway = skewed_gateway
+    with writer(gateway) as client:
+        gateway.write_faults = [None, fault]
+        batch = client.submit_batch(request_file(tmp_path, None), CHAT, idempotency_key="k")
+    assert [b["id"] for b in gateway.created_batches()] == [batch.id]
+    assert posts(gateway).count("/api/v1/llm/batches") == 1
+
+
+@pytest.mark.parametrize(
+    "body, said",
+    [
+        (
+            dict(EXAMPLE, request_counts="many"),
+            f"the gateway made the batch {BID!r}, but its answer cannot be read:"
+            " request_counts: expected an object, got 'many'",
+        ),
+        ("<html>ok</html>", "the gateway made the batch, but its answer cannot be read: response is not JSON: 'ok'"),
+    ],
+    ids=["bad-field", "not-json"],
+)
+def test_a_create_whose_2xx_answer_cannot_be_read_says_the_gateway_made_it(api, sleeps, body, said):
+    """Believing a plain error and sending again would pay twice: it is sent once, and the error says why."""
+    kw = {"json": body} if isinstance(body, dict) else {"body": body}
+    api.add(responses.POST, BASE + "/api/v1/llm/batches", headers={"X-Request-ID": RID}, **kw)
+    with pytest.raises(m.InvalidResponseError) as info:
+        m.create_batch(TOKEN, "file_abc123", CHAT, base_url=BASE)
+    assert (str(info.value), info.value.request_id, len(api.calls), sleeps) == (said, RID, 1, [])
+
+
+def test_an_upload_whose_2xx_answer_cannot_be_read_says_the_gateway_made_it(api):
+    api.add(responses.GET, BASE + "/api/v1/llm/files", json=EMPTY_LIST)
+    api.add_callback(
+        responses.POST,
+        BASE + "/api/v1/llm/files",
+        callback=lambda r: (b"".join(r.body), (200, {}, json.dumps({"id": "file-9", "object": "file"})))[1],
+    )
+    with pytest.raises(m.InvalidResponseError) as info:
+        m.upload_file(TOKEN, io.BytesIO(b"abc"), base_url=BASE)
+    assert (
+        str(info.value)
+        == "the gateway made the file 'file-9', but its answer cannot be read: file: missing required field 'bytes'"
+    )
 
 
 def test_create_sends_max_concurrency_only_when_given(api):
@@ -5518,11 +5684,37 @@ def test_upload_does_not_trust_a_server_that_ignores_the_sha256_filter(tmp_path)
 
 
 @pytest.mark.parametrize("fault", ["cut-upload", "502", "reset"])
-def test_upload_cut_after_the_server_stored_it_is_found_not_sent_again(gateway, tmp_path, fault):
+def test_upload_cut_after_the_server_stored_it_is_found_not_sent_again(skewed_gateway, tmp_path, fault):
+    gateway = skewed_gateway
     gateway.write_faults = [fault]
     uploaded = m.upload_file(DEMO_TOKEN, request_file(tmp_path, None), base_url=gateway.base_url)
     (stored,) = gateway.stored_files()
     assert uploaded.id == stored["id"] and posts(gateway) == ["/api/v1/llm/files"]
+
+
+@pytest.mark.parametrize("fault", ["502", "reset", "cut-upload"])
+def test_upload_whose_answer_is_lost_by_a_gateway_without_sha256_is_found_by_its_time(skewed_gateway, tmp_path, fault):
+    """No sha256 to go by: the file of this name and size that the gateway made since the upload began."""
+    gateway = skewed_gateway
+    gateway.no_sha256 = True
+    with writer(gateway) as client:
+        gateway.write_faults = [fault]
+        uploaded = client.upload_file(request_file(tmp_path, None))
+    (stored,) = gateway.stored_files()
+    assert (uploaded.id, uploaded.sha256, posts(gateway)) == (stored["id"], None, ["/api/v1/llm/files"])
+
+
+@pytest.mark.parametrize("ttl, reused", [(86400, True), (1800, False), (0, False)])
+def test_upload_reuses_a_file_only_if_it_does_not_expire_soon_by_the_gateways_clock(
+    skewed_gateway, tmp_path, ttl, reused
+):
+    gateway = skewed_gateway
+    gateway.file_ttl = ttl
+    path = request_file(tmp_path, None)
+    with writer(gateway) as client:
+        first = client.upload_file(path)
+        second = client.upload_file(path)
+    assert (first.id == second.id, len(gateway.stored_files())) == (reused, 1 if reused else 2)
 
 
 # The child's own peak (VmHWM, in KiB): ru_maxrss would keep the forking pytest's across exec.
@@ -5567,6 +5759,8 @@ def test_upload_refuses_a_text_file_and_an_unseekable_one_before_any_io(api, tmp
 
     with pytest.raises(TypeError, match=r"^file must be seekable to be uploaded"):
         m.upload_file(TOKEN, Pipe(), base_url=BASE)
+    with pytest.raises(TypeError, match=r"^file must be seekable to be uploaded: it is checked, then sent$"):
+        m.submit_batch(TOKEN, Pipe(), CHAT, base_url=BASE)
     assert len(api.calls) == 0
 
 
@@ -5643,7 +5837,7 @@ def made_at(gw: Gateway, tmp_path: Any, seconds: List[int]) -> List[str]:
     with writer(gw) as client:
         file_id = client.upload_file(request_file(tmp_path, None)).id
         for second in seconds:
-            gw.now = lambda: float(second)  # type: ignore[method-assign]
+            gw.now = functools.partial(float, second)  # type: ignore[method-assign]
             made.append(client.create_batch(file_id, CHAT).id)
     del gw.now
     return made
@@ -5681,7 +5875,7 @@ def test_list_batches_lists_each_batch_once_whatever_order_the_gateway_gives_tie
     """Ties of two and three among the batches made, and the scripted ones' tie of 15, older than all."""
     with Gateway(list_mode=mode, seed=seed) as gw:
         made = made_at(gw, tmp_path, [1800000000 + s for s in (0, 0, 1, 1, 1, 2, 3, 3)])
-        everything = requests.get(gw.base_url + "/api/v1/llm/batches?limit=100", headers=DEMO_AUTH).json()["data"]
+        everything = fetch(gw, "/api/v1/llm/batches?limit=100").json()["data"]
         with writer(gw) as client:
             listed = list(client.list_batches(page_size=page_size))
     ids = [b.id for b in listed]
@@ -5695,12 +5889,10 @@ def test_list_batches_refuses_a_gateway_that_ignores_the_cursor(tmp_path, page_s
     """Every page is the first: its newest batch comes again, and the pager stops before yielding it twice."""
     with Gateway(list_mode="ignore_after") as gw:
         made = made_a_second_apart(gw, tmp_path, 6)
-        seen = []
-        with writer(gw) as client, pytest.raises(m.InvalidResponseError) as info:
-            for batch in client.list_batches(page_size=page_size):
-                seen.append(batch.id)
+        with writer(gw) as client:
+            seen, error = read_until_error(client.list_batches(page_size=page_size), m.InvalidResponseError, "id")
     assert seen == made[::-1][: page_size - 1]
-    assert (str(info.value), info.value.field) == (f"page repeats {made[-1]!r}, listed already", "data")
+    assert (str(error), error.field) == (f"page repeats {made[-1]!r}, listed already", "data")
 
 
 def test_list_batches_of_one_a_page_from_a_gateway_that_ignores_the_cursor_is_whole(tmp_path):
@@ -5727,7 +5919,8 @@ def test_list_batches_refuses_a_tie_longer_than_a_page(api):
     with pytest.raises(m.InvalidResponseError) as info:
         list(m.list_batches(TOKEN, base_url=BASE))
     assert str(info.value) == (
-        "all 100 new items of a page share created_at 1704067200, and more follow: pages past a tie could skip or repeat some"
+        "all 100 new items of a page share created_at 1704067200, and more follow:"
+        " pages past a tie could skip or repeat some"
     )
     assert [c.request.url.split("?")[1] for c in api.calls] == ["limit=20", "limit=100"]
 
@@ -5996,6 +6189,60 @@ def test_a_file_that_shrinks_while_it_is_uploaded_is_refused(api, tmp_path, monk
         m.upload_file(TOKEN, str(path), base_url=BASE)
 
 
+# A rerun after kill -9, wherever it landed: the gateway holds one batch, and the second run prints its results.
+KILLED_AT = {
+    "upload": lambda gw: any(r["method"] == "POST" and r["path"] == "/api/v1/llm/files" for r in gw.requests),
+    "create": lambda gw: any(r["method"] == "POST" and r["path"] == "/api/v1/llm/batches" for r in gw.requests),
+    "wait": lambda gw: any(r["path"].startswith("/api/v1/llm/batches/batch_") for r in gw.requests),
+    "results": lambda gw: any(r["path"].endswith("/content") for r in gw.requests),
+}
+
+
+@pytest.mark.parametrize("point", list(KILLED_AT))
+def test_submit_with_a_key_killed_anywhere_and_run_again_makes_one_batch(tmp_path, point):
+    path = request_file(tmp_path, None, None, None)
+    args = ["submit", path, "--endpoint", CHAT, "--idempotency-key", "nightly-2026-12-04", "--wait", "--results"]
+    command = [sys.executable, "-m", "mka1_batches", *args]
+    hold = threading.Event()
+    with Gateway(silence=30) as gw:
+        gw.write_faults = {"upload": ["silent"], "create": [None, "silent"]}.get(point, [])
+        content = gw.content
+        gw.content = lambda file_id, scope: (hold.wait(30), content(file_id, scope))[1]  # type: ignore[method-assign]
+        first = subprocess.Popen(
+            [*command, "--poll-interval", "30" if point == "wait" else "0.01"],
+            env=_cli_env(gw),
+            cwd=HERE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not KILLED_AT[point](gw) and time.monotonic() < deadline and first.poll() is None:
+                time.sleep(0.01)
+            assert KILLED_AT[point](gw) and first.poll() is None
+        finally:
+            first.kill()
+            first.wait(10)
+        gw.write_faults = []
+        hold.set()
+        r = run_text([*command, "--poll-interval", "0.01"], env=_cli_env(gw), cwd=HERE, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert len(gw.created_batches()) == 1 and len(gw.stored_files()) == 1
+    assert sorted(json.loads(line)["custom_id"] for line in r.stdout.splitlines()) == [
+        "request-1",
+        "request-2",
+        "request-3",
+    ]
+
+
+def test_cli_submit_refuses_a_bad_idempotency_key(cli_as_user, api, tmp_path):
+    r = cli_as_user("submit", input_file(tmp_path), "--endpoint", CHAT, "--idempotency-key", "x" * 65)
+    assert (r.returncode, r.stdout, calls(api)) == (2, "", [])
+    assert r.stderr.endswith(
+        f"error: argument --idempotency-key: must be 1 to 64 printable ASCII characters, not {'x' * 65!r}\n"
+    )
+
+
 # --- Resubmit what failed -------------------------------------------------------------------------
 
 
@@ -6075,6 +6322,32 @@ def test_resubmit_with_a_fault_after_the_new_batch_was_made_makes_one(gateway, f
     with writer(gateway) as client:
         again = client.resubmit_failed("batch_partial")
     assert [b["id"] for b in gateway.created_batches()] == [again.id]
+
+
+def test_resubmit_run_again_returns_the_batch_the_first_run_made(skewed_gateway):
+    """A rerun reads and sends nothing; once that batch has ended badly, the next makes a new one."""
+    gateway = skewed_gateway
+    with writer(gateway) as client:
+        first = client.resubmit_failed("batch_partial")
+        before = len(gateway.requests)
+        assert client.resubmit_failed("batch_partial") == first
+        assert [r["path"].split("?")[0] for r in gateway.requests[before:]] == [
+            "/api/v1/llm/batches/batch_partial",
+            "/api/v1/llm/batches",  # the lookup: nothing else
+        ]
+        client.cancel_batch(first.id)
+        assert client.wait_for_batch(first.id, poll_interval=0.01).status == "cancelled"
+        second = client.resubmit_failed("batch_partial")
+        assert second.id != first.id and client.resubmit_failed("batch_partial") == second
+    assert [b["id"] for b in gateway.created_batches()] == [first.id, second.id]
+
+
+def test_cli_resubmit_run_twice_makes_one_batch(cli, gateway):
+    env = {"MKA1_API_KEY": DEMO_TOKEN, "MKA1_BASE_URL": gateway.base_url}
+    first, second = cli("resubmit", "batch_partial", env=env), cli("resubmit", "batch_partial", env=env)
+    (made,) = gateway.created_batches()
+    assert (first.returncode, second.returncode) == (0, 0)
+    assert json.loads(first.stdout)["id"] == json.loads(second.stdout)["id"] == made["id"]
 
 
 RESUBMIT_RSS = """\
@@ -6384,14 +6657,14 @@ MODULE_FUNCTIONS = [
     (
         "create_batch",
         ("file-1", "/v1/embeddings"),
-        {"completion_window": "48h", "metadata": {"k": "v"}, "max_concurrency": 4},
-        {"completion_window": "24h", "metadata": None, "max_concurrency": None},
+        {"completion_window": "48h", "metadata": {"k": "v"}, "max_concurrency": 4, "idempotency_key": "k"},
+        {"completion_window": "24h", "metadata": None, "max_concurrency": None, "idempotency_key": None},
     ),
     (
         "submit_batch",
         ("in.jsonl", "/v1/embeddings"),
-        {"metadata": {"k": "v"}, "max_concurrency": 4},
-        {"metadata": None, "max_concurrency": None},
+        {"completion_window": "48h", "metadata": {"k": "v"}, "max_concurrency": 4, "idempotency_key": "k"},
+        {"completion_window": "24h", "metadata": None, "max_concurrency": None, "idempotency_key": None},
     ),
     ("resubmit_failed", (BID,), {"metadata": {"k": "v"}, "on_kept": print}, {"metadata": None, "on_kept": None}),
     ("list_batches", (), {"page_size": 5, "after": "batch_1"}, {"page_size": 20, "after": None}),
@@ -7127,6 +7400,35 @@ def test_submit_refuses_bad_create_arguments_before_it_reads_or_sends(gateway, t
     with pytest.raises((TypeError, ValueError)):
         m.submit_batch(DEMO_TOKEN, str(tmp_path / "no-such-file.jsonl"), CHAT, base_url=gateway.base_url, **kw)
     assert gateway.requests == []
+
+
+def test_a_page_that_is_not_newest_first_is_refused_before_any_of_its_items(api):
+    page = {"object": "list", "data": [stamped("b2"), stamped("b1")], "has_more": False}
+    api.add(responses.GET, BASE + "/api/v1/llm/batches", json=page, headers={"X-Request-ID": RID})
+    listed = m.list_batches(TOKEN, base_url=BASE)
+    with pytest.raises(m.InvalidResponseError) as info:
+        next(listed)
+    assert (str(info.value), info.value.request_id) == (
+        "page is not newest first: 'b1' after created_at 1704067198",
+        RID,
+    )
+
+
+def test_a_cursor_whose_page_holds_only_its_own_tie_did_not_advance(api):
+    """After b, a page of a alone (its tie, listed already) with more to come, also when asked for 100."""
+    tied = [dict(EXAMPLE, id=i, created_at=5) for i in "ab"]
+    pages = [([*tied, dict(EXAMPLE, id="c", created_at=4)], {"limit": "3"}), (tied[:1], {"limit": "3", "after": "b"})]
+    pages.append((tied[:1], {"limit": "100", "after": "b"}))
+    for data, query in pages:
+        page = {"object": "list", "data": data, "has_more": True}
+        api.add(
+            responses.GET,
+            BASE + "/api/v1/llm/batches",
+            json=page,
+            match=[responses.matchers.query_param_matcher(query)],
+        )
+    seen, error = read_until_error(m.list_batches(TOKEN, base_url=BASE, page_size=3), m.InvalidResponseError, "id")
+    assert (seen, str(error)) == (["a", "b"], "cursor 'b' did not advance")
 
 
 def test_a_list_page_error_carries_its_request_id_and_its_exact_message(api):
