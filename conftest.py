@@ -203,7 +203,9 @@ def read_until_error(it: Any, error: Any, name: str = "custom_id") -> Any:
 
 
 def live_results(base_url: str, batch: Any, **kw: Any) -> Any:
-    return m.iter_results(DEMO_TOKEN, batch, kw.pop("on_behalf_of", None), base_url=base_url, **kw)
+    """The results of a Batch, or of one file by its id."""
+    read = m.iter_results if isinstance(batch, m.Batch) else m.iter_file
+    return read(DEMO_TOKEN, batch, kw.pop("on_behalf_of", None), base_url=base_url, **kw)
 
 
 # --- Loopback servers ---------------------------------------------------------------------------

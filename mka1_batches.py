@@ -24,6 +24,7 @@ import contextlib
 import functools
 import hashlib
 import http.client
+import itertools
 import json
 import logging
 import os
@@ -94,6 +95,7 @@ __all__ = [
     "check_batch_file",
     "create_batch",
     "get_batch",
+    "iter_file",
     "iter_results",
     "list_batches",
     "main",
@@ -582,7 +584,7 @@ class File(_Model):
 
 def get_batch(
     token: str,
-    batch_id: str,
+    batch_id: Union[Batch, str],
     on_behalf_of: Optional[str] = None,
     *,
     base_url: Optional[str] = None,
@@ -597,7 +599,7 @@ def get_batch(
 
 def wait_for_batch(
     token: str,
-    batch_id: str,
+    batch_id: Union[Batch, str],
     on_behalf_of: Optional[str] = None,
     *,
     poll_interval: float = 2.0,
@@ -628,6 +630,22 @@ def iter_results(
     """Yield a finished batch's results, one per line: :meth:`Client.iter_results`."""
     client = Client(token, on_behalf_of, base_url=base_url, timeout=timeout, max_retries=max_retries, session=session)
     return _closing(client, client.iter_results(batch, include_errors=include_errors, on_progress=on_progress))
+
+
+def iter_file(
+    token: str,
+    file_id: str,
+    on_behalf_of: Optional[str] = None,
+    *,
+    on_progress: Optional[Callable[[str, int, int, Optional[int]], None]] = None,
+    base_url: Optional[str] = None,
+    timeout: _Timeout = DEFAULT_TIMEOUT,
+    max_retries: int = 2,
+    session: Optional[requests.Session] = None,
+) -> Iterator[BatchResult]:
+    """Yield one file's lines as results, by its id: :meth:`Client.iter_file`."""
+    client = Client(token, on_behalf_of, base_url=base_url, timeout=timeout, max_retries=max_retries, session=session)
+    return _closing(client, client.iter_file(file_id, on_progress=on_progress))
 
 
 def upload_file(
@@ -723,6 +741,7 @@ def list_batches(
     *,
     page_size: int = 20,
     after: Optional[str] = None,
+    limit: Optional[int] = None,
     base_url: Optional[str] = None,
     timeout: _Timeout = DEFAULT_TIMEOUT,
     max_retries: int = 2,
@@ -730,12 +749,12 @@ def list_batches(
 ) -> Iterator[Batch]:
     """Yield this user's batches, newest first: :meth:`Client.list_batches`."""
     client = Client(token, on_behalf_of, base_url=base_url, timeout=timeout, max_retries=max_retries, session=session)
-    return _closing(client, client.list_batches(page_size=page_size, after=after))
+    return _closing(client, client.list_batches(page_size=page_size, after=after, limit=limit))
 
 
 def cancel_batch(
     token: str,
-    batch_id: str,
+    batch_id: Union[Batch, str],
     on_behalf_of: Optional[str] = None,
     *,
     base_url: Optional[str] = None,
@@ -825,17 +844,16 @@ class Client:
             _close_pools(self.session)
             self.session.close()
 
-    def get_batch(self, batch_id: str, *, on_behalf_of: Optional[str] = None) -> Batch:
-        """Fetch one batch by id, such as ``batch_aa87e2b1112a455b8deabed784372198``.
+    def get_batch(self, batch_id: Union[Batch, str], *, on_behalf_of: Optional[str] = None) -> Batch:
+        """Fetch a batch as it is now, by its id (such as ``batch_aa87e2b1112a455b8deabed784372198``) or a Batch.
 
         :raises InvalidResponseError: also for another batch than the one asked for.
         """
-        path = _BATCHES + "/" + _check_id(batch_id, "batch_id")
-        return self._batch(self._transport.request("GET", path, self._who(on_behalf_of)), batch_id)
+        return self._get(_batch_id(batch_id, "batch_id"), self._who(on_behalf_of))
 
     def wait_for_batch(
         self,
-        batch_id: str,
+        batch_id: Union[Batch, str],
         *,
         poll_interval: float = 2.0,
         max_wait: Optional[float] = None,
@@ -844,10 +862,11 @@ class Client:
     ) -> Batch:
         """Poll a batch until its status is terminal and return it, whatever the outcome.
 
+        :param batch_id: its id, or a Batch.
         :param poll_interval: seconds between polls.
         :param max_wait: seconds; no sleep, between polls or before a retry, runs past them. Once
-            they have passed, raise WaitTimeoutError with the last Batch seen. A request in
-            flight may still take up to its own timeout.
+            they have passed, raise WaitTimeoutError with the last Batch seen; the batch goes on.
+            A request in flight may still take up to its own timeout.
         :param on_update: called with the first Batch, then whenever status or counts change.
         :raises WaitTimeoutError: ``max_wait`` passed first.
         """
@@ -855,7 +874,7 @@ class Client:
             raise ValueError(f"poll_interval must be a positive number of seconds, not {poll_interval!r}")
         if max_wait is not None and not _positive(max_wait):
             raise ValueError(f"max_wait must be None or a positive number of seconds, not {max_wait!r}")
-        path = _BATCHES + "/" + _check_id(batch_id, "batch_id")
+        batch_id = _batch_id(batch_id, "batch_id")
         who = self._who(on_behalf_of)
         deadline = None if max_wait is None else time.monotonic() + max_wait
         last: Optional[Batch] = None
@@ -865,12 +884,13 @@ class Client:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     seen = "nothing seen yet" if last is None else f"last status {last.status!r}"
-                    raise WaitTimeoutError(f"batch did not reach a terminal status in time ({seen})", last)
+                    message = f"batch {batch_id} did not reach a terminal status in {max_wait:g}s ({seen}); it goes on"
+                    raise WaitTimeoutError(message, last)
                 seconds = min(seconds, left)
             _sleep(seconds)
 
         while True:
-            batch = self._batch(self._transport.request("GET", path, who, sleep=sleep), batch_id)
+            batch = self._get(batch_id, who, sleep)
             changed = last is None or (batch.status, batch.request_counts) != (last.status, last.request_counts)
             if on_update is not None and changed:
                 on_update(batch)
@@ -895,13 +915,13 @@ class Client:
         before them.
 
         :param batch: a terminal Batch (a cancelled or expired one yields its partial results), or
-            the id of one file to read.
+            a batch's id (fetched first). To read one file by its id, see :meth:`iter_file`.
         :param include_errors: also yield the lines of the batch's ``error_file_id``.
         :param on_progress: called after each line with the file id, the lines read, the bytes
             read (decoded) and the file's length when the server sent it.
         :raises InvalidResponseError: a malformed line or one over MAX_LINE_BYTES (naming the file
             and the line), or a file that changed while it was read again.
-        :raises ValueError: also for a batch that has not finished, before any I/O.
+        :raises ValueError: also for a batch that has not finished, or a file id.
         """
         pairs = self.iter_result_lines(
             batch, include_errors=include_errors, on_progress=on_progress, on_behalf_of=on_behalf_of
@@ -917,11 +937,27 @@ class Client:
         on_behalf_of: Optional[str] = None,
     ) -> Iterator[Tuple[bytes, BatchResult]]:
         """As :meth:`iter_results`, each result beside its line as the server sent it (without its CRLF or LF)."""
-        file_ids = _file_ids(batch, include_errors)
         who = self._who(on_behalf_of)
+        batch = self._finished(batch, who)
+        files = [("output", batch.output_file_id), ("error", batch.error_file_id if include_errors else None)]
         return (
-            pair for file_id in file_ids for pair in self._file_lines(file_id, who, on_progress, BatchResult.from_dict)
+            pair
+            for kind, file_id in files
+            if file_id is not None
+            for pair in self._file_lines(file_id, who, on_progress, BatchResult.from_dict, f"{kind} file", batch)
         )
+
+    def iter_file(
+        self,
+        file_id: str,
+        *,
+        on_progress: Optional[Callable[[str, int, int, Optional[int]], None]] = None,
+        on_behalf_of: Optional[str] = None,
+    ) -> Iterator[BatchResult]:
+        """Yield the lines of one file as results, such as an output file, by its id: see :meth:`iter_results`."""
+        _check_id(file_id, "file_id")
+        lines = self._file_lines(file_id, self._who(on_behalf_of), on_progress, BatchResult.from_dict, "file", None)
+        return (result for _, result in lines)
 
     def upload_file(self, file: _Input, *, purpose: str = "batch", on_behalf_of: Optional[str] = None) -> "File":
         """Upload a file, streamed from disk with its length up front, and never the same bytes twice.
@@ -1053,17 +1089,16 @@ class Client:
         """
         _check_metadata(metadata, 14)
         who = self._who(on_behalf_of)
-        if not isinstance(batch, Batch):
-            batch = self.get_batch(batch, on_behalf_of=on_behalf_of)
-        file_ids = _file_ids(batch, True)  # a batch that has not finished is refused here
-        _check_id(batch.input_file_id, "file id")
+        batch = self._finished(batch, who)
         earlier = self._find_batch(who, batch.id, key=RESUBMIT_KEY, oldest=batch.created_at)
         if earlier is not None and earlier.status not in ("failed", "expired", "cancelled"):
             return earlier
         seen: Set[str] = set()
         failed: Set[str] = set()
-        for file_id in file_ids:
-            for _, result in self._file_lines(file_id, who, None, BatchResult.from_dict):
+        for kind, file_id in [("output", batch.output_file_id), ("error", batch.error_file_id)]:
+            if file_id is None:
+                continue
+            for _, result in self._file_lines(file_id, who, None, BatchResult.from_dict, f"{kind} file", batch):
                 seen.add(result.custom_id)
                 code = (result.response and result.response.status_code) or 0  # 0: no response, or no status
                 if file_id == batch.error_file_id or result.response is None or code in _TRANSIENT_STATUSES:
@@ -1073,7 +1108,7 @@ class Client:
         import tempfile  # only here: a plain get_batch does not need it
 
         with tempfile.TemporaryFile() as again:
-            for line, custom_id in self._file_lines(batch.input_file_id, who, None, _custom_id):
+            for line, custom_id in self._file_lines(batch.input_file_id, who, None, _custom_id, "input file", batch):
                 if custom_id in failed or custom_id not in seen:
                     again.write(line + b"\n")
             if not again.tell():
@@ -1083,12 +1118,18 @@ class Client:
             return self.submit_batch(again, batch.endpoint, metadata=sent, on_behalf_of=on_behalf_of)
 
     def list_batches(
-        self, *, page_size: int = 20, after: Optional[str] = None, on_behalf_of: Optional[str] = None
+        self,
+        *,
+        page_size: int = 20,
+        after: Optional[str] = None,
+        limit: Optional[int] = None,
+        on_behalf_of: Optional[str] = None,
     ) -> Iterator[Batch]:
         """Yield this user's batches, newest first, one page request at a time as they are taken.
 
         :param page_size: batches a request, 1 to 100.
         :param after: start after the batch with this id.
+        :param limit: at most this many, asking for no page more than they need.
         :raises InvalidResponseError: also for a cursor that does not advance, or an empty page
             that says there are more.
         """
@@ -1096,30 +1137,50 @@ class Client:
             raise ValueError(f"page_size must be an integer from 1 to 100, not {page_size!r}")
         if after is not None:
             _check_id(after, "after")
+        if limit is not None and (type(limit) is not int or limit < 1):
+            raise ValueError(f"limit must be None or a positive integer, not {limit!r}")
+        if limit is not None:  # one more: a page's last items that share a second wait for the next page
+            page_size = min(page_size, limit + 1)
         pairs = self._listing(Batch.from_dict, _BATCHES, self._who(on_behalf_of), page_size, after=after)
-        return (batch for batch, _ in pairs)
+        return itertools.islice((batch for batch, _ in pairs), limit)
 
-    def cancel_batch(self, batch_id: str, *, on_behalf_of: Optional[str] = None) -> Batch:
-        """Ask the gateway to cancel a batch; it answers with the batch, ``cancelling``.
+    def cancel_batch(self, batch_id: Union[Batch, str], *, on_behalf_of: Optional[str] = None) -> Batch:
+        """Ask the gateway to cancel a batch (by its id, or a Batch); it answers with the batch, ``cancelling``.
 
         Cancelling twice is harmless, so this is retried as a read is. A 409 for a batch that is
         cancelling or cancelled (as a retry after a lost answer may get) returns that batch.
 
         :raises ConflictError: the batch has finished otherwise, and cannot be cancelled.
         """
-        path = _BATCHES + "/" + _check_id(batch_id, "batch_id")
+        batch_id = _batch_id(batch_id, "batch_id")
         who = self._who(on_behalf_of)
         try:
-            return self._batch(self._transport.request("POST", path + "/cancel", who), batch_id)
+            path = _BATCHES + "/" + quote(batch_id, safe="") + "/cancel"
+            return self._batch(self._transport.request("POST", path, who), batch_id)
         except ConflictError:
             # Also what a retry gets once an earlier cancel, whose answer was lost, has taken.
-            batch = self._batch(self._transport.request("GET", path, who), batch_id)
+            batch = self._get(batch_id, who)
             if batch.status in ("cancelling", "cancelled"):
                 return batch
             raise
 
     def _who(self, on_behalf_of: Optional[str]) -> Optional[str]:
         return self.on_behalf_of if on_behalf_of is None else _check_on_behalf_of(on_behalf_of)
+
+    def _get(self, batch_id: str, who: Optional[str], sleep: Optional[Callable[[float], None]] = None) -> Batch:
+        path = _BATCHES + "/" + quote(batch_id, safe="")
+        return self._batch(self._transport.request("GET", path, who, sleep=sleep), batch_id)
+
+    def _finished(self, batch: Union[Batch, str], who: Optional[str]) -> Batch:
+        """The terminal Batch a parameter means: the one given, or the one its id names, fetched."""
+        batch = batch if isinstance(batch, Batch) else self._get(_batch_id(batch, "batch"), who)
+        if not batch.is_terminal:
+            ended = "completed, failed, expired or cancelled"
+            raise ValueError(f"batch {batch.id} is {batch.status}: read its results once it is {ended}")
+        for file_id in (batch.output_file_id, batch.error_file_id, batch.input_file_id):
+            if file_id is not None:
+                _check_id(file_id, "file id")  # the server's: one that no path can hold is refused before any read
+        return batch
 
     def _batch(self, reply: "_Reply", batch_id: str) -> Batch:
         """The Batch a reply holds: the one asked for, as a desync or a mixed-up cache could hand over another."""
@@ -1277,24 +1338,33 @@ class Client:
         who: Optional[str],
         progress: Optional[Callable[[str, int, int, Optional[int]], None]],
         parse: Callable[[Any], _T],
+        role: str,
+        batch: Optional[Batch],
     ) -> Iterator[Tuple[bytes, _T]]:
-        """Each line of a file but blank ones (without its CRLF or LF), and what ``parse`` makes of its JSON."""
-        name = f"file {file_id}"
-        path = _FILES + "/" + _check_id(file_id, "file id") + "/content"
+        """Each line of a file but blank ones (without its CRLF or LF), and what ``parse`` makes of its JSON.
+
+        Its errors name it, as the ``role`` it has for ``batch``: "input file file-abc of batch batch_x".
+        """
+        name = f"{role} {file_id}" + ("" if batch is None else f" of batch {batch.id}")
+        path = _FILES + "/" + quote(file_id, safe="") + "/content"
         shown = None if progress is None else functools.partial(progress, file_id)
         lines, taken = self._transport.lines(path, who, name, shown)
-        for number, line in enumerate(lines, 1):
-            if not line or line.isspace():
-                continue
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            try:
-                yield line, parse(json.loads(line))
-            except (ValueError, RecursionError) as exc:  # InvalidResponseError is a ValueError too
-                field = getattr(exc, "field", None)
-                what = str(exc) if field else f"not a JSON object: {_excerpt(line)!r}"
-                message = f"{name} line {number}: {what}"
-                raise InvalidResponseError(message, field=field, request_id=taken.request_id) from exc
+        try:
+            for number, line in enumerate(lines, 1):
+                if not line or line.isspace():
+                    continue
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                try:
+                    yield line, parse(json.loads(line))
+                except (ValueError, RecursionError) as exc:  # InvalidResponseError is a ValueError too
+                    field = getattr(exc, "field", None)
+                    what = str(exc) if field else f"not a JSON object: {_excerpt(line)!r}"
+                    message = f"{name} line {number}: {what}"
+                    raise InvalidResponseError(message, field=field, request_id=taken.request_id) from exc
+        except APIStatusError as exc:
+            exc.args = (f"{name}: {exc}",)  # which file, and why it was read: "404 File not found" says neither
+            raise
 
 
 class _Reply(NamedTuple):
@@ -1901,20 +1971,16 @@ def _closing(client: Client, items: Iterator[_T]) -> Iterator[_T]:
         yield from items
 
 
-def _file_ids(batch: Union[Batch, str], include_errors: bool) -> List[str]:
-    if isinstance(batch, str):
-        _check_id(batch, "file id")
-        return [batch]
-    if not isinstance(batch, Batch):
-        raise TypeError(f"batch must be a Batch or a file id, not {type(batch).__name__}")
-    if not batch.is_terminal:
-        raise ValueError(
-            f"batch {batch.id} is {batch.status}: read its results once it is completed, failed, expired or cancelled"
-        )
-    ids = [i for i in (batch.output_file_id, batch.error_file_id if include_errors else None) if i is not None]
-    for file_id in ids:
-        _check_id(file_id, "file id")
-    return ids
+def _batch_id(batch: object, name: str) -> str:
+    """The id a batch parameter means: a Batch's own, or a batch id; a file id here is an error."""
+    if isinstance(batch, Batch):
+        batch = batch.id
+    elif not isinstance(batch, str):
+        raise TypeError(f"{name} must be a Batch or a batch id, not {type(batch).__name__}")
+    _check_id(batch, name)
+    if batch.startswith(("file-", "file_")):
+        raise ValueError(f"{name} {batch!r} is a file id, not a batch's: read a file by its id with iter_file")
+    return batch
 
 
 def _check_create(
@@ -2737,10 +2803,7 @@ def _cli_resubmit(client: Client, args: Any) -> int:
 
 def _cli_list(client: Client, args: Any) -> int:
     """``list``: the newest batches, at most ``--limit``, asking for no page more than that needs."""
-    import itertools
-
-    # One more than the limit: a page's last items that share a second wait for the next page.
-    for batch in itertools.islice(client.list_batches(page_size=min(args.limit + 1, 100)), args.limit):
+    for batch in client.list_batches(page_size=100, limit=args.limit):
         print(json.dumps(batch.to_dict(), separators=(",", ":")))
     return 0
 

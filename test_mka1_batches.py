@@ -459,10 +459,90 @@ def test_bad_batch_id_is_refused(api, batch_id):
     assert not api.calls
 
 
-def test_batch_id_must_be_a_string(api):
-    with pytest.raises(TypeError, match=r"^batch_id must be a string, not int$"):
+def test_batch_id_must_be_a_batch_or_a_string(api):
+    with pytest.raises(TypeError, match=r"^batch_id must be a Batch or a batch id, not int$"):
         get(batch_id=123)
     assert not api.calls
+
+
+# One rule for ids: wherever a batch is meant, a Batch or its id; a file id there is refused before any I/O.
+BATCH_CALLS = [
+    ("get_batch", lambda b: m.get_batch(TOKEN, b, base_url=BASE), "batch_id"),
+    ("wait_for_batch", lambda b: m.wait_for_batch(TOKEN, b, base_url=BASE), "batch_id"),
+    ("cancel_batch", lambda b: m.cancel_batch(TOKEN, b, base_url=BASE), "batch_id"),
+    ("iter_results", lambda b: list(m.iter_results(TOKEN, b, base_url=BASE)), "batch"),
+    ("resubmit_failed", lambda b: m.resubmit_failed(TOKEN, b, base_url=BASE), "batch"),
+]
+
+
+@pytest.mark.parametrize(
+    "call, name", [(call, name) for _, call, name in BATCH_CALLS], ids=[i for i, _, _ in BATCH_CALLS]
+)
+def test_every_call_that_means_a_batch_refuses_a_file_id_before_any_io(api, call, name):
+    for file_id in ("file-abc123", "file_def456"):
+        with pytest.raises(ValueError, match=" is a file id, not a batch's") as info:
+            call(file_id)
+        assert (
+            str(info.value) == f"{name} {file_id!r} is a file id, not a batch's: read a file by its id with iter_file"
+        )
+    assert not api.calls
+
+
+@pytest.mark.parametrize("call", [call for _, call, _ in BATCH_CALLS], ids=[i for i, _, _ in BATCH_CALLS])
+@pytest.mark.parametrize("given", ["id", "Batch"])
+def test_every_call_that_means_a_batch_takes_a_batch_or_its_id(api, call, given):
+    """Given a Batch, each acts on its id: a wait or a get asks the gateway anew, results read its files."""
+    done = dict(EXAMPLE, id="batch_b", output_file_id="file-out", error_file_id=None, input_file_id="file-in")
+    api.add(responses.GET, URL + "batch_b", json=done)
+    api.add(responses.POST, URL + "batch_b/cancel", json=dict(done, status="cancelling"))
+    api.add(responses.GET, BASE + "/api/v1/llm/batches", json={"object": "list", "data": [], "has_more": False})
+    add_file(api, "file-out", b"")
+    add_file(api, "file-in", b"")
+    call("batch_b" if given == "id" else m.Batch.from_dict(done))
+    paths = [c.request.path_url for c in api.calls]
+    assert paths and all(
+        p.startswith(("/api/v1/llm/batches/batch_b", "/api/v1/llm/batches?", "/api/v1/llm/files/file-")) for p in paths
+    )
+
+
+def test_iter_results_of_a_batch_id_reads_the_batch_then_its_files(api):
+    api.add(responses.GET, URL + BID, json=dict(EXAMPLE, output_file_id="file-out", error_file_id="file-err"))
+    add_file(api, "file-out", jsonl(numbered(1)))
+    add_file(api, "file-err", jsonl(numbered(2)))
+    assert [r.custom_id for r in m.iter_results(TOKEN, BID, base_url=BASE)] == ["request-1", "request-2"]
+    assert [c.request.path_url for c in api.calls] == [
+        f"/api/v1/llm/batches/{BID}",
+        "/api/v1/llm/files/file-out/content",
+        "/api/v1/llm/files/file-err/content",
+    ]
+
+
+@pytest.mark.parametrize("limit", [0, -1, True, 2.0, "3"])
+def test_list_limit_is_checked_before_any_io(api, limit):
+    with pytest.raises(ValueError, match=rf"^limit must be None or a positive integer, not {re.escape(repr(limit))}$"):
+        m.list_batches(TOKEN, base_url=BASE, limit=limit)
+    assert not api.calls
+
+
+@pytest.mark.parametrize(
+    "limit, page_size, pages",
+    [
+        (3, 20, [({"limit": "4"}, range(1, 5))]),  # one more than the limit: the last of a page may wait
+        (30, 20, [({"limit": "20"}, range(1, 21)), ({"limit": "20", "after": "b19"}, range(20, 40))]),
+        (1, 100, [({"limit": "2"}, range(1, 3))]),
+    ],
+)
+def test_list_limit_yields_at_most_that_many_asking_no_page_more(api, limit, page_size, pages):
+    for query, numbers in pages:
+        page = {"object": "list", "data": [stamped(f"b{i}") for i in numbers], "has_more": True}
+        api.add(
+            responses.GET,
+            BASE + "/api/v1/llm/batches",
+            json=page,
+            match=[responses.matchers.query_param_matcher(query)],
+        )
+    got = [b.id for b in m.list_batches(TOKEN, base_url=BASE, page_size=page_size, limit=limit)]
+    assert got == [f"b{i}" for i in range(1, limit + 1)] and len(api.calls) == len(pages)
 
 
 @pytest.mark.parametrize("who", ["user_123", "a", "x" * 150, "user 1", "!~"])
@@ -1002,7 +1082,7 @@ def test_a_file_429_then_503_before_the_first_byte_are_retried(api, sleeps):
 @pytest.mark.parametrize("retries", [0, 1, 3])
 def test_file_retries_are_bounded(api, sleeps, retries):
     add_file(api, "file-out", "<html>down</html>", status=503)
-    with pytest.raises(m.InternalServerError, match=r"^503 down \(request "):
+    with pytest.raises(m.InternalServerError, match=r"^file file-out: 503 down \(request "):
         results("file-out", max_retries=retries)
     assert len(api.calls) == retries + 1 and len(sleeps) == retries
 
@@ -1170,6 +1250,7 @@ def test_all_names_the_public_surface():
     errors += ["APIStatusError", "BadRequestError", "AuthenticationError", "PermissionDeniedError", "NotFoundError"]
     errors += ["UnprocessableEntityError", "RateLimitError", "InternalServerError", "ConflictError"]
     errors += ["InvalidBatchFileError", "IdempotencyKeyError"]
+    functions += ["iter_file"]
     constants = ["DEFAULT_BASE_URL", "DEFAULT_TIMEOUT", "MAX_BODY_BYTES", "MAX_LINE_BYTES", "MAX_RETRY_AFTER"]
     constants += ["TERMINAL_STATUSES", "CREATE_KEY", "RESUBMIT_KEY"]
     assert sorted(m.__all__) == sorted(functions + classes + errors + constants)
@@ -1889,7 +1970,9 @@ def finished(status: str = "completed", output: Any = "file-out", errors: Any = 
 
 
 def results(batch: Any, **kw: Any) -> List[m.BatchResult]:
-    return list(m.iter_results(TOKEN, batch, kw.pop("on_behalf_of", None), base_url=BASE, **kw))
+    """The results of a Batch, or of one file by its id."""
+    read = m.iter_results if isinstance(batch, m.Batch) else m.iter_file
+    return list(read(TOKEN, batch, kw.pop("on_behalf_of", None), base_url=BASE, **kw))
 
 
 def custom_ids(batch: Any, **kw: Any) -> List[str]:
@@ -1999,7 +2082,7 @@ def test_result_parts_refuse_bad_data_on_their_own(cls, data, message, field):
 )
 def test_bad_custom_id_names_the_file_and_line_after_the_lines_before(api, bad, message):
     add_file(api, "file-out", jsonl(numbered(1), numbered(2), bad, numbered(4)))
-    seen, error = read_until_error(m.iter_results(TOKEN, "file-out", base_url=BASE), m.InvalidResponseError)
+    seen, error = read_until_error(m.iter_file(TOKEN, "file-out", base_url=BASE), m.InvalidResponseError)
     assert seen == ["request-1", "request-2"]
     assert str(error) == "file file-out line 3: " + message
     assert (error.field, error.request_id) == ("custom_id", RID)
@@ -2020,7 +2103,7 @@ def test_bad_custom_id_names_the_file_and_line_after_the_lines_before(api, bad, 
 )
 def test_a_present_field_of_the_wrong_type_is_named_with_its_path(api, bad, message, field):
     add_file(api, "file-out", jsonl(numbered(1), bad))
-    seen, error = read_until_error(m.iter_results(TOKEN, "file-out", base_url=BASE), m.InvalidResponseError)
+    seen, error = read_until_error(m.iter_file(TOKEN, "file-out", base_url=BASE), m.InvalidResponseError)
     assert (seen, str(error), error.field) == (["request-1"], "file file-out line 2: " + message, field)
 
 
@@ -2039,14 +2122,14 @@ def test_a_present_field_of_the_wrong_type_is_named_with_its_path(api, bad, mess
 )
 def test_malformed_line_names_the_file_and_line(api, bad, message, field):
     add_file(api, "file-out", jsonl(numbered(1)) + bad + b"\n" + jsonl(numbered(3)))
-    seen, error = read_until_error(m.iter_results(TOKEN, "file-out", base_url=BASE), m.InvalidResponseError)
+    seen, error = read_until_error(m.iter_file(TOKEN, "file-out", base_url=BASE), m.InvalidResponseError)
     assert seen == ["request-1"]
     assert (str(error), error.field, error.request_id) == ("file file-out line 2: " + message, field, RID)
 
 
 def test_blank_lines_are_skipped_but_counted(api):
     add_file(api, "file-out", jsonl(numbered(1)) + b"\n  \r\n\t\n" + b"{bad\n")
-    seen, error = read_until_error(m.iter_results(TOKEN, "file-out", base_url=BASE), m.InvalidResponseError)
+    seen, error = read_until_error(m.iter_file(TOKEN, "file-out", base_url=BASE), m.InvalidResponseError)
     assert seen == ["request-1"] and str(error) == "file file-out line 5: not a JSON object: '{bad'"
 
 
@@ -2067,7 +2150,7 @@ def test_a_line_at_the_cap_is_read(api, monkeypatch, cap):
 def test_a_line_one_byte_over_the_cap_is_refused(api, monkeypatch, cap):
     monkeypatch.setattr(m, "MAX_LINE_BYTES", cap)
     add_file(api, "file-out", jsonl(numbered(1)) + padded_line("request-2", cap + 1) + b"\n" + jsonl(numbered(3)))
-    seen, error = read_until_error(m.iter_results(TOKEN, "file-out", base_url=BASE), m.InvalidResponseError)
+    seen, error = read_until_error(m.iter_file(TOKEN, "file-out", base_url=BASE), m.InvalidResponseError)
     assert seen == ["request-1"]
     assert (str(error), error.request_id) == (f"file file-out line 2: longer than the {cap}-byte limit", RID)
 
@@ -2076,7 +2159,7 @@ def test_a_long_line_is_refused_without_reading_it_whole(api, monkeypatch):
     monkeypatch.setattr(m, "MAX_LINE_BYTES", 100_000)
     raw = LongLine()
     add_file(api, "file-out", io.BufferedReader(raw))
-    seen, error = read_until_error(m.iter_results(TOKEN, "file-out", base_url=BASE), m.InvalidResponseError)
+    seen, error = read_until_error(m.iter_file(TOKEN, "file-out", base_url=BASE), m.InvalidResponseError)
     assert seen == ["request-1"] and str(error) == "file file-out line 2: longer than the 100000-byte limit"
     assert raw.served <= len(raw.head) + 100_000 + 2 * 65536
 
@@ -2181,19 +2264,29 @@ def test_an_unfinished_batch_is_refused_at_the_call(api, status):
 
 
 @pytest.mark.parametrize(
-    "batch, message",
+    "read, batch, message",
     [
-        ("", "file id must be a non-empty printable string other than . and .., not ''"),
-        (".", "file id must be a non-empty printable string other than . and .., not '.'"),
-        ("..", "file id must be a non-empty printable string other than . and .., not '..'"),
-        ("a\nb", "file id must be a non-empty printable string other than . and .., not 'a\\nb'"),
-        (finished(output=".."), "file id must be a non-empty printable string other than . and .., not '..'"),
-        (finished(errors="e\x00"), "file id must be a non-empty printable string other than . and .., not 'e\\x00'"),
+        (m.iter_results, "", "batch must be a non-empty printable string other than . and .., not ''"),
+        (m.iter_results, "..", "batch must be a non-empty printable string other than . and .., not '..'"),
+        (m.iter_results, "a\nb", "batch must be a non-empty printable string other than . and .., not 'a\\nb'"),
+        (
+            m.iter_results,
+            finished(output=".."),
+            "file id must be a non-empty printable string other than . and .., not '..'",
+        ),
+        (
+            m.iter_results,
+            finished(errors="e\x00"),
+            "file id must be a non-empty printable string other than . and .., not 'e\\x00'",
+        ),
+        (m.iter_file, "", "file_id must be a non-empty printable string other than . and .., not ''"),
+        (m.iter_file, ".", "file_id must be a non-empty printable string other than . and .., not '.'"),
+        (m.iter_file, "a\nb", "file_id must be a non-empty printable string other than . and .., not 'a\\nb'"),
     ],
 )
-def test_a_bad_file_id_is_refused_at_the_call(api, batch, message):
-    with pytest.raises(ValueError, match=r"^file id must be ") as info:
-        m.iter_results(TOKEN, batch, base_url=BASE)
+def test_a_bad_batch_or_file_id_is_refused_at_the_call(api, read, batch, message):
+    with pytest.raises(ValueError, match=" must be a non-empty printable string ") as info:
+        read(TOKEN, batch, base_url=BASE)
     assert str(info.value) == message and not api.calls
 
 
@@ -2201,7 +2294,7 @@ def test_a_bad_file_id_is_refused_at_the_call(api, batch, message):
 def test_a_batch_of_the_wrong_type_is_refused_at_the_call(api, batch):
     with pytest.raises(TypeError) as info:
         m.iter_results(TOKEN, batch, base_url=BASE)
-    assert str(info.value) == f"batch must be a Batch or a file id, not {type(batch).__name__}" and not api.calls
+    assert str(info.value) == f"batch must be a Batch or a batch id, not {type(batch).__name__}" and not api.calls
 
 
 @pytest.mark.parametrize(
@@ -2222,7 +2315,7 @@ def test_a_batch_of_the_wrong_type_is_refused_at_the_call(api, batch):
 def test_bad_options_are_refused_at_the_call(api, kw, cls, message):
     args = {"token": TOKEN, "on_behalf_of": None, "base_url": BASE, **kw}
     with pytest.raises(cls) as info:
-        m.iter_results(args.pop("token"), "file-out", args.pop("on_behalf_of"), **args)
+        m.iter_file(args.pop("token"), "file-out", args.pop("on_behalf_of"), **args)
     assert str(info.value) == message and not api.calls
 
 
@@ -2266,7 +2359,7 @@ def test_a_file_status_error_is_its_class_with_the_request_id(api, sleeps, statu
     with pytest.raises(m.APIStatusError) as info:
         results(finished(), max_retries=0)
     e = info.value
-    assert type(e) is cls and str(e) == f"{status} File not found (request {RID})"
+    assert type(e) is cls and str(e) == f"output file file-out of batch {BID}: {status} File not found (request {RID})"
     assert (e.status_code, e.request_id, e.body) == (status, RID, body)
     assert len(api.calls) == 1 and sleeps == []
 
@@ -2331,9 +2424,7 @@ def test_resuming_is_bounded_by_max_retries(api, sleeps):
     length = {"Content-Length": str(len(CUT_FILE))}
     for cut in (CUT_AFTER_2 - 5, CUT_AFTER_2 + 5, len(CUT_FILE) - 5):
         add_file(api, "file-out", CUT_FILE[:cut], headers=length)
-    seen, error = read_until_error(
-        m.iter_results(TOKEN, "file-out", base_url=BASE, max_retries=2), m.APIConnectionError
-    )
+    seen, error = read_until_error(m.iter_file(TOKEN, "file-out", base_url=BASE, max_retries=2), m.APIConnectionError)
     assert seen == ["request-1", "request-2", "request-3"] and len(api.calls) == 3 and len(sleeps) == 2
     assert str(error) == (
         f"GET /api/v1/llm/files/file-out/content on gw.example.test failed: "
@@ -2436,7 +2527,7 @@ def test_live_memory_stays_flat_for_a_16_mib_file(gateway):
     code = (
         "import resource, sys, mka1_batches as m\n"
         "def read(n):\n"
-        "    return sum(1 for _ in m.iter_results('demo-key', 'file-large-%d' % n, base_url=sys.argv[1]))\n"
+        "    return sum(1 for _ in m.iter_file('demo-key', 'file-large-%d' % n, base_url=sys.argv[1]))\n"
         "read(256)\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "count = read(16384)\n"
@@ -2579,12 +2670,12 @@ def test_the_credentials_follow_a_redirect_only_within_the_gateways_origin(api, 
     [
         (
             "http://storage.example/file-out",
-            f"302 redirect to 'http://storage.example/file-out' refused: https to http (request {RID})",
+            f"file file-out: 302 redirect to 'http://storage.example/file-out' refused: https to http (request {RID})",
             [FILES + "file-out/content"],
         ),
         (
             STORAGE,
-            "302 redirect to 'http://storage.example/file-out' refused: https to http",
+            "file file-out: 302 redirect to 'http://storage.example/file-out' refused: https to http",
             [FILES + "file-out/content", STORAGE],
         ),
     ],
@@ -2620,7 +2711,7 @@ def test_a_fourth_redirect_hop_is_not_followed(api):
     urls = redirect_hops(api, 4)
     with pytest.raises(m.APIStatusError) as info:
         results("file-out")
-    assert str(info.value) == "302 redirect to 'https://storage.example/4' not followed"
+    assert str(info.value) == "file file-out: 302 redirect to 'https://storage.example/4' not followed"
     assert [c.request.url for c in api.calls] == urls[:4]
 
 
@@ -2636,7 +2727,7 @@ def test_a_redirect_to_an_unusable_url_is_an_api_error(api, location, why):
     redirect(api, FILES + "file-out/content", location)
     with pytest.raises(m.APIStatusError) as info:
         results("file-out")
-    assert str(info.value) == f"302 redirect to {location!r} refused: {why}"
+    assert str(info.value) == f"file file-out: 302 redirect to {location!r} refused: {why}"
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
@@ -2679,7 +2770,7 @@ def test_live_a_fourth_redirect_hop_is_not_followed():
         storage.answers = [moved(storage.url + "/2"), moved(storage.url + "/3"), moved(storage.url + "/4")]
         with pytest.raises(m.APIStatusError) as info:
             list(live_results(gw.url, "file-out"))
-    assert str(info.value) == f"302 redirect to '{storage.url}/4' not followed"
+    assert str(info.value) == f"file file-out: 302 redirect to '{storage.url}/4' not followed"
     assert len(gw.requests) == 1 and [r["path"] for r in storage.requests] == ["/1", "/2", "/3"]
 
 
@@ -2692,7 +2783,7 @@ def test_live_redirect_from_https_to_http_is_refused(pki, plain_env):
         s.verify = pki.ca_pem
         with pytest.raises(m.APIStatusError) as info:
             list(live_results(gw.url, "file-out", session=s))
-    assert str(info.value) == f"302 redirect to '{plain.url}/file-out' refused: https to http"
+    assert str(info.value) == f"file file-out: 302 redirect to '{plain.url}/file-out' refused: https to http"
     assert len(gw.requests) == 1 and plain.requests == []
 
 
@@ -2796,7 +2887,9 @@ def test_wait_deadline_raises_with_last_batch_and_never_oversleeps(gateway, monk
         )
     elapsed = time.monotonic() - start
     assert info.value.batch is not None and info.value.batch.status == "in_progress"
-    assert str(info.value) == "batch did not reach a terminal status in time (last status 'in_progress')"
+    assert str(info.value) == (
+        "batch batch_status_in_progress did not reach a terminal status in 0.5s (last status 'in_progress'); it goes on"
+    )
     assert 0.5 <= elapsed < 3 and sum(slept) <= 0.5 and max(slept) <= 0.15
 
 
@@ -2805,7 +2898,7 @@ def test_wait_deadline_cuts_a_retry_sleep(api, sleeps, fake_clock):
     with pytest.raises(m.WaitTimeoutError) as info:
         m.wait_for_batch(TOKEN, BID, base_url=BASE, max_wait=20)
     assert sleeps == [20.0] and info.value.batch is None
-    assert str(info.value) == "batch did not reach a terminal status in time (nothing seen yet)"
+    assert str(info.value) == f"batch {BID} did not reach a terminal status in 20s (nothing seen yet); it goes on"
 
 
 def test_wait_uses_and_keeps_the_callers_session(gateway):
@@ -2832,7 +2925,12 @@ def test_wait_refuses_bad_intervals(api, kw):
     "batch_id, error, message",
     [
         ("", ValueError, "batch_id must be a non-empty printable string other than . and .., not ''"),
-        (123, TypeError, "batch_id must be a string, not int"),
+        (123, TypeError, "batch_id must be a Batch or a batch id, not int"),
+        (
+            "file-abc",
+            ValueError,
+            "batch_id 'file-abc' is a file id, not a batch's: read a file by its id with iter_file",
+        ),
     ],
 )
 def test_wait_refuses_a_bad_batch_id_naming_it(api, batch_id, error, message):
@@ -3029,7 +3127,9 @@ def test_cli_wait_past_max_wait_is_exit_4(cli, gateway, monkeypatch):
     r = cli("batch_status_in_progress", "--wait", "--poll-interval", "0.05", "--max-wait", "0.3", env=_env(gateway))
     assert (r.returncode, r.stdout) == (4, "")
     assert (
-        r.stderr.splitlines()[-1] == "error: batch did not reach a terminal status in time (last status 'in_progress')"
+        r.stderr.splitlines()[-1]
+        == "error: batch batch_status_in_progress did not reach a terminal status in 0.3s (last status 'in_progress');"
+        " it goes on"
     )
 
 
@@ -3049,7 +3149,10 @@ def test_cli_progress_ticks_between_changes_on_a_terminal(cli, gateway, monkeypa
     r = cli("batch_status_in_progress", "--wait", "--poll-interval", "5", "--max-wait", "2.5", env=env)
     assert (r.returncode, r.stdout) == (4, "")
     progress, error = r.stderr.split("\n", 1)
-    assert error == "error: batch did not reach a terminal status in time (last status 'in_progress')\n"
+    assert error == (
+        "error: batch batch_status_in_progress did not reach a terminal status in 2.5s (last status 'in_progress');"
+        " it goes on\n"
+    )
     draws = progress.split("\r\x1b[K")
     assert draws[0] == "" and all(re.fullmatch(r"\ds in_progress: 1/3 completed, 0 failed", d) for d in draws[1:])
     seconds = [int(d[0]) for d in draws[1:]]
@@ -3436,7 +3539,9 @@ ERROR_LINE = (  # as the stand-in sends it
 READING_CLI = [
     sys.executable,
     "-c",
-    "import sys, mka1_batches as m; f = sys.argv.pop(); m._file_ids = lambda b, e: [f]; sys.exit(m.main())",
+    "import sys, attr, mka1_batches as m; f = sys.argv.pop(); done = m.Client._finished\n"
+    "m.Client._finished = lambda c, b, w: attr.evolve(done(c, b, w), output_file_id=f, error_file_id=None)\n"
+    "sys.exit(m.main())",
 ]
 
 
@@ -3529,7 +3634,7 @@ def test_cli_results_stop_at_a_malformed_line_after_writing_those_before(cli, ap
     assert (r.returncode, r.stdout, r.stderr) == (
         1,
         '{"custom_id": "a"}\n',
-        "error: file file-out line 2: not a JSON object: 'not json'\n",
+        f"error: output file file-out of batch {BID} line 2: not a JSON object: 'not json'\n",
     )
 
 
@@ -3557,7 +3662,11 @@ def test_cli_results_retry_a_file_twice_as_the_api_does(cli, api, sleeps):
     api.add(responses.GET, URL + BID, json=dict(EXAMPLE, output_file_id="file-out"))
     add_file(api, "file-out", "<html>down</html>", status=503)
     r = cli(BID, "--results", "--base-url", BASE, env={"MKA1_API_KEY": "k"})
-    assert (r.returncode, r.stdout, r.stderr) == (1, "", f"error: 503 down (request {RID})\n")
+    assert (r.returncode, r.stdout, r.stderr) == (
+        1,
+        "",
+        f"error: output file file-out of batch {BID}: 503 down (request {RID})\n",
+    )
     assert (len(api.calls), len(sleeps)) == (4, 2)  # the batch, then the file three times
 
 
@@ -4495,6 +4604,7 @@ def test_any_id_and_user_are_refused_before_io_or_sent_exactly(api, batch_id, wh
     except ValueError:
         assert not api.calls
         id_ok = batch_id not in ("", ".", "..") and all(c.isprintable() for c in batch_id)
+        id_ok = id_ok and not batch_id.startswith(("file-", "file_"))  # a file id, where a batch is meant
         who_ok = who is None or (1 <= len(who) <= 150 and all(" " <= c <= "~" for c in who) and who == who.strip())
         assert not (id_ok and who_ok)
         return
@@ -6503,7 +6613,7 @@ def test_a_connection_errors_cause_keeps_no_request_and_so_no_key(plain_env):
 def test_client_iter_results_acts_for_the_user_named(api):
     api.add(responses.GET, FILES + "file-out/content", body=b'{"custom_id": "a"}\n')
     with m.Client(TOKEN, "user_1", base_url=BASE) as client:
-        assert [r.custom_id for r in client.iter_results("file-out", on_behalf_of="user_2")] == ["a"]
+        assert [r.custom_id for r in client.iter_file("file-out", on_behalf_of="user_2")] == ["a"]
     assert api.calls[0].request.headers["X-On-Behalf-Of"] == "user_2"
 
 
@@ -6620,7 +6730,9 @@ def test_resubmit_of_an_input_file_that_is_not_jsonl_names_its_line(api):
     resubmit_api(api, jsonl({"custom_id": "a", "response": {"status_code": 500}}), jsonl(GOOD, ["r2"]))
     with pytest.raises(m.InvalidResponseError) as info:
         m.resubmit_failed(TOKEN, BID, base_url=BASE)
-    assert str(info.value) == "file file-in line 2: expected a JSON object with a string custom_id"
+    assert (
+        str(info.value) == f"input file file-in of batch {BID} line 2: expected a JSON object with a string custom_id"
+    )
     assert info.value.field == "custom_id"
 
 
@@ -6667,7 +6779,13 @@ MODULE_FUNCTIONS = [
         {"completion_window": "24h", "metadata": None, "max_concurrency": None, "idempotency_key": None},
     ),
     ("resubmit_failed", (BID,), {"metadata": {"k": "v"}, "on_kept": print}, {"metadata": None, "on_kept": None}),
-    ("list_batches", (), {"page_size": 5, "after": "batch_1"}, {"page_size": 20, "after": None}),
+    (
+        "list_batches",
+        (),
+        {"page_size": 5, "after": "batch_1", "limit": 7},
+        {"page_size": 20, "after": None, "limit": None},
+    ),
+    ("iter_file", ("file-1",), {"on_progress": print}, {"on_progress": None}),
     ("cancel_batch", (BID,), {}, {}),
 ]
 MODULE_FUNCTION_IDS = [row[0] for row in MODULE_FUNCTIONS]
@@ -6698,7 +6816,7 @@ class RecordingClient:
     def __getattr__(self, name: str) -> Any:
         def method(*args: Any, **kwargs: Any) -> Any:
             self.calls.append((name, args, kwargs))
-            return iter([self.RESULT]) if name in ("iter_results", "list_batches") else self.RESULT
+            return iter([self.RESULT]) if name in ("iter_results", "iter_file", "list_batches") else self.RESULT
 
         return method
 
@@ -6712,7 +6830,7 @@ def recording_client(monkeypatch):
 
 def call_module_function(name: str, args: Any, options: Dict[str, Any]) -> Any:
     got = getattr(m, name)(TOKEN, *args, **options)
-    return list(got) if name in ("iter_results", "list_batches") else got
+    return list(got) if name in ("iter_results", "iter_file", "list_batches") else got
 
 
 @pytest.mark.parametrize("name, args, own, defaults", MODULE_FUNCTIONS, ids=MODULE_FUNCTION_IDS)
@@ -6753,7 +6871,7 @@ def result_line(n: int) -> bytes:
 def test_iter_result_lines_strips_the_cr_of_a_crlf_and_nothing_else(api):
     add_file(api, "file-1", result_line(1) + b"\r\n" + result_line(2) + b"\n" + result_line(3) + b"\r\n")
     with m.Client(TOKEN, "user_1", base_url=BASE) as client:
-        got = list(client.iter_result_lines("file-1", on_behalf_of="user_9"))
+        got = list(client.iter_result_lines(finished(output="file-1", errors=None), on_behalf_of="user_9"))
     assert [line for line, _ in got] == [result_line(1), result_line(2), result_line(3)]
     assert [r.custom_id for _, r in got] == requests_up_to(3)
     assert api.calls[0].request.headers["X-On-Behalf-Of"] == "user_9"
@@ -6764,7 +6882,7 @@ def test_client_iter_results_reports_progress_after_each_line(api):
     add_file(api, "file-1", body)
     seen: List[Tuple[Any, ...]] = []
     with m.Client(TOKEN, base_url=BASE) as client:
-        got = [r.custom_id for r in client.iter_results("file-1", on_progress=lambda *a: seen.append(a))]
+        got = [r.custom_id for r in client.iter_file("file-1", on_progress=lambda *a: seen.append(a))]
     assert got == requests_up_to(2)
     assert [(file_id, lines) for file_id, lines, _, _ in seen] == [("file-1", 1), ("file-1", 2)]
     assert seen[-1][2] == len(body)
@@ -6780,7 +6898,7 @@ def test_client_list_batches_asks_for_20_a_page_by_default(api):
 def test_a_calls_own_on_behalf_of_goes_on_every_request_it_makes(gateway):
     gateway.write_faults = [None, "500"]  # the upload stores; the create makes the batch, then fails its answer
     with writer(gateway, on_behalf_of="user_1") as client:
-        lines = list(client.iter_result_lines("file-batch_partial-output", on_behalf_of="user_9"))
+        lines = list(client.iter_result_lines("batch_partial", on_behalf_of="user_9"))
         again = client.resubmit_failed("batch_partial", on_behalf_of="user_9")
         listed = [b.id for b in client.list_batches(on_behalf_of="user_9")]
         cancelled = client.cancel_batch(again.id, on_behalf_of="user_9")
@@ -6828,7 +6946,7 @@ def test_a_broken_file_read_is_logged_with_its_method_path_and_attempt(api, capl
     caplog.set_level(logging.DEBUG, logger="mka1_batches")
     api.add(responses.GET, FILES + "file-1/content", body=requests.ConnectionError("reset"))
     add_file(api, "file-1", jsonl(numbered(1)))
-    assert [r.custom_id for r in m.iter_results(TOKEN, "file-1", base_url=BASE)] == ["request-1"]
+    assert [r.custom_id for r in m.iter_file(TOKEN, "file-1", base_url=BASE)] == ["request-1"]
     retry, done = [r.getMessage() for r in caplog.records if r.name == "mka1_batches"]
     assert retry.startswith("GET /api/v1/llm/files/file-1/content: retry 1 of 2 in ")
     assert done == f"GET /api/v1/llm/files/file-1/content -> 200 (attempt 2, request {RID})"
@@ -6836,7 +6954,7 @@ def test_a_broken_file_read_is_logged_with_its_method_path_and_attempt(api, capl
 
 def test_a_file_read_that_cannot_connect_names_its_method(api):
     api.add(responses.GET, FILES + "file-1/content", body=requests.ConnectionError("refused"))
-    error = raised(lambda: list(m.iter_results(TOKEN, "file-1", base_url=BASE, max_retries=0)))
+    error = raised(lambda: list(m.iter_file(TOKEN, "file-1", base_url=BASE, max_retries=0)))
     assert str(error).startswith("GET /api/v1/llm/files/file-1/content on gw.example.test failed")
 
 
