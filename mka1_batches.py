@@ -61,6 +61,7 @@ __all__ = [
     "CREATE_KEY",
     "DEFAULT_BASE_URL",
     "DEFAULT_TIMEOUT",
+    "ENDPOINTS",
     "MAX_BODY_BYTES",
     "MAX_LINE_BYTES",
     "MAX_RETRY_AFTER",
@@ -111,6 +112,9 @@ __version__ = "1.2.0"
 DEFAULT_BASE_URL = "https://apigw.mka1.com"
 #: Seconds to connect, and to wait for each read from the socket.
 DEFAULT_TIMEOUT = (10.0, 30.0)
+#: The endpoints a batch may name, as MKA1 documents them; others are refused before any upload. To use
+#: one newer than this copy knows, add it first: ``mka1_batches.ENDPOINTS += ("/v1/new",)``.
+ENDPOINTS = ("/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/v1/images/generations")
 #: Statuses after which a batch never changes again.
 TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
 #: A batch body larger than this, once decoded, is refused.
@@ -2046,6 +2050,11 @@ def _create_body(
 def _check_endpoint(endpoint: object) -> None:
     if not isinstance(endpoint, str) or not endpoint.startswith("/") or not endpoint.isprintable():
         raise ValueError(f"endpoint must be a path such as '/v1/chat/completions', not {endpoint!r}")
+    if endpoint not in ENDPOINTS:  # read at each call, so that a caller may add a newer one
+        known = ", ".join(ENDPOINTS)
+        raise ValueError(
+            f"endpoint {endpoint!r} is none the gateway documents ({known}); a newer one: add it to ENDPOINTS"
+        )
 
 
 def _check_line(line: bytes, endpoint: str, number: int, first: Dict[str, int]) -> str:

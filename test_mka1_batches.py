@@ -1252,7 +1252,7 @@ def test_all_names_the_public_surface():
     errors += ["InvalidBatchFileError", "IdempotencyKeyError"]
     functions += ["iter_file"]
     constants = ["DEFAULT_BASE_URL", "DEFAULT_TIMEOUT", "MAX_BODY_BYTES", "MAX_LINE_BYTES", "MAX_RETRY_AFTER"]
-    constants += ["TERMINAL_STATUSES", "CREATE_KEY", "RESUBMIT_KEY"]
+    constants += ["TERMINAL_STATUSES", "CREATE_KEY", "RESUBMIT_KEY", "ENDPOINTS"]
     assert sorted(m.__all__) == sorted(functions + classes + errors + constants)
     assert len(m.__all__) == len(set(m.__all__))
 
@@ -5707,11 +5707,31 @@ def test_create_4xx_is_raised_at_once(api, sleeps, status, cls):
     assert len(api.calls) == 1 and sleeps == []
 
 
+def test_an_endpoint_the_gateway_does_not_document_is_found_before_the_upload(api, tmp_path, monkeypatch):
+    """Refused before the file is read or anything is sent; taken once the caller adds it on purpose."""
+    path = request_file(tmp_path, None, url="/v1/new")
+    for call in (
+        lambda: m.check_batch_file(path, "/v1/new"),
+        lambda: m.submit_batch(TOKEN, path, "/v1/new", base_url=BASE),
+    ):
+        with pytest.raises(ValueError, match=r"^endpoint '/v1/new' is none the gateway documents \("):
+            call()
+    assert len(api.calls) == 0
+    monkeypatch.setattr(m, "ENDPOINTS", (*m.ENDPOINTS, "/v1/new"))
+    assert m.check_batch_file(path, "/v1/new") == 1
+
+
 @pytest.mark.parametrize(
     "kw, exc, message",
     [
         ({"input_file_id": ""}, ValueError, "input_file_id must be"),
         ({"endpoint": "v1/chat"}, ValueError, "endpoint must be a path"),
+        (
+            {"endpoint": "/v1/nonsense"},
+            ValueError,
+            "endpoint '/v1/nonsense' is none the gateway documents (/v1/chat/completions, /v1/responses,"
+            " /v1/embeddings, /v1/images/generations); a newer one: add it to ENDPOINTS",
+        ),
         ({"metadata": {"a": 1}}, TypeError, "metadata must be a dict of strings to strings"),
         ({"metadata": {f"k{i}": "v" for i in range(17)}}, ValueError, "metadata holds at most 16 pairs here, not 17"),
         ({"metadata": {m.CREATE_KEY: "x"}}, ValueError, "metadata key 'mka1_batches_create' is this module's own"),
