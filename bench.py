@@ -125,7 +125,7 @@ import sys, time
 import mka1_batches
 start = time.perf_counter()
 count = 0
-for result in mka1_batches.iter_results({TOKEN!r}, sys.argv[2], base_url=sys.argv[1]):
+for result in mka1_batches.iter_file({TOKEN!r}, sys.argv[2], base_url=sys.argv[1]):
     count += 1
 print(count, time.perf_counter() - start)
 """,
@@ -659,9 +659,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         ("cli wall", "2 python -m mka1_batches: wall", "ms", 1e3),
         ("cli rss", "3 python -m mka1_batches: peak RSS", "MiB", 1 / 1024),
         ("import", "4 import mka1_batches: own self time", "ms", 1e3),
-        ("files wall", f"5 iter_results, {size[large]} file: wall", "s", 1),
+        ("files wall", f"5 iter_file, {size[large]} file: wall", "s", 1),
         ("files 512", "5b the same, B reading 512 bytes at a time", "s", 1),
-        ("files rss", f"6 iter_results peak RSS, {size[large]} vs {size[small]}", "MiB", 1 / 1024),
+        ("files rss", f"6 iter_file peak RSS, {size[large]} vs {size[small]}", "MiB", 1 / 1024),
         ("results cli", f"7 python -m mka1_batches --results, {size[large]}: wall", "s", 1),
         ("upload wall", f"8 upload_file, {up[1]} file: wall", "ms", 1e3),
         ("upload rss", f"9 upload_file peak RSS, {up[1]} vs {up[0]}", "MiB", 1 / 1024),

@@ -1411,8 +1411,8 @@ class _Transport:
     ) -> _Reply:
         """A read, or a write that can be sent again harmlessly (a cancel): the JSON of its 2xx answer."""
 
-        def read(resp: requests.Response, deadline: float) -> Tuple[_Reply]:
-            return (self._json(resp, deadline),)
+        def read(resp: requests.Response, length: Optional[int], deadline: float) -> Tuple[_Reply]:
+            return (self._json(resp, length, deadline),)
 
         with contextlib.closing(self._exchanges(method, path, who, read, query=query, sleep=sleep)) as replies:
             return next(replies)
@@ -1437,10 +1437,10 @@ class _Transport:
         names one): sending it again would make another.
         """
 
-        def read(resp: requests.Response, deadline: float) -> Tuple[_T]:
+        def read(resp: requests.Response, length: Optional[int], deadline: float) -> Tuple[_T]:
             reply = None
             try:
-                reply = self._json(resp, deadline)
+                reply = self._json(resp, length, deadline)
                 return (parse(reply.data, reply.request_id),)
             except InvalidResponseError as exc:
                 named = getattr(reply, "data", None)
@@ -1468,10 +1468,10 @@ class _Transport:
     def digest(self, path: str, who: Optional[str]) -> Tuple[int, str]:
         """The size and sha256 of a file's content; after a break, read again from the start."""
 
-        def read(resp: requests.Response, deadline: float) -> Tuple[Tuple[int, str]]:
+        def read(resp: requests.Response, length: Optional[int], deadline: float) -> Tuple[Tuple[int, str]]:
             digest = hashlib.sha256()
             size = 0
-            for chunk in self._chunks(resp):
+            for chunk in self._chunks(resp, length):
                 digest.update(chunk)
                 size += len(chunk)
                 self._in_time(deadline, resp, f"body not read within {self._deadline}s")
@@ -1486,7 +1486,7 @@ class _Transport:
         method: str,
         path: str,
         who: Optional[str],
-        read: Callable[[requests.Response, float], Iterable[_T]],
+        read: Callable[[requests.Response, Optional[int], float], Iterable[_T]],
         *,
         accept: str = "application/json",
         query: Optional[Dict[str, Any]] = None,
@@ -1505,8 +1505,9 @@ class _Transport:
         while True:
             deadline = time.monotonic() + self._deadline
             try:
-                with self._response(method, path, who, accept, query, body, follow, attempt) as resp:
-                    yield from read(resp, deadline)
+                resp, length = self._response(method, path, who, accept, query, body, follow, attempt)
+                with resp:
+                    yield from read(resp, length, deadline)
                 return
             except _Failure as failure:
                 step = _next_step(failure, write)
@@ -1550,8 +1551,9 @@ class _Transport:
         body: Any,
         follow: bool,
         attempt: int,
-    ) -> requests.Response:
-        """One attempt: the response once its status is 2xx, its body unread; else raise a _Failure."""
+    ) -> Tuple[requests.Response, Optional[int]]:
+        """One attempt: the response once its status is 2xx, its body unread, and its Content-Length; else
+        raise a _Failure."""
         url = self.base_url + path
         ours = True  # the gateway's own origin, until a redirect says otherwise
         for hop in range(_MAX_REDIRECTS + 1):
@@ -1559,7 +1561,11 @@ class _Transport:
             request_id = resp.headers.get("X-Request-ID")
             # The path only: a storage URL's query may hold a signature.
             _log.debug("%s %s -> %d (attempt %d, request %s)", method, path, resp.status_code, attempt, request_id)
-            framing = _framing_error(resp)
+            framing = length = None
+            try:
+                length = _content_length(resp.headers)
+            except ValueError as exc:
+                framing = str(exc)
             if framing is not None or resp.status_code < 200:
                 # http.client took an interim 1xx for the final response; the real one is still on
                 # the wire. Either way, this connection is never read again nor pooled.
@@ -1567,15 +1573,15 @@ class _Transport:
                 cause = framing or f"interim response {resp.status_code} taken as final"
                 raise self._failure(None, method, url, cause)
             if resp.status_code < 300:
-                return resp
+                return resp, length
             with resp:
                 if not (follow and resp.is_redirect) or hop == _MAX_REDIRECTS:
-                    raise _Failure(self._status_error(resp, request_id), "sent")
+                    raise _Failure(self._status_error(resp, length, request_id), "sent")
                 target = urljoin(url, resp.headers["Location"])
                 refused = _refuse_redirect(url, target)
                 if refused:
-                    raise _Failure(self._status_error(resp, request_id, refused), "sent")
-                self._read_error_body(resp)  # so that its connection is reused
+                    raise _Failure(self._status_error(resp, length, request_id, refused), "sent")
+                self._read_error_body(resp, length)  # so that its connection is reused
                 url, path = target, urlsplit(target).path
                 ours = _origin(url) == self._origin
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
@@ -1633,13 +1639,12 @@ class _Transport:
         except Exception as exc:  # requests, urllib3, or whatever a mounted adapter raises
             raise self._failure(exc, method, url, proxies=proxies) from exc
 
-    def _json(self, resp: requests.Response, deadline: float) -> _Reply:
+    def _json(self, resp: requests.Response, length: Optional[int], deadline: float) -> _Reply:
         """A JSON answer, its body read whole within the cap and the deadline."""
         request_id = resp.headers.get("X-Request-ID")
-        length = _content_length(resp.headers)
         if length is not None and length > MAX_BODY_BYTES:
             raise InvalidResponseError(_too_big(str(length)), request_id=request_id)
-        body = self._read(resp, MAX_BODY_BYTES, deadline)
+        body = self._read(resp, length, MAX_BODY_BYTES, deadline)
         if len(body) > MAX_BODY_BYTES:
             raise InvalidResponseError(_too_big("more than " + str(MAX_BODY_BYTES)), request_id=request_id)
         try:
@@ -1649,11 +1654,11 @@ class _Transport:
             raise InvalidResponseError(message, request_id=request_id) from exc
         return _Reply(data, request_id, resp.headers.get("Date"))
 
-    def _read(self, resp: requests.Response, limit: int, deadline: float) -> bytes:
+    def _read(self, resp: requests.Response, length: Optional[int], limit: int, deadline: float) -> bytes:
         """The decoded body, or its first ``limit`` + 1 bytes, read within the deadline."""
         chunks = []
         size = 0
-        for chunk in self._chunks(resp):
+        for chunk in self._chunks(resp, length):
             chunks.append(chunk)
             size += len(chunk)
             self._in_time(deadline, resp, f"body not read within {self._deadline}s")
@@ -1661,16 +1666,16 @@ class _Transport:
                 break
         return b"".join(chunks)
 
-    def _read_error_body(self, resp: requests.Response) -> bytes:
+    def _read_error_body(self, resp: requests.Response, length: Optional[int]) -> bytes:
         """An error's body, cut at _ERROR_BODY_BYTES; read whole when small, so that the connection is reused."""
         with contextlib.suppress(_Failure, InvalidResponseError):  # a body that breaks off adds nothing
-            return self._read(resp, _ERROR_BODY_BYTES, time.monotonic() + self._deadline)[:_ERROR_BODY_BYTES]
+            deadline = time.monotonic() + self._deadline
+            return self._read(resp, length, _ERROR_BODY_BYTES, deadline)[:_ERROR_BODY_BYTES]
         return b""
 
-    def _chunks(self, resp: requests.Response) -> Iterator[bytes]:
+    def _chunks(self, resp: requests.Response, length: Optional[int]) -> Iterator[bytes]:
         """The body as it arrives, decoded; the connection goes back to the pool only once all is read."""
         read = _read1(resp.raw)
-        length = _content_length(resp.headers)
         decoder = None
         received = 0
         while True:
@@ -1707,6 +1712,7 @@ class _Transport:
     def _lines(
         self,
         resp: requests.Response,
+        length: Optional[int],
         deadline: float,
         taken: "_Taken",
         name: str,
@@ -1715,10 +1721,10 @@ class _Transport:
         """This attempt's lines of a file, from the first not yet taken."""
         request_id = taken.request_id = resp.headers.get("X-Request-ID")
         # Progress counts decoded bytes, so the length of an encoded body is no total for it.
-        total = _content_length(resp.headers) if _encoding(resp) == "identity" else None
+        total = length if _encoding(resp) == "identity" else None
         number = 0
         skipped = 0
-        for line in self._split(resp, taken, name):
+        for line in self._split(resp, length, taken, name):
             number += 1
             if number <= taken.lines:  # read before the connection broke: check, and skip
                 skipped += len(line) + 1
@@ -1734,13 +1740,13 @@ class _Transport:
         if number < taken.lines:
             raise _changed(name, request_id)
 
-    def _split(self, resp: requests.Response, taken: "_Taken", name: str) -> Iterator[bytes]:
+    def _split(self, resp: requests.Response, length: Optional[int], taken: "_Taken", name: str) -> Iterator[bytes]:
         """The body's lines, each within the deadline and the size cap, the key replaced; counts ``taken.read``."""
         deadline = time.monotonic() + self._deadline
         parts: List[bytes] = []
         size = 0
         taken.read = 0
-        for chunk in self._chunks(resp):
+        for chunk in self._chunks(resp, length):
             taken.read += len(chunk)
             *lines, tail = self._clean(chunk).split(b"\n")
             for line in lines:
@@ -1766,9 +1772,9 @@ class _Transport:
             raise self._failure(socket.timeout(what), _method(resp), resp.url, what)
 
     def _status_error(
-        self, resp: requests.Response, request_id: Optional[str], refused: str = "not followed"
+        self, resp: requests.Response, length: Optional[int], request_id: Optional[str], refused: str = "not followed"
     ) -> APIStatusError:
-        text = self._clean(self._read_error_body(resp)).decode("utf-8", "replace")
+        text = self._clean(self._read_error_body(resp, length)).decode("utf-8", "replace")
         try:
             data: Any = json.loads(text) if text else None
         except (ValueError, RecursionError):
@@ -2270,6 +2276,7 @@ def _refuse_redirect(source: str, target: str) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=16)  # each Client, and each redirect, asks
 def _origin(url: str) -> Tuple[str, Optional[str], Optional[int]]:
     parts = urlsplit(url)
     return parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
@@ -2398,15 +2405,6 @@ def _status_message(
     text = _api_message(data) or _html_title(text) or _excerpt(text) or reason or "no message"
     text = re.sub(rf"^{status}\b\W*", "", _excerpt(text)) or "no message"  # "502 Bad Gateway", not "502 502 ..."
     return f"{status} {_excerpt(text)}"
-
-
-def _framing_error(resp: requests.Response) -> Optional[str]:
-    """Why a body's end cannot be found (RFC 9112, 6.3), or None."""
-    try:
-        _content_length(resp.headers)
-    except ValueError as exc:
-        return str(exc)
-    return None
 
 
 def _method(resp: requests.Response) -> str:
