@@ -853,7 +853,7 @@ class Client:
 
         :raises InvalidResponseError: also for another batch than the one asked for.
         """
-        return self._get(_batch_id(batch_id, "batch_id"), self._who(on_behalf_of))
+        return self._get(_batch_id(batch_id, "batch_id"), self._user(on_behalf_of))
 
     def wait_for_batch(
         self,
@@ -879,7 +879,7 @@ class Client:
         if max_wait is not None and not _positive(max_wait):
             raise ValueError(f"max_wait must be None or a positive number of seconds, not {max_wait!r}")
         batch_id = _batch_id(batch_id, "batch_id")
-        who = self._who(on_behalf_of)
+        who = self._user(on_behalf_of)
         deadline = None if max_wait is None else time.monotonic() + max_wait
         last: Optional[Batch] = None
 
@@ -941,7 +941,7 @@ class Client:
         on_behalf_of: Optional[str] = None,
     ) -> Iterator[Tuple[bytes, BatchResult]]:
         """As :meth:`iter_results`, each result beside its line as the server sent it (without its CRLF or LF)."""
-        who = self._who(on_behalf_of)
+        who = self._user(on_behalf_of)
         batch = self._finished(batch, who)
         files = [("output", batch.output_file_id), ("error", batch.error_file_id if include_errors else None)]
         return (
@@ -960,7 +960,7 @@ class Client:
     ) -> Iterator[BatchResult]:
         """Yield the lines of one file as results, such as an output file, by its id: see :meth:`iter_results`."""
         _check_id(file_id, "file_id")
-        lines = self._file_lines(file_id, self._who(on_behalf_of), on_progress, BatchResult.from_dict, "file", None)
+        lines = self._file_lines(file_id, self._user(on_behalf_of), on_progress, BatchResult.from_dict, "file", None)
         return (result for _, result in lines)
 
     def upload_file(self, file: _Input, *, purpose: str = "batch", on_behalf_of: Optional[str] = None) -> "File":
@@ -977,7 +977,7 @@ class Client:
         """
         if not isinstance(purpose, str) or not purpose.strip() or not purpose.isprintable():
             raise ValueError(f"purpose must be a non-empty string such as 'batch', not {purpose!r}")
-        who = self._who(on_behalf_of)
+        who = self._user(on_behalf_of)
         with _opened(file) as (stream, name):
             size, digest = _digest(stream)
             return self._upload(stream, name, purpose, who, size, digest)
@@ -1014,7 +1014,7 @@ class Client:
             a rerun after a crash finds what the first run made.
         :raises IdempotencyKeyError: the key names a batch made from another file or endpoint.
         """
-        who = self._who(on_behalf_of)
+        who = self._user(on_behalf_of)
         _check_id(input_file_id, "input_file_id")
         body = _create_body(input_file_id, endpoint, completion_window, metadata, max_concurrency, idempotency_key)
         if idempotency_key is not None:
@@ -1046,7 +1046,7 @@ class Client:
         :raises IdempotencyKeyError: the key names a batch made from other bytes or for another
             endpoint; nothing is uploaded.
         """
-        who = self._who(on_behalf_of)
+        who = self._user(on_behalf_of)
         _check_create(endpoint, completion_window, metadata, max_concurrency, idempotency_key)  # before any read
         with _opened(file) as (stream, name):
             if not _seekable(stream):
@@ -1092,7 +1092,7 @@ class Client:
         :raises ValueError: also for a batch that has not finished.
         """
         _check_metadata(metadata, 14)
-        who = self._who(on_behalf_of)
+        who = self._user(on_behalf_of)
         batch = self._finished(batch, who)
         earlier = self._find_batch(who, batch.id, key=RESUBMIT_KEY, oldest=batch.created_at)
         if earlier is not None and earlier.status not in ("failed", "expired", "cancelled"):
@@ -1111,15 +1111,15 @@ class Client:
                     on_kept(result)
         import tempfile  # only here: a plain get_batch does not need it
 
-        with tempfile.TemporaryFile() as again:
+        with tempfile.TemporaryFile() as new_input:
             for line, custom_id in self._file_lines(batch.input_file_id, who, None, _custom_id, "input file", batch):
                 if custom_id in failed or custom_id not in seen:
-                    again.write(line + b"\n")
-            if not again.tell():
+                    new_input.write(line + b"\n")
+            if not new_input.tell():
                 return None
-            again.seek(0)
+            new_input.seek(0)
             sent = dict(metadata or {}, **{RESUBMIT_KEY: batch.id})
-            return self.submit_batch(again, batch.endpoint, metadata=sent, on_behalf_of=on_behalf_of)
+            return self.submit_batch(new_input, batch.endpoint, metadata=sent, on_behalf_of=on_behalf_of)
 
     def list_batches(
         self,
@@ -1145,7 +1145,7 @@ class Client:
             raise ValueError(f"limit must be None or a positive integer, not {limit!r}")
         if limit is not None:  # one more: a page's last items that share a second wait for the next page
             page_size = min(page_size, limit + 1)
-        pairs = self._listing(Batch.from_dict, _BATCHES, self._who(on_behalf_of), page_size, after=after)
+        pairs = self._listing(Batch.from_dict, _BATCHES, self._user(on_behalf_of), page_size, after=after)
         return itertools.islice((batch for batch, _ in pairs), limit)
 
     def cancel_batch(self, batch_id: Union[Batch, str], *, on_behalf_of: Optional[str] = None) -> Batch:
@@ -1157,7 +1157,7 @@ class Client:
         :raises ConflictError: the batch has finished otherwise, and cannot be cancelled.
         """
         batch_id = _batch_id(batch_id, "batch_id")
-        who = self._who(on_behalf_of)
+        who = self._user(on_behalf_of)
         try:
             path = _BATCHES + "/" + quote(batch_id, safe="") + "/cancel"
             return self._batch(self._transport.request("POST", path, who), batch_id)
@@ -1168,7 +1168,7 @@ class Client:
                 return batch
             raise
 
-    def _who(self, on_behalf_of: Optional[str]) -> Optional[str]:
+    def _user(self, on_behalf_of: Optional[str]) -> Optional[str]:
         return self.on_behalf_of if on_behalf_of is None else _check_on_behalf_of(on_behalf_of)
 
     def _get(self, batch_id: str, who: Optional[str], sleep: Optional[Callable[[float], None]] = None) -> Batch:
@@ -1302,7 +1302,7 @@ class Client:
         size = limit
         while True:
             reply = self._transport.request("GET", path, who, query=dict(query or {}, limit=size, after=after))
-            page = _page(reply.data, reply.request_id)
+            page = _checked_page(reply.data, reply.request_id)
             items = [parse(item, reply.request_id) for item in page["data"]]
             fresh: List[_Listed] = []
             here: Set[str] = set()
@@ -1571,7 +1571,7 @@ class _Transport:
                 # the wire. Either way, this connection is never read again nor pooled.
                 resp.close()
                 cause = framing or f"interim response {resp.status_code} taken as final"
-                raise self._failure(None, method, url, cause)
+                raise self._connection_failure(None, method, url, cause)
             if resp.status_code < 300:
                 return resp, length
             with resp:
@@ -1637,7 +1637,7 @@ class _Transport:
         except MKA1Error:
             raise  # a file that changed while it was uploaded
         except Exception as exc:  # requests, urllib3, or whatever a mounted adapter raises
-            raise self._failure(exc, method, url, proxies=proxies) from exc
+            raise self._connection_failure(exc, method, url, proxies=proxies) from exc
 
     def _json(self, resp: requests.Response, length: Optional[int], deadline: float) -> _Reply:
         """A JSON answer, its body read whole within the cap and the deadline."""
@@ -1683,7 +1683,7 @@ class _Transport:
                 data = read(_CHUNK)
             except Exception as exc:  # socket, http.client, urllib3, or a stand-in raw's own
                 cut = f"connection closed after {received} of {length} bytes" if length is not None else None
-                raise self._failure(exc, _method(resp), resp.url, cut if _incomplete(exc) else None) from exc
+                raise self._connection_failure(exc, _method(resp), resp.url, cut if _incomplete(exc) else None) from exc
             if not data:
                 break
             if not received:
@@ -1704,7 +1704,9 @@ class _Transport:
         if decoder is not None:
             yield decoder.flush()
         if length is not None and received < length:
-            raise self._failure(None, _method(resp), resp.url, f"connection closed after {received} of {length} bytes")
+            raise self._connection_failure(
+                None, _method(resp), resp.url, f"connection closed after {received} of {length} bytes"
+            )
         release = getattr(resp.raw, "release_conn", None)
         if release is not None:
             release()
@@ -1769,7 +1771,7 @@ class _Transport:
 
     def _in_time(self, deadline: float, resp: requests.Response, what: str) -> None:
         if time.monotonic() > deadline:
-            raise self._failure(socket.timeout(what), _method(resp), resp.url, what)
+            raise self._connection_failure(socket.timeout(what), _method(resp), resp.url, what)
 
     def _status_error(
         self, resp: requests.Response, length: Optional[int], request_id: Optional[str], refused: str = "not followed"
@@ -1789,7 +1791,7 @@ class _Transport:
             retry_after=_retry_after(resp.headers.get("Retry-After"), resp.headers.get("Date")),
         )
 
-    def _failure(
+    def _connection_failure(
         self,
         exc: Optional[BaseException],
         method: str,
@@ -1799,14 +1801,14 @@ class _Transport:
     ) -> "_Failure":
         """A failed send or body read as the error to raise, and what a retry needs to know of it."""
         chain = _chain(exc)
-        status = _said(chain, "retry")
+        status = _status_in_message(chain, "retry")
         if status is not None:
             # The session's own urllib3 Retry gave up on this status: report it as that status.
             given_up = _status_class(status)(f"{status} after the session adapter's own retries", status_code=status)
             return _Failure(given_up, "final")
         final = False
         if cause is None:
-            cause, final = _cause(chain, requests.utils.select_proxy(url, proxies or {}))
+            cause, final = _root_cause(chain, requests.utils.select_proxy(url, proxies or {}))
         timed_out = any(isinstance(e, _TIMEOUTS) for e in chain)
         message = f"{method} {urlsplit(url).path} on {_host(url)} {'timed out' if timed_out else 'failed'}: {cause}"
         error = (APITimeoutError if timed_out else APIConnectionError)(self._redact(message))
@@ -2075,20 +2077,20 @@ def _check_line(line: bytes, endpoint: str, number: int, first: Dict[str, int]) 
         raise InvalidBatchFileError(f"not a JSON object: {_excerpt(line)!r}", line=number)
     custom_id = data.get("custom_id")
     if type(custom_id) is not str:
-        raise InvalidBatchFileError(_wrong("custom_id", "a string", data), line=number)
+        raise InvalidBatchFileError(_bad_field("custom_id", "a string", data), line=number)
     if custom_id in first:
         message = f"custom_id {_excerpt(repr(custom_id))} is a duplicate: it is on line {first[custom_id]} too"
         raise InvalidBatchFileError(message, line=number)
     if data.get("method") != "POST":
-        raise InvalidBatchFileError(_wrong("method", '"POST"', data), line=number)
+        raise InvalidBatchFileError(_bad_field("method", '"POST"', data), line=number)
     if data.get("url") != endpoint:
-        raise InvalidBatchFileError(_wrong("url", f"the batch's endpoint {endpoint!r}", data), line=number)
+        raise InvalidBatchFileError(_bad_field("url", f"the batch's endpoint {endpoint!r}", data), line=number)
     if type(data.get("body")) is not dict:
-        raise InvalidBatchFileError(_wrong("body", "an object", data), line=number)
+        raise InvalidBatchFileError(_bad_field("body", "an object", data), line=number)
     return custom_id
 
 
-def _wrong(key: str, expected: str, data: Dict[str, Any]) -> str:
+def _bad_field(key: str, expected: str, data: Dict[str, Any]) -> str:
     if key not in data:
         return f"{key} is missing"
     got = data[key]
@@ -2150,7 +2152,7 @@ def _digest(stream: BinaryIO) -> Tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def _page(data: Any, request_id: Optional[str]) -> Dict[str, Any]:
+def _checked_page(data: Any, request_id: Optional[str]) -> Dict[str, Any]:
     """One page of a list endpoint, its shape checked; the caller parses the items."""
     if type(data) is not dict:
         error = _invalid("list", "an object", data)
@@ -2224,13 +2226,13 @@ def _chain(exc: Optional[BaseException]) -> List[BaseException]:
     return chain
 
 
-def _cause(chain: List[BaseException], proxy: Optional[str]) -> Tuple[str, bool]:
+def _root_cause(chain: List[BaseException], proxy: Optional[str]) -> Tuple[str, bool]:
     """The root cause of a connection failure in a few words, and whether a retry cannot change it."""
     for e in chain:
         if isinstance(e, ssl.SSLError) and e.reason == "CERTIFICATE_VERIFY_FAILED":
             detail = getattr(e, "verify_message", None)  # Python 3.7 and later
             return "certificate verify failed" + (": " + detail if detail else ""), True
-    tunnel = _said(chain, "tunnel")
+    tunnel = _status_in_message(chain, "tunnel")
     if tunnel is not None:
         return f"proxy refused CONNECT: {tunnel}", 400 <= tunnel < 500
     text = next((text for kind, text in _CAUSES if any(isinstance(e, kind) for e in chain)), None)
@@ -2247,7 +2249,7 @@ def _cause(chain: List[BaseException], proxy: Optional[str]) -> Tuple[str, bool]
     return f"proxy {host}" + said.get(text, " timed out" if "timed out" in text else ": " + text), False
 
 
-def _said(chain: List[BaseException], what: str) -> Optional[int]:
+def _status_in_message(chain: List[BaseException], what: str) -> Optional[int]:
     """A status that only the text of an error tells, as urllib3 1.24 to 2.8 and http.client 3.6 to 3.15 word it.
 
     ``retry``: a urllib3 Retry mounted on the session gave up on it; ``tunnel``: a proxy answered CONNECT with it.

@@ -7664,7 +7664,7 @@ PROXY_ERROR = requests.exceptions.ProxyError("Unable to connect to proxy")
     ],
 )
 def test_a_connection_failures_cause_in_a_few_words(chain, proxy, expected):
-    assert m._cause(chain, proxy) == expected
+    assert m._root_cause(chain, proxy) == expected
 
 
 def test_a_write_refused_before_it_left_is_sent_again_as_a_post(plain_env, sleeps):
