@@ -79,6 +79,7 @@ from conftest import (
     batch_body,
     chunked,
     compress,
+    default_sigint,
     fail,
     get,
     jsonl,
@@ -94,6 +95,7 @@ from conftest import (
     reply,
     requests_up_to,
     run_text,
+    signalled_child,
 )
 from standin_gateway import DEMO_TOKEN, LINE_BYTES, PROGRESS, Gateway, large_line
 
@@ -3023,33 +3025,28 @@ def _run_on_a_pty(
     tty.setraw(slave)  # no newline translation: read back exactly what was written
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     command = [*(command or [sys.executable, "-m", "mka1_batches"]), *args]
-    p = subprocess.Popen(command, env=env, cwd=HERE, stdout=stdout, stderr=slave)
-    os.close(slave)
-    written = b""
-    deadline = time.monotonic() + 30
-    try:
-        while time.monotonic() < deadline:
-            if interrupt_on and interrupt_on.encode() in written:
-                p.send_signal(signal.SIGINT)
-                interrupt_on = ""
-            if select.select([master], [], [], 0.1)[0]:
-                try:
-                    chunk = os.read(master, 4096)
-                except OSError:  # EIO: the child has exited, and with it the last slave end
-                    break
-                if not chunk:
-                    break
-                written += chunk
-    finally:
-        os.close(master)
-        if p.stdout is not None:
-            p.stdout.read()
-            p.stdout.close()
+    with signalled_child(command, env=env, cwd=HERE, stdout=stdout, stderr=slave) as p:
+        os.close(slave)
+        written = b""
+        deadline = time.monotonic() + 30
         try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # it hung: see the one caller that allows for it
-            p.kill()
-            p.wait()
+            while time.monotonic() < deadline:
+                if interrupt_on and interrupt_on.encode() in written:
+                    p.send_signal(signal.SIGINT)
+                    interrupt_on = ""
+                if select.select([master], [], [], 0.1)[0]:
+                    try:
+                        chunk = os.read(master, 4096)
+                    except OSError:  # EIO: the child has exited, and with it the last slave end
+                        break
+                    if not chunk:
+                        break
+                    written += chunk
+        finally:
+            os.close(master)
+        try:
+            p.communicate(timeout=10)  # its stdout, if a pipe, read to the end
+        except subprocess.TimeoutExpired:  # it hung, and is killed: see the one caller that allows for it
             return None, written.decode()
     return p.returncode, written.decode()
 
@@ -3099,20 +3096,20 @@ def test_cli_interrupt_in_process_exits_130(cli, monkeypatch, terminal, stderr):
 
 def test_cli_ctrl_c_exits_130(gateway):
     env = {**os.environ, "MKA1_API_KEY": DEMO_TOKEN, "MKA1_BASE_URL": gateway.base_url}
-    p = subprocess.Popen(
+    with signalled_child(
         [sys.executable, "-m", "mka1_batches", "batch_status_in_progress", "--wait", "--poll-interval", "30"],
         env=env,
         cwd=HERE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         universal_newlines=True,
-    )
-    deadline = time.monotonic() + 20
-    while not gateway.requests and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.1)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=10)
+    ) as p:
+        deadline = time.monotonic() + 20
+        while not gateway.requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=10)
     assert p.returncode == 130 and out == "" and err.endswith("error: interrupted\n")
 
 
@@ -3959,7 +3956,8 @@ def test_cli_ctrl_c_in_the_first_moments_is_exit_130_without_a_traceback(gateway
     args = ["batch_status_in_progress", "--wait", "--poll-interval", "30"]
     # Before this change, those up to 1 ms landed before main's try, in argparse's import or the parser.
     for delay in ("0.00005", "0.0002", "0.0005", "0.001", "0.002", "0.005", "0.05"):
-        r = run_text([*INTERRUPTED_CLI, *args, delay], env=_cli_env(gateway), cwd=HERE, timeout=60)
+        command = [*INTERRUPTED_CLI, *args, delay]
+        r = run_text(command, env=_cli_env(gateway), cwd=HERE, timeout=60, preexec_fn=default_sigint)
         # The first poll's progress line may come first.
         assert (r.returncode, r.stdout, r.stderr.splitlines()[-1]) == (130, "", "error: interrupted"), delay
         assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) <= 2, r.stderr
@@ -4045,17 +4043,19 @@ def test_standin_serve_listens_on_the_port_given_until_ctrl_c():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "standin_gateway.py", "--serve", "--port", str(port)]
-    p = subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        assert p.stdout is not None
-        assert p.stdout.readline() == f"stand-in gateway on {url}, until Ctrl-C. In another shell:\n"
-        assert p.stdout.readline() == f"  export MKA1_BASE_URL={url} MKA1_API_KEY=demo-key\n"
-        r = requests.get(url + "/api/v1/llm/batches/batch_x", headers={"Authorization": "Bearer demo-key"}, timeout=10)
-        assert r.json()["id"] == "batch_x"
-    finally:
-        p.send_signal(signal.SIGINT)
-        err = p.communicate(timeout=10)[1]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "universal_newlines": True}
+    with signalled_child(command, cwd=HERE, **pipes) as p:
+        try:
+            url = f"http://127.0.0.1:{port}"
+            assert p.stdout is not None
+            assert p.stdout.readline() == f"stand-in gateway on {url}, until Ctrl-C. In another shell:\n"
+            assert p.stdout.readline() == f"  export MKA1_BASE_URL={url} MKA1_API_KEY=demo-key\n"
+            headers = {"Authorization": "Bearer demo-key"}
+            r = requests.get(url + "/api/v1/llm/batches/batch_x", headers=headers, timeout=10)
+            assert r.json()["id"] == "batch_x"
+        finally:
+            p.send_signal(signal.SIGINT)
+            err = p.communicate(timeout=10)[1]
     assert p.returncode == 0 and "Traceback" not in err
 
 
