@@ -20,6 +20,33 @@ policy, _Failure, auth, the multipart body, the file reader); checks and helpers
 command line, and main.
 """
 
+if __name__ == "__main__":  # pragma: no cover - run as a program by the tests
+    # Run as a program (python -m mka1_batches, python mka1_batches.py), a Ctrl-C that Python acts on
+    # from the `try` below until main() has returned ends the run with exit 130 and one line on stderr,
+    # "error: interrupted" (on a terminal, the line wiped first), never a traceback: in this module's
+    # imports and definitions, in main(), at any moment. After that it is ignored: the run's own exit
+    # code stands. Python acts on a signal between two instructions of the main thread, and one it acts
+    # on earlier is its own, a traceback and death by SIGINT: while the interpreter starts, while runpy
+    # finds and reads this file, and in this file's first instructions, above the `try`. A SIGINT
+    # ignored when the program started, as in a background job, stays ignored.
+
+    def _exit_interrupted(signum: object = None, frame: object = None) -> None:
+        """Exit 130 with the one line: written to the file descriptor, as a handler may run mid-write."""
+        import os
+
+        try:
+            os.write(2, (b"\r\x1b[K" if os.isatty(2) else b"") + b"error: interrupted\n")
+        finally:  # even if stderr is closed
+            os._exit(130)
+
+    try:
+        import signal
+
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, _exit_interrupted)  # until main() takes over, at the end of the file
+    except KeyboardInterrupt:
+        _exit_interrupted()
+
 import contextlib
 import functools
 import hashlib
@@ -2510,10 +2537,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover - run as a subprocess by the tests
+    code = 130
     try:
-        raise SystemExit(main())
-    except KeyboardInterrupt:  # one that lands just as main() is entered or left
-        import sys
-
-        print("error: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+        try:
+            if signal.getsignal(signal.SIGINT) is _exit_interrupted:  # both from the top of the file
+                # From here main() takes a Ctrl-C, as KeyboardInterrupt, and ends the run's output well.
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            code = main()
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is over: its exit code, or argparse's, stands
+    except KeyboardInterrupt:  # one that lands just as main() is entered or left, outside its try
+        _exit_interrupted()
+    raise SystemExit(code)

@@ -3113,6 +3113,35 @@ def test_cli_ctrl_c_exits_130(gateway):
     assert p.returncode == 130 and out == "" and err.endswith("error: interrupted\n")
 
 
+def _first_statement(path: str) -> int:
+    """The line of the first statement of the module at ``path`` after its docstring."""
+    import ast
+
+    with open(path) as source:
+        return ast.parse(source.read()).body[1].lineno
+
+
+def _until_the_module(path, first):  # unannotated: STARTING_CLI runs its source alone
+    """A child's SIGINT handler until the module at ``path`` takes SIGINT over, in its ``first`` statement.
+
+    Before that statement begins, exit 99: Python's start-up, outside the module's reach. From it on, what
+    Python's own handler does, KeyboardInterrupt: what a module that took nothing over is left with.
+    """
+
+    def handler(signum, frame):
+        while frame is not None and (frame.f_code.co_filename, frame.f_code.co_name) != (path, "<module>"):
+            frame = frame.f_back
+        if frame is None or frame.f_lineno < first:
+            os._exit(99)
+        signal.default_int_handler(signum, frame)
+
+    return handler
+
+
+#: Busy for at most 2 minutes, or until killed: the load of the stress tests, one on each core.
+BUSY = [sys.executable, "-c", "import time\nend = time.monotonic() + 120\nwhile time.monotonic() < end:\n    pass\n"]
+
+
 def test_cli_help_text(cli, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     r = cli("--help")
@@ -3961,6 +3990,68 @@ def test_cli_ctrl_c_in_the_first_moments_is_exit_130_without_a_traceback(gateway
         # The first poll's progress line may come first.
         assert (r.returncode, r.stdout, r.stderr.splitlines()[-1]) == (130, "", "error: interrupted"), delay
         assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) <= 2, r.stderr
+
+
+def test_cli_takes_over_sigint_only_run_as_a_program():
+    """Imported, as a library, the module leaves SIGINT's handler as it found it."""
+    code = "import signal\nhandler = signal.getsignal(signal.SIGINT)\nimport mka1_batches\n"
+    code += "print(signal.getsignal(signal.SIGINT) is handler is signal.default_int_handler)\n"
+    r = run_text([sys.executable, "-c", code], cwd=HERE, timeout=60, preexec_fn=default_sigint)
+    assert (r.stdout, r.stderr) == ("True\n", "")
+
+
+#: ``python -m mka1_batches``, as runpy runs it, with SIGINT taken first by _until_the_module's handler;
+#: argv begins with the module's path and the line of its first statement.
+STARTING_CLI = [
+    sys.executable,
+    "-c",
+    "import os, runpy, signal, sys\n"
+    + inspect.getsource(_until_the_module)
+    + "signal.signal(signal.SIGINT, _until_the_module(sys.argv.pop(1), int(sys.argv.pop(1))))\n"
+    "runpy.run_module('mka1_batches', run_name='__main__', alter_sys=True)\n",
+]
+
+
+def _sigint_ignored() -> None:
+    """STARTING_CLI's ``preexec_fn``: a SIGINT sent before even its handler is then lost, not Python's traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT")
+def test_cli_ctrl_c_as_the_program_starts_is_exit_130_with_one_line(gateway):
+    """The issue: a Ctrl-C in the first 0.3 s, in the module's imports too, was a traceback and death by SIGINT.
+    40 runs, 2 at a time with both cores busy, SIGINT 0 to 0.6 s after each starts (the imports end later
+    under such load): 130 and one line."""
+    delays = [0.6 * i / 39 for i in range(40)]
+    where = [m.__file__, str(_first_statement(m.__file__))]
+    load = [subprocess.Popen(BUSY) for _ in range(os.cpu_count() or 1)]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "universal_newlines": True}
+    started: List[Any] = []
+    runs = []
+    try:
+        for first in range(0, len(delays), 2):
+            started = []
+            for delay in delays[first : first + 2]:
+                command = [*STARTING_CLI, *where, "batch_x"]
+                p = subprocess.Popen(command, env=_cli_env(gateway), cwd=HERE, preexec_fn=_sigint_ignored, **pipes)
+                started.append((time.monotonic(), delay, p))
+            for began, delay, p in started:
+                time.sleep(max(0.0, began + delay - time.monotonic()))
+                p.send_signal(signal.SIGINT)
+            runs += [(delay, *p.communicate(timeout=30), p.returncode) for _, delay, p in started]
+    finally:
+        for p in load + [p for _, _, p in started]:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+    for delay, out, err, code in runs:
+        assert "Traceback" not in err, (delay, err)
+        whole = out == "" or json.loads(out)["id"] == "batch_x"  # printed in full before the Ctrl-C, if at all
+        if code == 130:
+            assert (err, whole) == ("error: interrupted\n", True), (delay, out, err)
+        else:  # landed before the module began (99), or was lost or came once the run was over (0)
+            assert (code, err) in ((99, ""), (0, "")) and (out == "") == (code == 99), (delay, code, out, err)
+    assert sum(code == 130 for *_, code in runs) >= 5, runs  # many landed in the module, its imports included
 
 
 # --- The stand-in gateway ---------------------------------------------------------------------
