@@ -8,12 +8,13 @@ import io
 import json
 import os
 import select
+import signal
 import socket
 import ssl
 import subprocess
 import threading
 import zlib
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List
 from urllib.parse import unquote
 
 import pytest
@@ -133,6 +134,31 @@ def pool_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
 def run_text(command: List[str], **kw: Any) -> subprocess.CompletedProcess:
     """subprocess.run with output captured as text; Python 3.6 has no capture_output or text."""
     return subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, **kw)
+
+
+def default_sigint() -> None:
+    """A ``preexec_fn`` for a child that a test sends SIGINT: the signal's default disposition.
+
+    A shell or a CI runner that starts the suite in the background leaves SIGINT ignored, every child
+    inherits that, and Python keeps it so: the child would never see the test's SIGINT. SIG_DFL rather
+    than Python's handler, which exec resets to SIG_DFL anyway; at start, Python then installs its own.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def signalled_child(command: List[str], **kw: Any) -> Iterator[subprocess.Popen]:
+    """``subprocess.Popen(command, **kw)`` for a test that sends it SIGINT: see default_sigint.
+
+    Killed if it outlives the block, as a child that hangs would: the test fails, and the run goes on.
+    """
+    p = subprocess.Popen(command, preexec_fn=default_sigint, **kw)
+    try:
+        yield p
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=10)
 
 
 def ok(api: responses.RequestsMock, body: Any = None, batch_id: str = BID, **kw: Any) -> None:

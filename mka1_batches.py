@@ -20,6 +20,33 @@ policy, _Failure, auth, the multipart body, the file reader); checks and helpers
 command line, and main.
 """
 
+if __name__ == "__main__":  # pragma: no cover - run as a program by the tests
+    # Run as a program (python -m mka1_batches, python mka1_batches.py), a Ctrl-C that Python acts on
+    # from the `try` below until main() has returned ends the run with exit 130 and one line on stderr,
+    # "error: interrupted" (on a terminal, the line wiped first), never a traceback: in this module's
+    # imports and definitions, in main(), at any moment. After that it is ignored: the run's own exit
+    # code stands. Python acts on a signal between two instructions of the main thread, and one it acts
+    # on earlier is its own, a traceback and death by SIGINT: while the interpreter starts, while runpy
+    # finds and reads this file, and in this file's first instructions, above the `try`. A SIGINT
+    # ignored when the program started, as in a background job, stays ignored.
+
+    def _exit_interrupted(signum: object = None, frame: object = None) -> None:
+        """Exit 130 with the one line: written to the file descriptor, as a handler may run mid-write."""
+        import os
+
+        try:
+            os.write(2, (b"\r\x1b[K" if os.isatty(2) else b"") + b"error: interrupted\n")
+        finally:  # even if stderr is closed
+            os._exit(130)
+
+    try:
+        import signal
+
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, _exit_interrupted)  # until main() takes over, at the end of the file
+    except KeyboardInterrupt:
+        _exit_interrupted()
+
 import contextlib
 import functools
 import hashlib
@@ -2486,22 +2513,86 @@ def _redraw(stream: Any, text: str, end: str = "") -> None:
     stream.flush()
 
 
-class _Progress:
-    """``--wait``'s status on stderr: on a terminal one line redrawn every second, else a line per change."""
+class _Output:
+    """One run's stdout and stderr: each write, a whole line or document, made under ``lock``.
+
+    main()'s Ctrl-C takes the lock, so that no write is half done as it ends the run, and keeps
+    it, so that none is begun after. ``progress`` is what is drawn on stderr's line, to be ended.
+    """
+
+    #: Seconds a Ctrl-C waits for a write under way; one that takes longer is stuck on its reader.
+    PATIENCE = 0.5
 
     def __init__(self) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+        self.progress: Optional[Union[_Progress, _ReadProgress]] = None
+
+    def print(self, text: str, *, err: bool = False) -> None:
+        """``text`` and a newline on stdout; on stderr, flushed at once (as 3.9 and later do), for os._exit."""
+        import sys
+
+        with self.lock:
+            print(text, file=sys.stderr if err else sys.stdout, flush=err)
+
+    def interrupted(self) -> int:
+        """Say on stderr that the run was interrupted, stdout ending on a whole line; 130, a Ctrl-C's exit code."""
+        import sys
+
+        line = ("\r\x1b[K" if sys.stderr.isatty() else "") + "error: interrupted\n"  # first wipe the ^C echoed
+        if not self.lock.acquire(timeout=self.PATIENCE):
+            # The write under way holds its stream's own lock until a reader that stopped reading (a
+            # full pipe, a terminal paused by ^S) takes more: go around it, and stdout may end mid-line.
+            try:
+                os.write(sys.stderr.fileno(), line.encode())
+            except (OSError, ValueError):  # no file descriptor, as under pytest's capture: nothing to be stuck on
+                sys.stderr.write(line)
+            return 130
+        if self.progress is not None:
+            self.progress.end_line()
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        self._flush_stdout()
+        return 130
+
+    def _flush_stdout(self) -> None:
+        """stdout's buffered lines written out, in PATIENCE at most: a reader that stopped reading takes none."""
         import sys
         import threading
 
+        failed: List[BaseException] = []
+
+        def flush() -> None:
+            try:
+                sys.stdout.flush()
+            except BaseException as exc:  # a reader gone, as BrokenPipeError: raised again below
+                failed.append(exc)
+
+        flushing = threading.Thread(target=flush, daemon=True)
+        flushing.start()
+        flushing.join(self.PATIENCE)
+        if failed:
+            raise failed[0]
+
+
+class _Progress:
+    """``--wait``'s status on stderr: on a terminal one line redrawn every second, else a line per change."""
+
+    def __init__(self, output: _Output) -> None:
+        import sys
+        import threading
+
+        self._output = output  # its lock: the ticker and update() take turns at the line
         self._stream = sys.stderr
         self._tty = self._stream.isatty()
         self._started = time.monotonic()
         self._batch: Optional[Batch] = None
-        self._lock = threading.Lock()  # the ticker and update() take turns at the line
         self._done = threading.Event()
         self._ticker = threading.Thread(target=self._tick, daemon=True)
 
     def __enter__(self) -> "_Progress":
+        self._output.progress = self
         if self._tty:
             self._ticker.start()
         return self
@@ -2510,20 +2601,25 @@ class _Progress:
         self._done.set()
         if self._tty:
             self._ticker.join()
-            with self._lock:
-                if self._batch is not None:
-                    self._draw(self._batch, "\n")  # redrawn whole: also wipes a ^C the terminal echoed
+        with self._output.lock:
+            self._output.progress = None
+            self.end_line()
+
+    def end_line(self) -> None:
+        """On a terminal, the line drawn once more and ended: also wipes a ^C the terminal echoed. Under the lock."""
+        if self._tty and self._batch is not None:
+            self._draw(self._batch, "\n")
 
     def update(self, batch: Batch) -> None:
         """The ``on_update`` for wait_for_batch."""
-        with self._lock:
+        with self._output.lock:
             self._batch = batch
             self._draw(batch)
 
     def _tick(self) -> None:
         # wait_for_batch reports changes only; in between, this keeps the elapsed time moving.
         while not self._done.wait(1 - (time.monotonic() - self._started) % 1):
-            with self._lock:
+            with self._output.lock:
                 if self._batch is not None:
                     self._draw(self._batch)
 
@@ -2554,9 +2650,10 @@ class _ReadProgress:
 
     INTERVAL = 0.1
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, output: _Output, clock: Callable[[], float] = time.monotonic) -> None:
         import sys
 
+        self._output = output
         self._stream = sys.stderr
         self.shown = self._stream.isatty() and not sys.stdout.isatty()
         self._clock = clock
@@ -2565,9 +2662,16 @@ class _ReadProgress:
         self._drawn = False
 
     def __enter__(self) -> "_ReadProgress":
+        self._output.progress = self
         return self
 
     def __exit__(self, *exc: object) -> None:
+        with self._output.lock:
+            self._output.progress = None
+            self.end_line()
+
+    def end_line(self) -> None:
+        """The line wiped, if drawn. Under the output's lock."""
         if self._drawn:
             self._stream.write("\r\x1b[K")
             self._stream.flush()
@@ -2580,8 +2684,9 @@ class _ReadProgress:
             self._next = now + self.INTERVAL
         elif now >= self._next:
             self._next = now + self.INTERVAL
-            self._drawn = True
-            _redraw(self._stream, self.line(file_id, lines, bytes_read, total))
+            with self._output.lock:
+                self._drawn = True
+                _redraw(self._stream, self.line(file_id, lines, bytes_read, total))
 
     @staticmethod
     def line(file_id: str, lines: int, bytes_read: int, total: Optional[int]) -> str:
@@ -2768,11 +2873,9 @@ def _cli_get(client: Client, args: Any) -> int:
 
 def _cli_submit(client: Client, args: Any) -> int:
     """``submit FILE``: check, upload, create; then as ``BATCH_ID`` for the batch made."""
-    import sys
-
     if args.check:
         count = check_batch_file(args.file, args.endpoint)
-        print(_printable(f"{args.file}: {count} request{'s' if count != 1 else ''}, ready to submit"))
+        args.output.print(_printable(f"{args.file}: {count} request{'s' if count != 1 else ''}, ready to submit"))
         return 0
     # Read before the batch is made, so that nothing but waiting follows what costs money.
     expected = _cli_custom_ids(args.file) if args.results else None
@@ -2785,46 +2888,44 @@ def _cli_submit(client: Client, args: Any) -> int:
         idempotency_key=args.idempotency_key,
     )
     if args.wait:  # its id, before a wait that a Ctrl-C or --max-wait may end
-        print(_printable(f"batch {batch.id} created"), file=sys.stderr, flush=True)
+        args.output.print(_printable(f"batch {batch.id} created"), err=True)
         batch = _cli_wait(client, batch.id, args)
     return _cli_outcome(client, batch, args, expected)
 
 
 def _cli_resubmit(client: Client, args: Any) -> int:
     """``resubmit BATCH_ID``: what failed, as a new batch; then as ``BATCH_ID`` for that batch."""
-    import sys
-
     batch = client.get_batch(args.batch_id)
     if not batch.is_terminal:
-        _cli_error(f"batch {batch.id} is {batch.status}, not finished: nothing to resubmit yet")
+        _cli_error(args.output, f"batch {batch.id} is {batch.status}, not finished: nothing to resubmit yet")
         return 4
     kept: List[str] = []
     again = client.resubmit_failed(batch, on_kept=lambda result: kept.append(result.custom_id))
     if kept:
         some = ", ".join(kept[:5]) + (", ..." if len(kept) > 5 else "")
-        print(_printable(f"not resent, as another 4xx would come again: {len(kept)} ({some})"), file=sys.stderr)
+        args.output.print(_printable(f"not resent, as another 4xx would come again: {len(kept)} ({some})"), err=True)
     if again is None:
-        print(_printable(f"nothing failed in batch {batch.id}: nothing to resubmit"), file=sys.stderr)
+        args.output.print(_printable(f"nothing failed in batch {batch.id}: nothing to resubmit"), err=True)
         return 0
-    print(_printable(f"batch {again.id} created from what failed in {batch.id}"), file=sys.stderr, flush=True)
+    args.output.print(_printable(f"batch {again.id} created from what failed in {batch.id}"), err=True)
     return _cli_outcome(client, _cli_wait(client, again.id, args) if args.wait else again, args, None)
 
 
 def _cli_list(client: Client, args: Any) -> int:
     """``list``: the newest batches, at most ``--limit``, asking for no page more than that needs."""
     for batch in client.list_batches(page_size=100, limit=args.limit):
-        print(json.dumps(batch.to_dict(), separators=(",", ":")))
+        args.output.print(json.dumps(batch.to_dict(), separators=(",", ":")))
     return 0
 
 
 def _cli_cancel(client: Client, args: Any) -> int:
     """``cancel BATCH_ID``: the batch the gateway answers with."""
-    print(json.dumps(client.cancel_batch(args.batch_id).to_dict(), indent=2))
+    args.output.print(json.dumps(client.cancel_batch(args.batch_id).to_dict(), indent=2))
     return 0
 
 
 def _cli_wait(client: Client, batch_id: str, args: Any) -> Batch:
-    with _Progress() as progress:
+    with _Progress(args.output) as progress:
         return client.wait_for_batch(
             batch_id, poll_interval=args.poll_interval, max_wait=args.max_wait, on_update=progress.update
         )
@@ -2834,40 +2935,44 @@ def _cli_outcome(client: Client, batch: Batch, args: Any, expected: Optional[Dic
     """The batch's JSON, or with --results its results; then the exit code its status makes."""
     ended = 0 if batch.status == "completed" or not (args.wait or args.results) else 3
     if not args.results:
-        print(json.dumps(batch.to_dict(), indent=2))
+        args.output.print(json.dumps(batch.to_dict(), indent=2))
         return ended
     if not batch.is_terminal:
-        _cli_error(f"batch {batch.id} is {batch.status}, not finished: add --wait")
+        _cli_error(args.output, f"batch {batch.id} is {batch.status}, not finished: add --wait")
         return 4
-    _cli_results(client, batch, expected)
+    _cli_results(client, batch, expected, args.output)
     if batch.status == "failed":
         errors = batch.errors.data if batch.errors is not None else ()
         for error in errors[:3]:
             line = "" if error.line is None else f" (line {error.line})"
-            _cli_error(f"batch {batch.id} failed: {error.code}: {error.message}{line}")
+            _cli_error(args.output, f"batch {batch.id} failed: {error.code}: {error.message}{line}")
         if len(errors) > 3:
-            _cli_error(f"... and {len(errors) - 3} more")
+            _cli_error(args.output, f"... and {len(errors) - 3} more")
         if not errors:
-            _cli_error(f"batch {batch.id} failed, giving no errors")
+            _cli_error(args.output, f"batch {batch.id} failed, giving no errors")
     if expected:
         names = ", ".join(str(custom_id) for custom_id in list(expected)[:5]) + (", ..." if len(expected) > 5 else "")
-        _cli_error(f"{len(expected)} request{'s' if len(expected) != 1 else ''} came back in neither file: {names}")
+        _cli_error(
+            args.output,
+            f"{len(expected)} request{'s' if len(expected) != 1 else ''} came back in neither file: {names}",
+        )
         return ended or 5
     return ended
 
 
-def _cli_results(client: Client, batch: Batch, expected: Optional[Dict[str, None]]) -> None:
+def _cli_results(client: Client, batch: Batch, expected: Optional[Dict[str, None]], output: _Output) -> None:
     """Write a finished batch's result lines as they came; each one's custom_id leaves ``expected``."""
     import sys
 
-    with _ReadProgress() as shown:
+    with _ReadProgress(output) as shown:
         try:
             pairs: Any = client.iter_result_lines(batch, on_progress=shown.update if shown.shown else None)
         except ValueError as exc:  # a file id no path can hold: the server's fault, not the user's
             raise InvalidResponseError(f"batch {batch.id}: {exc}", request_id=batch.request_id) from exc
         with contextlib.closing(pairs):  # a reader gone early: the download stops here
             for line, result in pairs:
-                sys.stdout.buffer.write(line + b"\n")
+                with output.lock:
+                    sys.stdout.buffer.write(line + b"\n")
                 if expected is not None:
                     expected.pop(result.custom_id, None)
 
@@ -2884,49 +2989,80 @@ def _cli_custom_ids(path: str) -> Dict[str, None]:
     return ids
 
 
-def _cli_error(message: str) -> None:
+def _cli_error(output: _Output, message: str) -> None:
     """One line on stderr, whatever the server put in ``message``."""
+    output.print("error: " + _printable(" ".join(message.split())), err=True)
+
+
+def _cli_run(args: Any, token: str, base_url: str) -> int:
+    """The command, in main()'s worker thread: its exit code, and any failure told in one line."""
     import sys
 
-    print("error: " + _printable(" ".join(message.split())), file=sys.stderr)
+    output: _Output = args.output
+    try:
+        # One Client, so one Session and one kept-alive connection, from the first call to the last result.
+        with Client(token, args.on_behalf_of, base_url=base_url, timeout=args.timeout) as client:
+            code: int = args.run(client, args)
+        with output.lock:
+            sys.stdout.flush()  # here, not at exit, so that a reader gone early is caught in main()
+        return code
+    except KeyboardInterrupt:  # here only from code that raises it itself, as the tests do
+        return output.interrupted()
+    except BrokenPipeError:
+        raise
+    except (MKA1Error, ValueError, OSError) as exc:
+        # One line, never a traceback. No message holds the token: the Client redacts its own.
+        if isinstance(exc, InvalidBatchFileError):
+            name = getattr(args, "file", "the resubmitted input")  # resubmit builds its own
+            _cli_error(output, f"{name}{':' if exc.line is None else ''} {exc}")
+        else:
+            _cli_error(output, str(exc))
+        with output.lock:
+            sys.stdout.flush()  # the results before a bad line, or a broken connection, are kept
+        if isinstance(exc, WaitTimeoutError):
+            return 4
+        return 1 if isinstance(exc, (MKA1Error, OSError)) else 2
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m mka1_batches``: print a batch, its results, or submit, list and cancel; see ``--help``."""
-    import sys  # built in, and already imported: no Ctrl-C can land before the try
-
+    output = _Output()  # first, for the try's Ctrl-C; run as a program, the __main__ block takes one before it
     try:
-        args: Any = None
         try:
+            import sys
+            import threading
+
             args = _cli_args(sys.argv[1:] if argv is None else argv)
             token = os.environ.get("MKA1_API_KEY") or os.environ.get("MKA1_BEARER_AUTH") or ""
             if not token.strip():
-                _cli_error("set MKA1_API_KEY (or MKA1_BEARER_AUTH) to your MKA1 API key")
+                _cli_error(output, "set MKA1_API_KEY (or MKA1_BEARER_AUTH) to your MKA1 API key")
                 return 2
+            args.output = output
             base_url = args.base_url or os.environ.get("MKA1_BASE_URL") or DEFAULT_BASE_URL
-            # One Client, so one Session and one kept-alive connection, from the first call to the last result.
-            with Client(token, args.on_behalf_of, base_url=base_url, timeout=args.timeout) as client:
-                code: int = args.run(client, args)
-            sys.stdout.flush()  # here, not at exit, so that a reader gone early is caught below
-            return code
+            # The work runs in a thread that no Ctrl-C interrupts: Python raises KeyboardInterrupt in
+            # the main thread alone, which only waits here. Raised in the work, it could land between
+            # a lock's acquire and the `with` that releases it, as in urllib3's pool, and the next
+            # taker of that lock, closing the Session on the way out, say, would wait for good.
+            ended: List[Union[int, BaseException]] = []
+
+            def work() -> None:
+                try:
+                    ended.append(_cli_run(args, token, base_url))
+                except BaseException as exc:  # raised again below, to main()'s caller
+                    ended.append(exc)
+
+            worker = threading.Thread(target=work, daemon=True)
+            worker.start()
+            while worker.is_alive():
+                # In slices: a Ctrl-C cuts a wait short only if the kernel hands it to this thread,
+                # and never on Windows; Python runs its handler once the wait ends.
+                worker.join(0.1)
+            if isinstance(ended[0], BaseException):
+                raise ended[0]
+            return ended[0]
         except KeyboardInterrupt:
-            # On a terminal, first wipe the ^C it echoed.
-            print(("\r\x1b[K" if sys.stderr.isatty() else "") + "error: interrupted", file=sys.stderr)
-            sys.stdout.flush()
-            return 130
-        except BrokenPipeError:
-            raise
-        except (MKA1Error, ValueError, OSError) as exc:
-            # One line, never a traceback. No message holds the token: the Client redacts its own.
-            if isinstance(exc, InvalidBatchFileError):
-                name = getattr(args, "file", "the resubmitted input")  # resubmit builds its own
-                _cli_error(f"{name}{':' if exc.line is None else ''} {exc}")
-            else:
-                _cli_error(str(exc))
-            sys.stdout.flush()  # the results before a bad line, or a broken connection, are kept
-            if isinstance(exc, WaitTimeoutError):
-                return 4
-            return 1 if isinstance(exc, (MKA1Error, OSError)) else 2
+            # The worker is left as it is, daemon: closing its Client would take the pool's locks.
+            return output.interrupted()
     except BrokenPipeError:  # pragma: no cover - the tests run this in subprocesses, over real pipes
         # The reader stopped reading, as `| head -n1` does: no traceback, no error line. The
         # Python docs' recipe: point the streams at devnull, so the flush at exit cannot fail again.
@@ -2937,10 +3073,20 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover - run as a subprocess by the tests
+    code = 130
     try:
-        raise SystemExit(main())
-    except KeyboardInterrupt:  # one that lands just as main() is entered or left
-        import sys
-
-        print("error: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+        try:
+            if signal.getsignal(signal.SIGINT) is _exit_interrupted:  # both from the top of the file
+                # From here main() takes a Ctrl-C, as KeyboardInterrupt, and ends the run's output well.
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            code = main()
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is over: its exit code, or argparse's, stands
+    except KeyboardInterrupt:  # one that lands just as main() is entered or left, outside its try
+        _exit_interrupted()
+    if code == 130:
+        # Not the interpreter's exit: it flushes sys.stdout, whose lock main()'s worker, left running,
+        # may hold mid-write ("could not acquire lock ... at interpreter shutdown", an abort), and
+        # runs atexit's logging.shutdown, which takes locks the worker may hold too.
+        os._exit(130)
+    raise SystemExit(code)
