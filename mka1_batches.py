@@ -205,50 +205,6 @@ _CAUSES: List[Tuple[Any, str]] = [
     (http.client.RemoteDisconnected, "connection closed without a response"),  # a ConnectionResetError too
     (ConnectionResetError, "connection reset"),
 ]
-# python -m mka1_batches --help ends with this.
-_CLI_EPILOG = """\
-commands:
-  BATCH_ID           print the batch; --wait waits for it to finish, --results writes its results
-  submit FILE --endpoint EP
-                     check the JSONL file, upload it and create its batch; --check only checks it
-                     (nothing is sent); --wait --results is the whole journey, from file to results
-  list [--limit N]   this user's batches, newest first, one compact JSON object a line (20)
-  cancel BATCH_ID    cancel a batch; a batch that has finished is refused (409, exit 1)
-  resubmit BATCH_ID  send what failed in a finished batch again, as a new batch: its error file's
-                     lines, 408, 429 and 5xx responses, and requests missing from both files; other
-                     4xx would fail again and are counted, not sent. Nothing failed: nothing is made
-  Each has its own --help; --on-behalf-of, --base-url and --timeout go with every one.
-
-results (--results):
-  One JSON object per line on stdout, ready for jq: the output file's lines, then the error
-  file's. A cancelled or expired batch's partial results are written too, then exit 3; a failed
-  batch's first three errors go to stderr.
-    python -m mka1_batches BATCH_ID --wait --results | jq -r 'select(.error) | .custom_id'
-  After submit --wait --results, each custom_id of FILE that came back in neither file is named.
-  While a file streams, a terminal's stderr shows the lines and MiB read so far (not when
-  stdout is that terminal too: the results show it).
-
-environment:
-  MKA1_API_KEY       the API key (never taken as an argument: arguments show in ps)
-  MKA1_BEARER_AUTH   used when MKA1_API_KEY is unset; "Bearer <key>" as MKA1's own CLI sets it
-  MKA1_BASE_URL      the gateway, when --base-url is not given
-
-exit codes:
-  0    success (with --wait or --results: the batch ended completed)
-  1    API or network error (409: cancel of a finished batch), a malformed results file (the
-       results before it are written), or a submitted FILE that cannot be read or fails the
-       check (nothing is sent; the line is named)
-  2    usage error: bad arguments, no token, --poll-interval or --max-wait without --wait
-  3    --wait or --results: the batch ended failed, expired or cancelled (its JSON, or the results
-       it has, are still written)
-  4    the batch has not finished: with --wait, --max-wait passed first; with --results alone,
-       or resubmit, it is still running (nothing is written, nothing sent)
-  5    submit --wait --results: results are missing for some requests (the first 5 are named);
-       3 comes first: a batch that did not complete exits 3, its missing requests still named
-  130  interrupted (Ctrl-C)
-  141  stdout or stderr was closed early by its reader, e.g. `| head -n1`; nothing more is written
-       (128 + SIGPIPE, the code a shell shows for a program that a broken pipe stops)
-"""
 _log = logging.getLogger("mka1_batches")
 # Patched by the tests, so that no test sleeps for real.
 _sleep = time.sleep
@@ -1073,22 +1029,36 @@ class Client:
         :raises IdempotencyKeyError: the key names a batch made from other bytes or for another
             endpoint; nothing is uploaded.
         """
+        key = idempotency_key
+        return self._submit(file, endpoint, completion_window, metadata, max_concurrency, key, on_behalf_of)[0]
+
+    def _submit(
+        self,
+        file: _Input,
+        endpoint: str,
+        completion_window: str,
+        metadata: Optional[Dict[str, str]],
+        max_concurrency: Optional[int],
+        key: Optional[str],
+        on_behalf_of: Optional[str],
+    ) -> Tuple[Batch, Dict[str, int]]:
+        """submit_batch, and the custom_ids of the file it checked (each with its line)."""
         who = self._user(on_behalf_of)
-        _check_create(endpoint, completion_window, metadata, max_concurrency, idempotency_key)  # before any read
+        _check_create(endpoint, completion_window, metadata, max_concurrency, key)  # before any read
         with _opened(file) as (stream, name):
             if not _seekable(stream):
                 raise TypeError("file must be seekable to be uploaded: it is checked, then sent")
             start = stream.tell()
-            _, size, digest = _scan(stream, endpoint)
+            ids, size, digest = _scan(stream, endpoint)
             stream.seek(start)
-            if idempotency_key is not None:
-                found = self._find_batch(who, idempotency_key)
+            if key is not None:
+                found = self._find_batch(who, key)
                 if found is not None:
                     same = found.endpoint == endpoint and self._holds(found.input_file_id, who, size, digest)
-                    return _reused(found, idempotency_key, same)
+                    return _reused(found, key, same), ids
             uploaded = self._upload(stream, name, "batch", who, size, digest)
-        body = _create_body(uploaded.id, endpoint, completion_window, metadata, max_concurrency, idempotency_key)
-        return self._create(who, body, idempotency_key is not None)
+        body = _create_body(uploaded.id, endpoint, completion_window, metadata, max_concurrency, key)
+        return self._create(who, body, key is not None), ids
 
     def resubmit_failed(
         self,
@@ -1208,9 +1178,12 @@ class Client:
         if not batch.is_terminal:
             ended = "completed, failed, expired or cancelled"
             raise ValueError(f"batch {batch.id} is {batch.status}: read its results once it is {ended}")
-        for file_id in (batch.output_file_id, batch.error_file_id, batch.input_file_id):
-            if file_id is not None:
-                _check_id(file_id, "file id")  # the server's: one that no path can hold is refused before any read
+        try:
+            for file_id in (batch.output_file_id, batch.error_file_id, batch.input_file_id):
+                if file_id is not None:
+                    _check_id(file_id, "file id")
+        except ValueError as exc:  # the server's, or a Batch's made so: no path can hold it
+            raise InvalidResponseError(f"batch {batch.id}: {exc}", request_id=batch.request_id) from exc
         return batch
 
     def _batch(self, reply: "_Reply", batch_id: str) -> Batch:
@@ -2039,11 +2012,12 @@ def _check_create(
         _check_key(key)
 
 
-def _check_key(key: object) -> None:
+def _check_key(key: object) -> str:
     if not isinstance(key, str):
         raise TypeError(f"idempotency_key must be a string, not {type(key).__name__}")
     if len(key) > 64 or not _printable_ascii(key):
         raise ValueError(f"idempotency_key must be 1 to 64 printable ASCII characters, not {_excerpt(repr(key))}")
+    return key
 
 
 def _check_metadata(metadata: Optional[Dict[str, str]], room: int) -> None:
@@ -2082,7 +2056,7 @@ def _create_body(
     return body
 
 
-def _check_endpoint(endpoint: object) -> None:
+def _check_endpoint(endpoint: object) -> str:
     if not isinstance(endpoint, str) or not endpoint.startswith("/") or not endpoint.isprintable():
         raise ValueError(f"endpoint must be a path such as '/v1/chat/completions', not {endpoint!r}")
     if endpoint not in ENDPOINTS:  # read at each call, so that a caller may add a newer one
@@ -2090,6 +2064,7 @@ def _check_endpoint(endpoint: object) -> None:
         raise ValueError(
             f"endpoint {endpoint!r} is none the gateway documents ({known}); a newer one: add it to ENDPOINTS"
         )
+    return endpoint
 
 
 def _check_line(line: bytes, endpoint: str, number: int, first: Dict[str, int]) -> str:
@@ -2495,39 +2470,36 @@ def _printable(text: str) -> str:
 
 def _columns(stream: Any) -> int:
     """The width of the terminal ``stream`` writes to; 80 when it cannot be read."""
-    import os
-
     try:
         return os.get_terminal_size(stream.fileno()).columns or 80
     except (OSError, ValueError, AttributeError):  # not a real file, as under pytest's capture
         return 80
 
 
-def _redraw(stream: Any, text: str, end: str = "") -> None:
-    """Replace the terminal's current line with ``text``, cut to fit.
-
-    One column short of the edge: a full line wraps on some terminals, and \\r would then
-    return only to the start of the wrapped part, leaving the rest behind.
-    """
-    stream.write("\r\x1b[K" + text[: _columns(stream) - 1] + end)
-    stream.flush()
-
-
 class _Output:
-    """One run's stdout and stderr: each write, a whole line or document, made under ``lock``.
+    """One run's stdout and stderr, each write whole under ``lock``, and the one status line of ``--wait``
+    and ``--results`` on a terminal's stderr.
 
-    main()'s Ctrl-C takes the lock, so that no write is half done as it ends the run, and keeps
-    it, so that none is begun after. ``progress`` is what is drawn on stderr's line, to be ended.
+    The command runs in a worker thread and writes; main()'s thread draws the status line from the
+    worker's news, at most every _TICK, and on a Ctrl-C takes the lock, so that no write is half done
+    as the run ends, and keeps it, so that none is begun after.
     """
 
     #: Seconds a Ctrl-C waits for a write under way; one that takes longer is stuck on its reader.
     PATIENCE = 0.5
 
     def __init__(self) -> None:
+        import sys
         import threading
 
         self.lock = threading.Lock()
-        self.progress: Optional[Union[_Progress, _ReadProgress]] = None
+        self.tty = sys.stderr.isatty()
+        #: The batch this run leaves going, once there is one, and the command that picks it up.
+        self.resume: Optional[Tuple[str, str]] = None
+        self._text: Optional[Callable[[], str]] = None  # the status line's, while it is up
+        self._keep = False
+        self._shown_at = 0.0
+        self._drawn = ""
 
     def print(self, text: str, *, err: bool = False) -> None:
         """``text`` and a newline on stdout; on stderr, flushed at once (as 3.9 and later do), for os._exit."""
@@ -2536,11 +2508,34 @@ class _Output:
         with self.lock:
             print(text, file=sys.stderr if err else sys.stdout, flush=err)
 
+    def show(self, text: Callable[[], str], *, keep: bool, after: float = 0.0) -> None:
+        """Put up the status line: ``text()``, drawn now, or ``after`` seconds from now, then anew at each tick.
+        Taken down, a ``keep`` line is drawn once more and ended; another is wiped."""
+        with self.lock:
+            self._text, self._keep, self._shown_at = text, keep, time.monotonic() + after
+            if not after:
+                self._draw(text())
+
+    def hide(self) -> None:
+        with self.lock:
+            self._end_status()
+
+    def tick(self) -> None:
+        """Draw the status line, if one is up and its text has changed, unless a write holds the lock past half a tick
+        (one stuck on its reader: a Ctrl-C must find this thread free)."""
+        if self._text is not None and self.lock.acquire(timeout=_TICK / 2):
+            try:
+                if self._text is not None and time.monotonic() >= self._shown_at:
+                    self._draw(self._text())
+            finally:
+                self.lock.release()
+
     def interrupted(self) -> int:
         """Say on stderr that the run was interrupted, stdout ending on a whole line; 130, a Ctrl-C's exit code."""
         import sys
 
-        line = ("\r\x1b[K" if sys.stderr.isatty() else "") + "error: interrupted\n"  # first wipe the ^C echoed
+        going = "" if self.resume is None else "; batch {} goes on. To pick it up: {}".format(*self.resume)
+        line = ("\r\x1b[K" if self.tty else "") + "error: interrupted" + going + "\n"  # wipes the ^C echoed
         if not self.lock.acquire(timeout=self.PATIENCE):
             # The write under way holds its stream's own lock until a reader that stopped reading (a
             # full pipe, a terminal paused by ^S) takes more: go around it, and stdout may end mid-line.
@@ -2549,12 +2544,32 @@ class _Output:
             except (OSError, ValueError):  # no file descriptor, as under pytest's capture: nothing to be stuck on
                 sys.stderr.write(line)
             return 130
-        if self.progress is not None:
-            self.progress.end_line()
+        self._end_status()
         sys.stderr.write(line)
         sys.stderr.flush()
         self._flush_stdout()
         return 130
+
+    def _draw(self, text: str, end: str = "") -> None:
+        """Replace the terminal's line with ``text``, cut one column short of the edge (a full line wraps on
+        some terminals, and \\r would then return only to the start of its last part)."""
+        import sys
+
+        if self.tty and (text != self._drawn or end):
+            sys.stderr.write("\r\x1b[K" + _printable(text)[: _columns(sys.stderr) - 1] + end)
+            sys.stderr.flush()
+            self._drawn = text
+
+    def _end_status(self) -> None:
+        """Under the lock: the status line taken down, drawn once more and ended, or wiped."""
+        import sys
+
+        if self._text is not None and self._keep:
+            self._draw(self._text(), "\n")
+        elif self._drawn:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+        self._text, self._drawn = None, ""
 
     def _flush_stdout(self) -> None:
         """stdout's buffered lines written out, in PATIENCE at most: a reader that stopped reading takes none."""
@@ -2576,171 +2591,142 @@ class _Output:
             raise failed[0]
 
 
-class _Progress:
-    """``--wait``'s status on stderr: on a terminal one line redrawn every second, else a line per change."""
-
-    def __init__(self, output: _Output) -> None:
-        import sys
-        import threading
-
-        self._output = output  # its lock: the ticker and update() take turns at the line
-        self._stream = sys.stderr
-        self._tty = self._stream.isatty()
-        self._started = time.monotonic()
-        self._batch: Optional[Batch] = None
-        self._done = threading.Event()
-        self._ticker = threading.Thread(target=self._tick, daemon=True)
-
-    def __enter__(self) -> "_Progress":
-        self._output.progress = self
-        if self._tty:
-            self._ticker.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        if self._tty:
-            self._ticker.join()
-        with self._output.lock:
-            self._output.progress = None
-            self.end_line()
-
-    def end_line(self) -> None:
-        """On a terminal, the line drawn once more and ended: also wipes a ^C the terminal echoed. Under the lock."""
-        if self._tty and self._batch is not None:
-            self._draw(self._batch, "\n")
-
-    def update(self, batch: Batch) -> None:
-        """The ``on_update`` for wait_for_batch."""
-        with self._output.lock:
-            self._batch = batch
-            self._draw(batch)
-
-    def _tick(self) -> None:
-        # wait_for_batch reports changes only; in between, this keeps the elapsed time moving.
-        while not self._done.wait(1 - (time.monotonic() - self._started) % 1):
-            with self._output.lock:
-                if self._batch is not None:
-                    self._draw(self._batch)
-
-    def _draw(self, batch: Batch, end: str = "") -> None:
-        counts = batch.request_counts
-        done = (
-            "no counts yet"
-            if counts is None
-            else f"{counts.completed}/{counts.total} completed, {counts.failed} failed"
-        )
-        status = _printable(f"{batch.status}: {done}")
-        seconds = int(time.monotonic() - self._started)
-        if not self._tty:
-            self._stream.write(f"{status}, {seconds}s\n")
-            self._stream.flush()
-        else:
-            # The elapsed time first, so that a narrow terminal still shows the wait is alive.
-            _redraw(self._stream, f"{seconds}s {status}", end)
-
-
-class _ReadProgress:
-    """``--results``' progress while a file streams: lines and MiB read, redrawn on a terminal's stderr.
-
-    Shown only when stderr is a terminal and stdout is not: results written to that same
-    terminal would land in the middle of the line. Drawn at most 10 times a second, and only
-    for a file that takes longer than that; wiped when reading ends, however it ends.
-    """
-
-    INTERVAL = 0.1
-
-    def __init__(self, output: _Output, clock: Callable[[], float] = time.monotonic) -> None:
-        import sys
-
-        self._output = output
-        self._stream = sys.stderr
-        self.shown = self._stream.isatty() and not sys.stdout.isatty()
-        self._clock = clock
-        self._file_id: Optional[str] = None
-        self._next = 0.0
-        self._drawn = False
-
-    def __enter__(self) -> "_ReadProgress":
-        self._output.progress = self
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with self._output.lock:
-            self._output.progress = None
-            self.end_line()
-
-    def end_line(self) -> None:
-        """The line wiped, if drawn. Under the output's lock."""
-        if self._drawn:
-            self._stream.write("\r\x1b[K")
-            self._stream.flush()
-
-    def update(self, file_id: str, lines: int, bytes_read: int, total: Optional[int]) -> None:
-        """The ``on_progress`` of iter_results, called once per line."""
-        now = self._clock()
-        if file_id != self._file_id:  # a new file: its first draw waits like any other
-            self._file_id = file_id
-            self._next = now + self.INTERVAL
-        elif now >= self._next:
-            self._next = now + self.INTERVAL
-            with self._output.lock:
-                self._drawn = True
-                _redraw(self._stream, self.line(file_id, lines, bytes_read, total))
-
-    @staticmethod
-    def line(file_id: str, lines: int, bytes_read: int, total: Optional[int]) -> str:
-        """``file-abc: 1234 lines, 1.2 of 256.0 MiB``; the total only when the server sent a length.
-
-        A gzip-encoded file's Content-Length counts encoded bytes, which the decoded ones read
-        overtake: then the total is left out rather than shown smaller than what was read.
-        """
-        read = f"{bytes_read / 2**20:.1f}"
-        if total is not None and bytes_read <= total:
-            read += f" of {total / 2**20:.1f}"
-        return _printable(f"{file_id}: {lines} lines, {read} MiB")
-
-
-# The subcommands beside the BATCH_ID form, and what each one's --help says it does.
+# main()'s thread draws the status line this often, while it waits for the worker.
+_TICK = 0.1
+# The commands beside the BATCH_ID form: their arguments in short, and what each does.
 _CLI_COMMANDS = {
-    None: "Print an MKA1 batch as JSON on stdout, or with --results its results as JSON lines;"
-    " with --wait, wait for it to finish first. Also: submit, list and cancel (see below).",
-    "submit": "Check a JSONL input file, upload it and create its batch, then print the batch as JSON;"
-    " with --wait, wait for it to finish; with --results too, write its results.",
-    "list": "Print this user's batches, newest first, one compact JSON object a line.",
-    "cancel": "Cancel a batch and print it as JSON (its status: cancelling).",
-    "resubmit": "Send the requests that failed in a finished batch again as a new batch, and print it as JSON;"
-    " with --wait, wait for it to finish; with --results too, write its results.",
+    "submit": ("FILE --endpoint EP", "check a JSONL file of requests, upload it and create its batch"),
+    "resubmit": ("BATCH_ID", "send what failed in a finished batch again, as a new batch"),
+    "list": ("[--limit N]", "this user's batches, newest first, one compact JSON object a line"),
+    "cancel": ("BATCH_ID", "cancel a batch; one that has finished is refused (409, exit 1)"),
+}
+_CLI_USAGE = (
+    "".join(
+        f"{'usage:' if i == 0 else '      '} python -m mka1_batches {line}\n"
+        for i, line in enumerate(
+            ["BATCH_ID [--wait] [--results]", *(f"{name} {args}" for name, (args, _) in _CLI_COMMANDS.items())]
+        )
+    )
+    + "Each has --help: python -m mka1_batches --help, python -m mka1_batches submit --help, ...\n"
+)
+# What each form's --help says: what it does, then its examples and notes.
+_CLI_HELP = {
+    None: (
+        "Print an MKA1 batch as JSON on stdout, or with --results its results as JSON lines, as the\n"
+        "server sent them; with --wait, wait for it to finish first.",
+        "commands (each has --help):\n"
+        + "".join(f"  {name + ' ' + args:<27} {what}\n" for name, (args, what) in _CLI_COMMANDS.items())
+        + """
+examples:
+  python -m mka1_batches batch_abc123 --wait --results | jq -r 'select(.error) | .custom_id'
+
+environment:
+  MKA1_API_KEY       the API key (never taken as an argument: arguments show in ps)
+  MKA1_BEARER_AUTH   used when MKA1_API_KEY is unset; "Bearer <key>" as MKA1's own CLI sets it
+  MKA1_BASE_URL      the gateway, when --base-url is not given
+
+exit codes, of every command:
+  0    success (with --wait or --results: the batch ended completed)
+  1    API or network error, a malformed results file (the results before it are written), or an
+       input FILE that cannot be read or fails the check (nothing is sent; the line is named)
+  2    usage error: bad arguments, no token
+  3    --wait or --results: the batch ended failed, expired or cancelled (its JSON, or the results it
+       has, are still written; stderr says what happened and how many requests finished)
+  4    the batch has not finished: with --wait, --max-wait passed first; with --results alone, or
+       resubmit, it is still running. It goes on: stderr gives the command that picks it up
+  5    submit --wait --results: results are missing for some requests (the first 5 are named)
+  130  interrupted (Ctrl-C); a batch goes on, and stderr gives the command that picks it up
+  141  stdout or stderr was closed early by its reader, e.g. `| head -n1`; nothing more is written
+""",
+    ),
+    "submit": (
+        "Check a JSONL input file, upload it and create its batch, then print the batch as JSON; with\n"
+        "--wait, wait for it to finish; with --results too, write its results.",
+        """\
+examples:
+  python -m mka1_batches submit requests.jsonl --endpoint /v1/chat/completions --check
+  python -m mka1_batches submit requests.jsonl --endpoint /v1/chat/completions --wait --results > out.jsonl
+
+  A cron job or CI step, safe to run again whenever it stopped: the key names tonight's batch, and
+  a second run finds the first's upload and batch instead of paying for another.
+  python -m mka1_batches submit requests.jsonl --endpoint /v1/chat/completions \\
+      --idempotency-key "nightly-$(date +%F)" --wait --results > out.jsonl
+
+With --results, each custom_id of FILE that came back in neither result file is named (exit 5).
+Exit codes and the environment: python -m mka1_batches --help.
+""",
+    ),
+    "resubmit": (
+        "Send again, as a new batch, the requests that failed in a finished batch: its error file's\n"
+        "lines, 408, 429 and 5xx responses, and requests missing from both files (other statuses would\n"
+        "fail again: they are counted, not sent). Print the new batch as JSON; with --wait, wait for it;\n"
+        "with --results too, write its results. Run again, it finds the batch it made, unless that one\n"
+        "failed, expired or was cancelled.",
+        """\
+examples:
+  python -m mka1_batches resubmit batch_abc123 --wait --results >> out.jsonl
+
+Exit codes and the environment: python -m mka1_batches --help.
+""",
+    ),
+    "list": (
+        "Print this user's batches, newest first, one compact JSON object a line.",
+        """\
+examples:
+  python -m mka1_batches list --limit 5 | jq -r '[.id, .status] | @tsv'
+
+Exit codes and the environment: python -m mka1_batches --help.
+""",
+    ),
+    "cancel": (
+        "Cancel a batch and print it as JSON (its status: cancelling); the requests it has finished keep\n"
+        "their results.",
+        """\
+examples:
+  python -m mka1_batches cancel batch_abc123
+
+Exit codes and the environment: python -m mka1_batches --help.
+""",
+    ),
 }
 
 
-def _cli_args(argv: List[str]) -> Any:
+def _cli_args(argv: List[str], output: _Output) -> Any:
     """The parsed command line, ``run`` being the mode's function; argparse exits 2 on a usage error."""
     import argparse
     import sys
 
     command = argv[0] if argv and argv[0] in _CLI_COMMANDS else None
+    if not argv:
+        output.print(_CLI_USAGE.rstrip("\n"), err=True)
+        raise SystemExit(2)
+    description, epilog = _CLI_HELP[command]
     parser = argparse.ArgumentParser(
         prog="python -m mka1_batches" + ("" if command is None else " " + command),
-        description=_CLI_COMMANDS[command],
+        description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_CLI_EPILOG,
+        epilog=epilog,
     )
     if command is None:
         versions = f"requests {requests.__version__}, Python {'.'.join(map(str, sys.version_info[:3]))}"
         parser.add_argument("--version", action="version", version=f"mka1-batches {__version__} ({versions})")
     if command in (None, "cancel", "resubmit"):
-        parser.add_argument(
-            "batch_id", metavar="BATCH_ID", type=_cli_type(_cli_id, "a printable id other than . and ..")
-        )
+        batch_id = _cli_type(functools.partial(_batch_id, name="BATCH_ID"), "a batch's id, such as batch_abc123")
+        parser.add_argument("batch_id", metavar="BATCH_ID", type=batch_id)
     if command == "submit":
         parser.add_argument("file", metavar="FILE", help="the requests, one JSON object per line")
         parser.add_argument(
             "--endpoint",
             metavar="EP",
             required=True,
-            type=_cli_type(_cli_endpoint, "a path such as '/v1/chat/completions'"),
+            type=_cli_type(_check_endpoint, "one of " + ", ".join(ENDPOINTS)),
             help="the endpoint every line's url names, such as /v1/chat/completions",
+        )
+        parser.add_argument(
+            "--idempotency-key",
+            metavar="KEY",
+            type=_cli_type(_check_key, "1 to 64 printable ASCII characters"),
+            help="your name for this submission: run again, it finds what the first run made",
         )
         parser.add_argument(
             "--metadata",
@@ -2753,16 +2739,18 @@ def _cli_args(argv: List[str]) -> Any:
         count = _cli_type(_cli_count, "a whole number of 1 or more")
         parser.add_argument("--max-concurrency", metavar="N", type=count, help="requests in flight at once")
         parser.add_argument("--check", action="store_true", help="only check the file: nothing is sent")
-        key = _cli_type(_cli_key, "1 to 64 printable ASCII characters")
-        parser.add_argument(
-            "--idempotency-key",
-            metavar="KEY",
-            type=key,
-            help="your name for this submission: run again, it finds the batch the first run made",
-        )
     if command == "list":
         limit = _cli_type(_cli_count, "a whole number of 1 or more")
         parser.add_argument("--limit", metavar="N", type=limit, default=20, help="at most N batches (20)")
+    if command in (None, "submit", "resubmit"):
+        seconds = _cli_type(_cli_seconds, "a number of seconds > 0")
+        parser.add_argument("--wait", action="store_true", help="poll until the batch reaches a terminal status")
+        parser.add_argument("--poll-interval", metavar="S", type=seconds, help="with --wait: seconds between polls (2)")
+        parser.add_argument(
+            "--max-wait", metavar="S", type=seconds, help="with --wait: give up after S seconds (exit 4)"
+        )
+        results = ("with --wait: " if command else "") + "write the finished batch's results, one JSON line each"
+        parser.add_argument("--results", action="store_true", help=results)
     who = _cli_type(_check_on_behalf_of, "1-150 printable ASCII characters")
     parser.add_argument("--on-behalf-of", metavar="ID", type=who, help="the end user to act for (X-On-Behalf-Of)")
     base_url = _cli_type(_check_base_url, f"an http(s) URL with no query, such as {DEFAULT_BASE_URL!r}")
@@ -2777,16 +2765,9 @@ def _cli_args(argv: List[str]) -> Any:
         default=DEFAULT_TIMEOUT,
         help="connect and read timeout: S, or CONNECT,READ (default: 10,30)",
     )
-    if command in (None, "submit", "resubmit"):
-        seconds = _cli_type(_cli_seconds, "a number of seconds > 0")
-        parser.add_argument("--wait", action="store_true", help="poll until the batch reaches a terminal status")
-        parser.add_argument("--poll-interval", metavar="S", type=seconds, help="with --wait: seconds between polls (2)")
-        parser.add_argument(
-            "--max-wait", metavar="S", type=seconds, help="with --wait: give up after S seconds (exit 4)"
-        )
-        results = "with --wait: " if command else ""
-        results += "write the finished batch's results, one JSON object per line"
-        parser.add_argument("--results", action="store_true", help=results)
+    near = [name for name in _CLI_COMMANDS if _edits(argv[0], name) <= 2]
+    if command is None and near and not argv[0].startswith("-"):  # a mistyped command is not sent as an id
+        parser.error(f"argument BATCH_ID: {argv[0]!r} is no command; did you mean {near[0]!r}?")
     args = parser.parse_args(argv if command is None else argv[1:])
     if command in (None, "submit", "resubmit"):
         # Refused rather than taken to imply --wait: that would also change what exit 0 means.
@@ -2807,13 +2788,14 @@ def _cli_args(argv: List[str]) -> Any:
             parser.error(f"argument --metadata: up to {room} distinct keys, {CREATE_KEY} not among them")
     runs = {None: _cli_get, "submit": _cli_submit, "list": _cli_list, "cancel": _cli_cancel}
     args.run = runs.get(command, _cli_resubmit)
+    args.output = output
     return args
 
 
-def _cli_type(parse: Callable[[str], _T], expected: str) -> Callable[[str], _T]:
+def _cli_type(parse: Callable[[str], Any], expected: str) -> Callable[[str], Any]:
     """An argparse ``type``: ``parse(text)``, or a usage error that names the option, what it takes and the text."""
 
-    def convert(text: str) -> _T:
+    def convert(text: str) -> Any:
         import argparse
 
         try:
@@ -2822,21 +2804,6 @@ def _cli_type(parse: Callable[[str], _T], expected: str) -> Callable[[str], _T]:
             raise argparse.ArgumentTypeError(f"must be {expected}, not {_excerpt(repr(text))}") from None
 
     return convert
-
-
-def _cli_id(text: str) -> str:
-    _check_id(text, "id")
-    return text
-
-
-def _cli_key(text: str) -> str:
-    _check_key(text)
-    return text
-
-
-def _cli_endpoint(text: str) -> str:
-    _check_endpoint(text)
-    return text
 
 
 def _cli_pair(text: str) -> Tuple[str, str]:
@@ -2865,9 +2832,23 @@ def _cli_timeout(text: str) -> _Timeout:
     return parts[0] if len(parts) == 1 else (parts[0], parts[1])
 
 
+def _edits(a: str, b: str) -> int:
+    """How many letters to add, drop or change to make ``a`` into ``b`` (Levenshtein's distance)."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        before, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            before, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, before + (x != y))
+    return row[-1]
+
+
 def _cli_get(client: Client, args: Any) -> int:
     """``BATCH_ID``: the batch, or with --results its results; with --wait, once it has finished."""
-    batch = _cli_wait(client, args.batch_id, args) if args.wait else client.get_batch(args.batch_id)
+    try:
+        batch = _cli_wait(client, args.batch_id, args) if args.wait else client.get_batch(args.batch_id)
+    except NotFoundError as exc:  # perhaps a mistyped command rather than a batch
+        exc.args = (f"{exc}; BATCH_ID is a batch's id, or a command: {', '.join(_CLI_COMMANDS)}",)
+        raise
     return _cli_outcome(client, batch, args, None)
 
 
@@ -2877,20 +2858,16 @@ def _cli_submit(client: Client, args: Any) -> int:
         count = check_batch_file(args.file, args.endpoint)
         args.output.print(_printable(f"{args.file}: {count} request{'s' if count != 1 else ''}, ready to submit"))
         return 0
-    # Read before the batch is made, so that nothing but waiting follows what costs money.
-    expected = _cli_custom_ids(args.file) if args.results else None
     metadata = dict(args.metadata) if args.metadata else None
-    batch = client.submit_batch(
-        args.file,
-        args.endpoint,
-        metadata=metadata,
-        max_concurrency=args.max_concurrency,
-        idempotency_key=args.idempotency_key,
+    # FILE is read twice, no more: to check it and find its sha256 and custom_ids (an upload of the
+    # same bytes is found by it before any is sent), then to send it.
+    batch, ids = client._submit(
+        args.file, args.endpoint, "24h", metadata, args.max_concurrency, args.idempotency_key, None
     )
     if args.wait:  # its id, before a wait that a Ctrl-C or --max-wait may end
         args.output.print(_printable(f"batch {batch.id} created"), err=True)
         batch = _cli_wait(client, batch.id, args)
-    return _cli_outcome(client, batch, args, expected)
+    return _cli_outcome(client, batch, args, dict.fromkeys(ids) if args.results else None)
 
 
 def _cli_resubmit(client: Client, args: Any) -> int:
@@ -2903,7 +2880,7 @@ def _cli_resubmit(client: Client, args: Any) -> int:
     again = client.resubmit_failed(batch, on_kept=lambda result: kept.append(result.custom_id))
     if kept:
         some = ", ".join(kept[:5]) + (", ..." if len(kept) > 5 else "")
-        args.output.print(_printable(f"not resent, as another 4xx would come again: {len(kept)} ({some})"), err=True)
+        args.output.print(_printable(f"not resent, as they would fail again: {len(kept)} ({some})"), err=True)
     if again is None:
         args.output.print(_printable(f"nothing failed in batch {batch.id}: nothing to resubmit"), err=True)
         return 0
@@ -2925,68 +2902,119 @@ def _cli_cancel(client: Client, args: Any) -> int:
 
 
 def _cli_wait(client: Client, batch_id: str, args: Any) -> Batch:
-    with _Progress(args.output) as progress:
-        return client.wait_for_batch(
-            batch_id, poll_interval=args.poll_interval, max_wait=args.max_wait, on_update=progress.update
+    """wait_for_batch, with its status on stderr: on a terminal one line, redrawn; else a line per change."""
+    import shlex
+
+    output: _Output = args.output
+    words = [batch_id, "--wait", *(["--results"] if args.results else [])]
+    words += [*(["--on-behalf-of", args.on_behalf_of] if args.on_behalf_of else [])]
+    words += [*(["--base-url", args.base_url] if args.base_url else [])]
+    output.resume = (batch_id, "python -m mka1_batches " + " ".join(shlex.quote(word) for word in words))
+    started = time.monotonic()
+    last: List[Batch] = []
+
+    def line() -> str:  # the elapsed time first, so that a narrow terminal still shows the wait is alive
+        return f"{int(time.monotonic() - started)}s {_cli_progress(last[0])}"
+
+    def update(batch: Batch) -> None:
+        last[:] = [batch]
+        if output.tty:
+            output.show(line, keep=True)
+        else:
+            output.print(f"{_cli_progress(batch)}, {int(time.monotonic() - started)}s", err=True)
+
+    try:
+        batch = client.wait_for_batch(
+            batch_id, poll_interval=args.poll_interval, max_wait=args.max_wait, on_update=update
         )
+    except WaitTimeoutError as exc:
+        exc.args = (f"{exc}. To pick it up: {output.resume[1]}",)
+        raise
+    finally:
+        output.hide()
+    output.resume = None
+    return batch
+
+
+def _cli_progress(batch: Batch) -> str:
+    """``in_progress: 1/3 completed, 0 failed``."""
+    counts = batch.request_counts
+    done = "no counts yet" if counts is None else f"{counts.completed}/{counts.total} completed, {counts.failed} failed"
+    return f"{batch.status}: {done}"
 
 
 def _cli_outcome(client: Client, batch: Batch, args: Any, expected: Optional[Dict[str, None]]) -> int:
-    """The batch's JSON, or with --results its results; then the exit code its status makes."""
-    ended = 0 if batch.status == "completed" or not (args.wait or args.results) else 3
+    """The batch's JSON, or with --results its results; then what became of it, and the exit code."""
+    output: _Output = args.output
     if not args.results:
-        args.output.print(json.dumps(batch.to_dict(), indent=2))
-        return ended
-    if not batch.is_terminal:
-        _cli_error(args.output, f"batch {batch.id} is {batch.status}, not finished: add --wait")
+        output.print(json.dumps(batch.to_dict(), indent=2))
+    elif not batch.is_terminal:
+        _cli_error(output, f"batch {batch.id} is {batch.status}, not finished: add --wait")
         return 4
-    _cli_results(client, batch, expected, args.output)
-    if batch.status == "failed":
+    else:
+        _cli_results(client, batch, expected, output)
+    ended = 0 if batch.status == "completed" or not (args.wait or args.results) else 3
+    if ended:  # what happened, and how many requests finished
+        counts = batch.request_counts
+        told = {"failed": "failed", "expired": "expired", "cancelled": "was cancelled"}.get(batch.status)
+        finished = "no request counts"
+        if counts is not None:
+            finished = f"{counts.completed + counts.failed} of {counts.total} requests finished"
+            finished += f" ({counts.completed} completed, {counts.failed} failed)"
+        _cli_error(output, f"batch {batch.id} {told or 'ended ' + batch.status}: {finished}")
         errors = batch.errors.data if batch.errors is not None else ()
         for error in errors[:3]:
             line = "" if error.line is None else f" (line {error.line})"
-            _cli_error(args.output, f"batch {batch.id} failed: {error.code}: {error.message}{line}")
+            _cli_error(output, f"batch {batch.id} failed: {error.code}: {error.message}{line}")
         if len(errors) > 3:
-            _cli_error(args.output, f"... and {len(errors) - 3} more")
-        if not errors:
-            _cli_error(args.output, f"batch {batch.id} failed, giving no errors")
+            _cli_error(output, f"... and {len(errors) - 3} more")
     if expected:
         names = ", ".join(str(custom_id) for custom_id in list(expected)[:5]) + (", ..." if len(expected) > 5 else "")
         _cli_error(
-            args.output,
-            f"{len(expected)} request{'s' if len(expected) != 1 else ''} came back in neither file: {names}",
+            output, f"{len(expected)} request{'s' if len(expected) != 1 else ''} came back in neither file: {names}"
         )
         return ended or 5
     return ended
 
 
 def _cli_results(client: Client, batch: Batch, expected: Optional[Dict[str, None]], output: _Output) -> None:
-    """Write a finished batch's result lines as they came; each one's custom_id leaves ``expected``."""
+    """Write a finished batch's result lines as they came; each one's custom_id leaves ``expected``.
+
+    While a file streams, a terminal's stderr shows the lines and MiB read so far; not when stdout
+    is that terminal too: results written there would land in the middle of the line.
+    """
     import sys
 
-    with _ReadProgress(output) as shown:
-        try:
-            pairs: Any = client.iter_result_lines(batch, on_progress=shown.update if shown.shown else None)
-        except ValueError as exc:  # a file id no path can hold: the server's fault, not the user's
-            raise InvalidResponseError(f"batch {batch.id}: {exc}", request_id=batch.request_id) from exc
+    read: List[Any] = [""]  # the on_progress of the last line: the file id, lines, bytes read, total
+
+    def progress(*news: Any) -> None:
+        if news[0] != read[0]:  # a new file: drawn once it takes longer than a tick
+            output.show(lambda: _cli_read_line(*read), keep=False, after=_TICK)
+        read[:] = news
+
+    shown = output.tty and not sys.stdout.isatty()
+    try:
+        pairs: Any = client.iter_result_lines(batch, on_progress=progress if shown else None)
         with contextlib.closing(pairs):  # a reader gone early: the download stops here
-            for line, result in pairs:
+            for line_bytes, result in pairs:
                 with output.lock:
-                    sys.stdout.buffer.write(line + b"\n")
+                    sys.stdout.buffer.write(line_bytes + b"\n")
                 if expected is not None:
                     expected.pop(result.custom_id, None)
+    finally:
+        output.hide()
 
 
-def _cli_custom_ids(path: str) -> Dict[str, None]:
-    """The custom_ids of an input file, in order; memory grows with their number, not with the lines' size."""
-    ids: Dict[str, None] = {}
-    with open(path, "rb") as stream:
-        for line in stream:
-            try:
-                ids[json.loads(line)["custom_id"]] = None
-            except (ValueError, KeyError, TypeError, RecursionError):  # refused by the check that follows
-                continue
-    return ids
+def _cli_read_line(file_id: str, lines: int, bytes_read: int, total: Optional[int]) -> str:
+    """``file-abc: 1234 lines, 1.2 of 256.0 MiB``; the total only when the server sent a length.
+
+    A gzip-encoded file's Content-Length counts encoded bytes, which the decoded ones read
+    overtake: then the total is left out rather than shown smaller than what was read.
+    """
+    read = f"{bytes_read / 2**20:.1f}"
+    if total is not None and bytes_read <= total:
+        read += f" of {total / 2**20:.1f}"
+    return f"{file_id}: {lines} lines, {read} MiB"
 
 
 def _cli_error(output: _Output, message: str) -> None:
@@ -3011,10 +3039,12 @@ def _cli_run(args: Any, token: str, base_url: str) -> int:
     except BrokenPipeError:
         raise
     except (MKA1Error, ValueError, OSError) as exc:
-        # One line, never a traceback. No message holds the token: the Client redacts its own.
+        # One line, never a traceback. No message holds the token: the transport keeps it out.
         if isinstance(exc, InvalidBatchFileError):
             name = getattr(args, "file", "the resubmitted input")  # resubmit builds its own
             _cli_error(output, f"{name}{':' if exc.line is None else ''} {exc}")
+        elif isinstance(exc, OSError) and exc.filename is not None:  # FILE, named first as every file error
+            _cli_error(output, f"{exc.filename}: {(exc.strerror or str(exc)).lower()}")
         else:
             _cli_error(output, str(exc))
         with output.lock:
@@ -3032,12 +3062,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             import sys
             import threading
 
-            args = _cli_args(sys.argv[1:] if argv is None else argv)
+            args = _cli_args(sys.argv[1:] if argv is None else argv, output)
             token = os.environ.get("MKA1_API_KEY") or os.environ.get("MKA1_BEARER_AUTH") or ""
             if not token.strip():
                 _cli_error(output, "set MKA1_API_KEY (or MKA1_BEARER_AUTH) to your MKA1 API key")
                 return 2
-            args.output = output
             base_url = args.base_url or os.environ.get("MKA1_BASE_URL") or DEFAULT_BASE_URL
             # The work runs in a thread that no Ctrl-C interrupts: Python raises KeyboardInterrupt in
             # the main thread alone, which only waits here. Raised in the work, it could land between
@@ -3056,7 +3085,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             while worker.is_alive():
                 # In slices: a Ctrl-C cuts a wait short only if the kernel hands it to this thread,
                 # and never on Windows; Python runs its handler once the wait ends.
-                worker.join(0.1)
+                worker.join(_TICK)
+                output.tick()
             if isinstance(ended[0], BaseException):
                 raise ended[0]
             return ended[0]
