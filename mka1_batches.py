@@ -133,7 +133,7 @@ __all__ = [
     "wait_for_batch",
 ]
 
-__version__ = "1.2.0"
+__version__ = "2.0.0"
 
 #: The production gateway; self-hosted and staging gateways use their own.
 DEFAULT_BASE_URL = "https://apigw.mka1.com"

@@ -631,7 +631,7 @@ def test_exact_request_sent(api):
     h = call.request.headers
     assert h["Authorization"] == f"Bearer {TOKEN}"
     assert h["Accept"] == "application/json" and h["Accept-Encoding"] == "identity"
-    assert h["User-Agent"] == "mka1-batches/1.2.0 python-requests/" + requests.__version__
+    assert h["User-Agent"] == "mka1-batches/2.0.0 python-requests/" + requests.__version__
     assert h["X-On-Behalf-Of"] == "user_123"
     assert call.request.req_kwargs["timeout"] == (10.0, 30.0)
     assert call.request.req_kwargs["stream"] is True
@@ -2222,7 +2222,7 @@ def test_file_request_sent_exactly(api, file_id, path):
     h = call.request.headers
     assert h["Authorization"] == f"Bearer {TOKEN}" and h["X-On-Behalf-Of"] == "user_123"
     assert h["Accept"] == "*/*" and h["Accept-Encoding"] == "identity"
-    assert h["User-Agent"] == "mka1-batches/1.2.0 python-requests/" + requests.__version__
+    assert h["User-Agent"] == "mka1-batches/2.0.0 python-requests/" + requests.__version__
     assert call.request.req_kwargs["timeout"] == (10.0, 30.0) and call.request.req_kwargs["stream"] is True
 
 
@@ -3885,8 +3885,8 @@ def test_cli_version(cli):
 
     r = cli("--version")
     versions = f"requests {requests.__version__}, Python {platform.python_version()}"
-    assert (r.returncode, r.stdout, r.stderr) == (0, f"mka1-batches 1.2.0 ({versions})\n", "")
-    assert m.__version__ == "1.2.0"
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"mka1-batches 2.0.0 ({versions})\n", "")
+    assert m.__version__ == "2.0.0"
 
 
 @pytest.mark.parametrize("option", ["--poll-interval", "--max-wait"])
