@@ -6,7 +6,7 @@ exactly once, wait for it, read its results, list and cancel batches, and resubm
     >>> import mka1_batches
     >>> with mka1_batches.Client(api_key) as client:
     ...     batch = client.submit_batch("requests.jsonl", "/v1/chat/completions")
-    ...     batch = client.wait_for_batch(batch.id)
+    ...     batch = client.wait_for_batch(batch)  # a Batch, or its id
     ...     for result in client.iter_results(batch):
     ...         print(result.custom_id, result.error or result.response.status_code)
 
@@ -15,9 +15,10 @@ One file, two dependencies (requests and attrs): copy it into your tree as it is
 
 The sections, in order: constants; errors; the data classes (Batch, File, BatchResult and
 their parts); the module functions, each a few lines over a Client; check_batch_file; Client,
-whose public methods document each operation; the request path's private parts (the retry
-policy, _Failure, auth, the multipart body, the file reader); checks and helpers; the
-command line, and main.
+whose public methods document each operation, with the lookups and pages that make a write
+happen once; _Transport, the one road of every request (sending, bodies, the retry loop, the
+key kept out), and its parts (the retry policy, _Failure, auth, the multipart body); checks and
+helpers; the command line (_Output, the modes), and main.
 """
 
 if __name__ == "__main__":  # pragma: no cover - run as a program by the tests
@@ -150,7 +151,8 @@ MAX_BODY_BYTES = 10 * 1024 * 1024
 MAX_LINE_BYTES = 64 * 1024 * 1024
 #: A Retry-After longer than this (seconds) is raised to the caller, not slept.
 MAX_RETRY_AFTER = 60.0
-#: The metadata key whose value, new to each create_batch call, finds the batch it made.
+#: The metadata key a create is marked with, its idempotency key or a value new to the call: a
+#: lookup after a lost answer, or a rerun, finds the batch by it.
 CREATE_KEY = "mka1_batches_create"
 #: The metadata key of a batch made by resubmit_failed: the id of the batch it came from.
 RESUBMIT_KEY = "mka1_batches_resubmit_of"
@@ -994,7 +996,8 @@ class Client:
         :param idempotency_key: your name for this one create, 1 to 64 printable ASCII characters,
             such as ``nightly-2026-12-04``. A batch of this user that already carries it is
             returned, and nothing is sent, if it was made from this file id for this endpoint:
-            a rerun after a crash finds what the first run made.
+            a rerun after a crash finds what the first run made. Two calls at once with one key
+            may still both make a batch: a key guards a rerun, not a race.
         :raises IdempotencyKeyError: the key names a batch made from another file or endpoint.
         """
         who = self._user(on_behalf_of)
