@@ -1520,7 +1520,13 @@ class _Transport:
                         raise failure.error from failure.error.__cause__
                     if delay is not None:
                         self._wait(method, path, failure, attempt, delay, sleep)
-                    found = look()
+                    try:
+                        found = look()
+                    except MKA1Error as exc:  # the write's own error says what is unknown, and why
+                        failure.error.args = (
+                            f"{failure.error}; whether it was made is unknown, as looking failed: {exc}",
+                        )
+                        raise failure.error from exc
                     if found is not None:
                         yield found
                         return  # pragma: no cover - a write's caller takes one answer, and closes the loop
