@@ -618,7 +618,7 @@ def iter_results(
 ) -> Iterator[BatchResult]:
     """Yield a finished batch's results, one per line: :meth:`Client.iter_results`."""
     client = Client(token, on_behalf_of, base_url=base_url, timeout=timeout, max_retries=max_retries, session=session)
-    return _closing(client, client.iter_results(batch, include_errors=include_errors, on_progress=on_progress))
+    return _owned(client, lambda c: c.iter_results(batch, include_errors=include_errors, on_progress=on_progress))
 
 
 def iter_file(
@@ -634,7 +634,7 @@ def iter_file(
 ) -> Iterator[BatchResult]:
     """Yield one file's lines as results, by its id: :meth:`Client.iter_file`."""
     client = Client(token, on_behalf_of, base_url=base_url, timeout=timeout, max_retries=max_retries, session=session)
-    return _closing(client, client.iter_file(file_id, on_progress=on_progress))
+    return _owned(client, lambda c: c.iter_file(file_id, on_progress=on_progress))
 
 
 def upload_file(
@@ -738,7 +738,7 @@ def list_batches(
 ) -> Iterator[Batch]:
     """Yield this user's batches, newest first: :meth:`Client.list_batches`."""
     client = Client(token, on_behalf_of, base_url=base_url, timeout=timeout, max_retries=max_retries, session=session)
-    return _closing(client, client.list_batches(page_size=page_size, after=after, limit=limit))
+    return _owned(client, lambda c: c.list_batches(page_size=page_size, after=after, limit=limit))
 
 
 def cancel_batch(
@@ -1986,10 +1986,23 @@ def _close_pools(session: requests.Session) -> None:
                 pools[key].close()  # type: ignore[index]
 
 
-def _closing(client: Client, items: Iterator[_T]) -> Iterator[_T]:
-    """``items``, then the client closed: a module function's iterator owns its Client."""
-    with client:
-        yield from items
+def _owned(client: Client, make: Callable[[Client], Iterator[_T]]) -> Iterator[_T]:
+    """What ``make(client)`` yields, then the client closed: a module function's iterator owns its Client.
+
+    ``make`` runs now, so that a bad argument or a batch not found is raised at the call; then the
+    Client is closed at once.
+    """
+    try:
+        items = make(client)
+    except BaseException:
+        client.close()
+        raise
+
+    def closing() -> Iterator[_T]:
+        with client:
+            yield from items
+
+    return closing()
 
 
 def _batch_id(batch: object, name: str) -> str:
