@@ -2886,6 +2886,7 @@ def _cli_submit(client: Client, args: Any) -> int:
     batch, ids = client._submit(
         args.file, args.endpoint, "24h", metadata, args.max_concurrency, args.idempotency_key, None
     )
+    _cli_going(args, batch.id)
     if args.wait:  # its id, before a wait that a Ctrl-C or --max-wait may end
         args.output.print(_printable(f"batch {batch.id} created"), err=True)
         batch = _cli_wait(client, batch.id, args)
@@ -2906,6 +2907,7 @@ def _cli_resubmit(client: Client, args: Any) -> int:
     if again is None:
         args.output.print(_printable(f"nothing failed in batch {batch.id}: nothing to resubmit"), err=True)
         return 0
+    _cli_going(args, again.id)
     args.output.print(_printable(f"batch {again.id} created from what failed in {batch.id}"), err=True)
     return _cli_outcome(client, _cli_wait(client, again.id, args) if args.wait else again, args, None)
 
@@ -2925,13 +2927,8 @@ def _cli_cancel(client: Client, args: Any) -> int:
 
 def _cli_wait(client: Client, batch_id: str, args: Any) -> Batch:
     """wait_for_batch, with its status on stderr: on a terminal one line, redrawn; else a line per change."""
-    import shlex
-
     output: _Output = args.output
-    words = [batch_id, "--wait", *(["--results"] if args.results else [])]
-    words += [*(["--on-behalf-of", args.on_behalf_of] if args.on_behalf_of else [])]
-    words += [*(["--base-url", args.base_url] if args.base_url else [])]
-    output.resume = (batch_id, "python -m mka1_batches " + " ".join(shlex.quote(word) for word in words))
+    command = _cli_going(args, batch_id)
     started = time.monotonic()
     last: List[Batch] = []
 
@@ -2950,12 +2947,24 @@ def _cli_wait(client: Client, batch_id: str, args: Any) -> Batch:
             batch_id, poll_interval=args.poll_interval, max_wait=args.max_wait, on_update=update
         )
     except WaitTimeoutError as exc:
-        exc.args = (f"{exc}. To pick it up: {output.resume[1]}",)
+        exc.args = (f"{exc}. To pick it up: {command}",)
         raise
     finally:
         output.hide()
     output.resume = None
     return batch
+
+
+def _cli_going(args: Any, batch_id: str) -> str:
+    """The command that picks this batch up; from now on, an interrupted run says that it goes on, and that."""
+    import shlex
+
+    words = [batch_id, "--wait", *(["--results"] if args.results else [])]
+    words += [*(["--on-behalf-of", args.on_behalf_of] if args.on_behalf_of else [])]
+    words += [*(["--base-url", args.base_url] if args.base_url else [])]
+    command = "python -m mka1_batches " + " ".join(shlex.quote(word) for word in words)
+    args.output.resume = (batch_id, command)
+    return command
 
 
 def _cli_progress(batch: Batch) -> str:
