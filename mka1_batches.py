@@ -1836,7 +1836,10 @@ class _Transport:
         return data
 
     def _redact(self, text: str) -> str:
-        return self._clean(text.encode("utf-8", "surrogateescape")).decode("utf-8", "surrogateescape")
+        """A message with the key, should what it quotes echo it, replaced."""
+        for secret in self._secrets:
+            text = text.replace(secret.decode(), "[token]")  # the key is printable ASCII
+        return text
 
 
 class _Failure(Exception):
