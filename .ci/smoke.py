@@ -66,7 +66,7 @@ def the_results_stream_and_resume(gw):
     assert [r.custom_id for r in results] == ["request-3", "request-1", "request-2"], results
     assert results[2].response is None and results[2].error.code == "processing_error", results[2]
     # file-cut-N breaks mid-way on the first read: every line once, in order, none skipped.
-    ids = [r.custom_id for r in mka1_batches.iter_results(DEMO_TOKEN, "file-cut-200", base_url=gw.base_url)]
+    ids = [r.custom_id for r in mka1_batches.iter_file(DEMO_TOKEN, "file-cut-200", base_url=gw.base_url)]
     assert ids == [f"request-{i}" for i in range(1, 201)], ids[:3]
 
 

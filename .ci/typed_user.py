@@ -26,8 +26,9 @@ BASE_URL = "http://127.0.0.1:8080"
 
 
 def summary(batch: Batch) -> str:
-    counts = batch.request_counts
-    done: int = counts.completed + counts.failed
+    counts = batch.request_counts  # None while a batch validates, on some servers
+    done: int = 0 if counts is None else counts.completed + counts.failed
+    total: Optional[int] = None if counts is None else counts.total
     errors: List[str] = [] if batch.errors is None else [e.message for e in batch.errors.data]
     created: int = batch.created_at
     output: Optional[str] = batch.output_file_id
@@ -35,7 +36,7 @@ def summary(batch: Batch) -> str:
     # Proof that mypy sees the real types rather than Any: were `status` Any, this ignore
     # would be unused, and --strict (warn_unused_ignores) would fail.
     wrong: int = batch.status  # type: ignore[assignment]
-    return f"{batch.id} {batch.status} {done}/{counts.total} {errors} {created} {output} {request_id} {wrong}"
+    return f"{batch.id} {batch.status} {done}/{total} {errors} {created} {output} {request_id} {wrong}"
 
 
 def fetch(token: str, batch_id: str) -> Optional[Batch]:
