@@ -7502,7 +7502,7 @@ def test_upload_reads_its_file_a_bounded_chunk_at_a_time(gateway):
 
 
 #: Each form's --help up to its epilog, at COLUMNS=100 ("optional arguments:" before Python 3.10).
-def test_cli_mut_submit_without_endpoint_is_a_usage_error(cli_as_user, api, tmp_path):
+def test_cli_submit_without_endpoint_is_a_usage_error(cli_as_user, api, tmp_path):
     r = cli_as_user("submit", input_file(tmp_path), "--check")
     assert (r.returncode, r.stdout, calls(api)) == (2, "", [])
     assert r.stderr.endswith(
@@ -7520,7 +7520,7 @@ def test_cli_mut_submit_without_endpoint_is_a_usage_error(cli_as_user, api, tmp_
     ],
     ids=["16", "17", "create key", "create key among 2"],
 )
-def test_cli_mut_submit_metadata_takes_up_to_16_keys_not_the_create_key(cli_as_user, api, tmp_path, keys, refused):
+def test_cli_submit_metadata_takes_up_to_16_keys_not_the_create_key(cli_as_user, api, tmp_path, keys, refused):
     pairs = [arg for key in keys for arg in ("--metadata", key + "=v")]
     path = input_file(tmp_path)
     r = cli_as_user("submit", path, "--endpoint", CHAT, "--check", *pairs)
@@ -7533,7 +7533,7 @@ def test_cli_mut_submit_metadata_takes_up_to_16_keys_not_the_create_key(cli_as_u
         assert (r.returncode, r.stdout, r.stderr) == (0, f"{path}: 3 requests, ready to submit\n", "")
 
 
-def test_cli_mut_submit_check_of_one_request_says_request(cli_as_user, api, tmp_path):
+def test_cli_submit_check_of_one_request_says_request(cli_as_user, api, tmp_path):
     path = input_file(tmp_path, 1)
     r = cli_as_user("submit", path, "--endpoint", CHAT, "--check")
     assert (r.returncode, r.stdout, r.stderr) == (0, f"{path}: 1 request, ready to submit\n", "")
@@ -7542,7 +7542,7 @@ def test_cli_mut_submit_check_of_one_request_says_request(cli_as_user, api, tmp_
     assert (r.returncode, r.stdout, r.stderr) == (0, f"{path}: 2 requests, ready to submit\n", "")
 
 
-def test_cli_mut_options_as_each_mode_sees_them():
+def test_cli_options_as_each_mode_sees_them():
     assert (m._cli_args(["list"], m._Output()).limit, m._cli_args(["list", "--limit", "1"], m._Output()).limit) == (
         20,
         1,
@@ -7578,7 +7578,7 @@ def test_cli_mut_options_as_each_mode_sees_them():
     assert (m._cli_timeout("3"), m._cli_timeout("3,4")) == (3.0, (3.0, 4.0))
 
 
-class _MutFlushed(io.StringIO):
+class _Flushed(io.StringIO):
     """A stream that remembers what it held when last flushed."""
 
     flushed = ""
@@ -7587,9 +7587,9 @@ class _MutFlushed(io.StringIO):
         self.flushed = self.getvalue()
 
 
-def _mut_main_flushing(monkeypatch: Any, argv: List[str]) -> Tuple[int, str, str]:
-    """main(argv) with stderr a _MutFlushed; returns its code, and stderr as it stood flushed when the wait began."""
-    stderr = _MutFlushed()
+def _main_flushing(monkeypatch: Any, argv: List[str]) -> Tuple[int, str, str]:
+    """main(argv) with stderr a _Flushed; returns its code, and stderr as it stood flushed when the wait began."""
+    stderr = _Flushed()
     at_wait: List[str] = []
 
     def fake_wait(client: m.Client, batch_id: str, **kw: Any) -> m.Batch:
@@ -7604,17 +7604,17 @@ def _mut_main_flushing(monkeypatch: Any, argv: List[str]) -> Tuple[int, str, str
     return code, "".join(at_wait), stderr.getvalue()
 
 
-def test_cli_mut_submit_wait_flushes_the_id_before_waiting(api, tmp_path, monkeypatch):
+def test_cli_submit_wait_flushes_the_id_before_waiting(api, tmp_path, monkeypatch):
     submitting(api)
-    code, at_wait, _ = _mut_main_flushing(monkeypatch, ["submit", input_file(tmp_path), "--endpoint", CHAT, "--wait"])
+    code, at_wait, _ = _main_flushing(monkeypatch, ["submit", input_file(tmp_path), "--endpoint", CHAT, "--wait"])
     assert (code, at_wait) == (0, f"batch {BID} created\n")
 
 
-def test_cli_mut_resubmit_wait_flushes_the_new_id_before_waiting(monkeypatch):
+def test_cli_resubmit_wait_flushes_the_new_id_before_waiting(monkeypatch):
     monkeypatch.setattr(m.Client, "get_batch", lambda client, batch_id: m.Batch.from_dict(EXAMPLE))
     again = m.Batch.from_dict(dict(EXAMPLE, id="batch_new"))
     monkeypatch.setattr(m.Client, "resubmit_failed", lambda client, batch, on_kept: again)
-    code, at_wait, _ = _mut_main_flushing(monkeypatch, ["resubmit", BID, "--wait"])
+    code, at_wait, _ = _main_flushing(monkeypatch, ["resubmit", BID, "--wait"])
     assert (code, at_wait) == (0, f"batch batch_new created from what failed in {BID}\n")
 
 
@@ -7628,7 +7628,7 @@ def test_cli_mut_resubmit_wait_flushes_the_new_id_before_waiting(monkeypatch):
         (7, "r1, r2, r3, r4, r5, ..."),
     ],
 )
-def test_cli_mut_resubmit_names_the_first_5_requests_it_kept(cli, monkeypatch, n, named):
+def test_cli_resubmit_names_the_first_5_requests_it_kept(cli, monkeypatch, n, named):
     def resubmit_failed(client: m.Client, batch: m.Batch, on_kept: Any) -> None:
         for i in range(1, n + 1):
             on_kept(attr.evolve(m.BatchResult.from_dict(numbered(i)), custom_id=f"r{i}"))
@@ -7650,33 +7650,33 @@ def test_cli_mut_resubmit_names_the_first_5_requests_it_kept(cli, monkeypatch, n
         (7, "6 requests came back in neither file: request-2, request-3, request-4, request-5, request-6, ..."),
     ],
 )
-def test_cli_mut_submit_results_name_the_first_5_missing(cli_as_user, api, tmp_path, n, missing):
+def test_cli_submit_results_name_the_first_5_missing(cli_as_user, api, tmp_path, n, missing):
     journey(api, DONE, jsonl(numbered(1)))
     r = cli_as_user("submit", input_file(tmp_path, n), "--endpoint", CHAT, "--wait", "--results")
     assert (r.returncode, r.stdout) == (5, jsonl(numbered(1)).decode())
     assert r.stderr.splitlines()[-1] == "error: " + missing
 
 
-def test_cli_mut_submit_results_with_one_for_a_request_not_in_the_file(cli_as_user, api, tmp_path):
+def test_cli_submit_results_with_one_for_a_request_not_in_the_file(cli_as_user, api, tmp_path):
     journey(api, DONE, jsonl(numbered(1), numbered(9), numbered(1)))
     r = cli_as_user("submit", input_file(tmp_path, 2), "--endpoint", CHAT, "--wait", "--results")
     assert (r.returncode, r.stdout) == (5, jsonl(numbered(1), numbered(9), numbered(1)).decode())
     assert r.stderr.splitlines()[-1] == "error: 1 request came back in neither file: request-2"
 
 
-def _mut_request(i: int, space: bytes = b" ") -> bytes:
+def _request_line(i: int, space: bytes = b" ") -> bytes:
     return b'{"custom_id": "request-%d",%s"method": "POST", "url": "%s", "body": {}}\n' % (i, space, CHAT.encode())
 
 
 @pytest.mark.parametrize(
     "body, missing",
     [
-        (_mut_request(1) + b"\n" + _mut_request(2) + b"  \n" + _mut_request(3), "request-2, request-3"),
-        (_mut_request(1) + _mut_request(2, b"\r") + _mut_request(3, b"\r "), "request-2, request-3"),
+        (_request_line(1) + b"\n" + _request_line(2) + b"  \n" + _request_line(3), "request-2, request-3"),
+        (_request_line(1) + _request_line(2, b"\r") + _request_line(3, b"\r "), "request-2, request-3"),
     ],
     ids=["blank lines", "a CR within a line"],
 )
-def test_cli_mut_submit_results_expect_every_request_of_the_file(cli_as_user, api, tmp_path, body, missing):
+def test_cli_submit_results_expect_every_request_of_the_file(cli_as_user, api, tmp_path, body, missing):
     path = tmp_path / "requests.jsonl"
     path.write_bytes(body)
     journey(api, DONE, jsonl(numbered(1)))
@@ -7685,7 +7685,7 @@ def test_cli_mut_submit_results_expect_every_request_of_the_file(cli_as_user, ap
     assert r.stderr.splitlines()[-1] == "error: 2 requests came back in neither file: " + missing
 
 
-def test_cli_mut_results_of_a_file_id_that_is_no_id_carry_the_request_id(api):
+def test_cli_results_of_a_file_id_that_is_no_id_carry_the_request_id(api):
     api.add(responses.GET, URL + BID, json=dict(EXAMPLE, output_file_id=".."), headers={"X-Request-ID": RID})
     with m.Client("k", base_url=BASE) as client:
         batch = client.get_batch(BID)
@@ -7694,7 +7694,7 @@ def test_cli_mut_results_of_a_file_id_that_is_no_id_carry_the_request_id(api):
     assert (caught.value.request_id, str(caught.value).split(":")[0]) == (RID, f"batch {BID}")
 
 
-def test_cli_mut_main_without_argv_reads_sys_argv_after_the_program(monkeypatch, capsys):
+def test_cli_main_without_argv_reads_sys_argv_after_the_program(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["mka1_batches", "list", "--help"])
     with pytest.raises(SystemExit) as exited:
         m.main()
@@ -7713,7 +7713,7 @@ def test_cli_mut_main_without_argv_reads_sys_argv_after_the_program(monkeypatch,
         ({"MKA1_API_KEY": "k\x01"}, "token must be non-empty printable ASCII, with or without a leading 'Bearer '"),
     ],
 )
-def test_cli_mut_a_bad_setting_from_the_environment_is_exit_2(cli, env, message):
+def test_cli_a_bad_setting_from_the_environment_is_exit_2(cli, env, message):
     r = cli("batch_x", env={"MKA1_API_KEY": "k", **env})
     assert (r.returncode, r.stdout, r.stderr) == (2, "", f"error: {message}\n")
 
