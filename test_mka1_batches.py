@@ -4150,15 +4150,6 @@ class _Terminal(io.StringIO):
         return True
 
 
-def line_of(now: List[float], texts: List[str]) -> Any:
-    """A status line's text maker that takes the next of ``texts`` at each draw, and says when."""
-
-    def text() -> str:
-        return texts.pop(0) if len(texts) > 1 else texts[0]
-
-    return text
-
-
 @pytest.mark.parametrize(
     "read, line",
     [
