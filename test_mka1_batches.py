@@ -606,19 +606,26 @@ def test_token_with_or_without_bearer_is_sent_once(api, token):
     assert api.calls[0].request.headers["Authorization"] == f"Bearer {TOKEN}"
 
 
-@pytest.mark.parametrize("token", ["", "   ", "Bearer", "Bearer ", " bearer    ", "sk-\n-x", "sk-é", "sk\x00"])
-def test_bad_token_is_refused_without_echo(api, token):
-    with pytest.raises(ValueError, match=r"^token must be non-empty printable ASCII") as info:
+@pytest.mark.parametrize(
+    "token, exc, message",
+    [
+        ("", ValueError, "token must be non-empty printable ASCII, with or without a leading 'Bearer '"),
+        ("   ", ValueError, "token must be non-empty printable ASCII, with or without a leading 'Bearer '"),
+        ("Bearer", ValueError, "token must be non-empty printable ASCII, with or without a leading 'Bearer '"),
+        ("Bearer ", ValueError, "token must be non-empty printable ASCII, with or without a leading 'Bearer '"),
+        (" bearer    ", ValueError, "token must be non-empty printable ASCII, with or without a leading 'Bearer '"),
+        ("sk-\n-x", ValueError, "token must be non-empty printable ASCII, with or without a leading 'Bearer '"),
+        ("sk-é", ValueError, "token must be non-empty printable ASCII, with or without a leading 'Bearer '"),
+        ("sk\x00", ValueError, "token must be non-empty printable ASCII, with or without a leading 'Bearer '"),
+        (None, TypeError, "token must be a string, not NoneType"),
+        (b"key", TypeError, "token must be a string, not bytes"),
+        (42, TypeError, "token must be a string, not int"),
+    ],
+)
+def test_a_bad_token_is_refused_without_echo(api, token, exc, message):
+    with pytest.raises(exc) as info:
         m.get_batch(token, BID, base_url=BASE)
-    assert str(info.value) == "token must be non-empty printable ASCII, with or without a leading 'Bearer '"
-    assert not api.calls
-
-
-@pytest.mark.parametrize("bad", [None, b"key", 42])
-def test_token_must_be_a_string(api, bad):
-    with pytest.raises(TypeError, match=f"^token must be a string, not {type(bad).__name__}$"):
-        m.get_batch(bad, BID, base_url=BASE)
-    assert not api.calls
+    assert str(info.value) == message and not api.calls
 
 
 @pytest.mark.parametrize(
@@ -640,21 +647,6 @@ def test_batch_id_is_one_encoded_path_segment(api, batch_id, path):
     assert api.calls[0].request.url == URL + path
 
 
-@pytest.mark.parametrize("batch_id", ["", ".", "..", "a\nb", "a\rb", "\x00", "tab\t", "\x7f", "\u2028", "\ud800"])
-def test_bad_batch_id_is_refused(api, batch_id):
-    with pytest.raises(
-        ValueError, match=r"^batch_id must be a non-empty printable string other than \. and \.\., not "
-    ):
-        get(batch_id=batch_id)
-    assert not api.calls
-
-
-def test_batch_id_must_be_a_batch_or_a_string(api):
-    with pytest.raises(TypeError, match=r"^batch_id must be a Batch or a batch id, not int$"):
-        get(batch_id=123)
-    assert not api.calls
-
-
 # One rule for ids: wherever a batch is meant, a Batch or its id; a file id there is refused before any I/O.
 BATCH_CALLS = [
     ("get_batch", lambda b: m.get_batch(TOKEN, b, base_url=BASE), "batch_id"),
@@ -668,14 +660,39 @@ BATCH_CALLS = [
 @pytest.mark.parametrize(
     "call, name", [(call, name) for _, call, name in BATCH_CALLS], ids=[i for i, _, _ in BATCH_CALLS]
 )
-def test_every_call_that_means_a_batch_refuses_a_file_id_before_any_io(api, call, name):
-    for file_id in ("file-abc123", "file_def456"):
-        with pytest.raises(ValueError, match=" is a file id, not a batch's") as info:
-            call(file_id)
-        assert (
-            str(info.value) == f"{name} {file_id!r} is a file id, not a batch's: read a file by its id with iter_file"
-        )
-    assert not api.calls
+@pytest.mark.parametrize(
+    "batch_id, exc, message",
+    [
+        ("", ValueError, "{name} must be a non-empty printable string other than . and .., not ''"),
+        (".", ValueError, "{name} must be a non-empty printable string other than . and .., not '.'"),
+        ("..", ValueError, "{name} must be a non-empty printable string other than . and .., not '..'"),
+        ("a\nb", ValueError, "{name} must be a non-empty printable string other than . and .., not 'a\\nb'"),
+        ("a\rb", ValueError, "{name} must be a non-empty printable string other than . and .., not 'a\\rb'"),
+        ("\x00", ValueError, "{name} must be a non-empty printable string other than . and .., not '\\x00'"),
+        ("tab\t", ValueError, "{name} must be a non-empty printable string other than . and .., not 'tab\\t'"),
+        ("\x7f", ValueError, "{name} must be a non-empty printable string other than . and .., not '\\x7f'"),
+        ("\u2028", ValueError, "{name} must be a non-empty printable string other than . and .., not '\\u2028'"),
+        ("\ud800", ValueError, "{name} must be a non-empty printable string other than . and .., not '\\ud800'"),
+        (123, TypeError, "{name} must be a Batch or a batch id, not int"),
+        (None, TypeError, "{name} must be a Batch or a batch id, not NoneType"),
+        (b"batch_x", TypeError, "{name} must be a Batch or a batch id, not bytes"),
+        ({"id": "batch_x"}, TypeError, "{name} must be a Batch or a batch id, not dict"),
+        (
+            "file-abc123",
+            ValueError,
+            "{name} 'file-abc123' is a file id, not a batch's: read a file by its id with iter_file",
+        ),
+        (
+            "file_def456",
+            ValueError,
+            "{name} 'file_def456' is a file id, not a batch's: read a file by its id with iter_file",
+        ),
+    ],
+)
+def test_every_call_that_means_a_batch_refuses_a_bad_id_before_any_io(api, call, name, batch_id, exc, message):
+    with pytest.raises(exc) as info:
+        call(batch_id)
+    assert str(info.value) == message.format(name=name) and not api.calls
 
 
 @pytest.mark.parametrize("call", [call for _, call, _ in BATCH_CALLS], ids=[i for i, _, _ in BATCH_CALLS])
@@ -695,31 +712,6 @@ def test_every_call_that_means_a_batch_takes_a_batch_or_its_id(api, call, given)
     )
 
 
-@pytest.mark.parametrize(
-    "batch_id, error, message",
-    [
-        ("", ValueError, "batch_id must be a non-empty printable string other than . and .., not ''"),
-        (123, TypeError, "batch_id must be a Batch or a batch id, not int"),
-        (
-            "file-abc",
-            ValueError,
-            "batch_id 'file-abc' is a file id, not a batch's: read a file by its id with iter_file",
-        ),
-    ],
-)
-def test_wait_refuses_a_bad_batch_id_naming_it(api, batch_id, error, message):
-    with pytest.raises(error) as info:
-        m.wait_for_batch(TOKEN, batch_id, base_url=BASE)
-    assert str(info.value) == message and not api.calls
-
-
-@pytest.mark.parametrize("batch_id, error", [("", ValueError), ("..", ValueError), (5, TypeError)])
-def test_cancel_of_a_bad_batch_id_names_batch_id(api, batch_id, error):
-    with pytest.raises(error, match=r"^batch_id must be "), m.Client(TOKEN, base_url=BASE) as client:
-        client.cancel_batch(batch_id)
-    assert not api.calls
-
-
 def finished(status: str = "completed", output: Any = "file-out", errors: Any = "file-err") -> m.Batch:
     return m.Batch.from_dict(dict(EXAMPLE, status=status, output_file_id=output, error_file_id=errors))
 
@@ -734,57 +726,86 @@ def custom_ids(batch: Any, **kw: Any) -> List[str]:
     return [r.custom_id for r in results(batch, **kw)]
 
 
-@pytest.mark.parametrize("status", ["validating", "in_progress", "finalizing", "cancelling", "paused"])
-def test_an_unfinished_batch_is_refused_at_the_call(api, status):
-    with pytest.raises(ValueError, match=r"^batch ") as info:
-        m.iter_results(TOKEN, finished(status), base_url=BASE)  # not even iterated
-    assert str(info.value) == (
-        f"batch {BID} is {status}: read its results once it is completed, failed, expired or cancelled"
-    )
-    assert not api.calls
-
-
 @pytest.mark.parametrize(
-    "read, batch, message",
+    "read, batch, exc, message",
     [
-        (m.iter_results, "", "batch must be a non-empty printable string other than . and .., not ''"),
-        (m.iter_results, "..", "batch must be a non-empty printable string other than . and .., not '..'"),
-        (m.iter_results, "a\nb", "batch must be a non-empty printable string other than . and .., not 'a\\nb'"),
+        (m.iter_results, "", ValueError, "batch must be a non-empty printable string other than . and .., not ''"),
+        (m.iter_results, "..", ValueError, "batch must be a non-empty printable string other than . and .., not '..'"),
+        (
+            m.iter_results,
+            "a\nb",
+            ValueError,
+            "batch must be a non-empty printable string other than . and .., not 'a\\nb'",
+        ),
+        (m.iter_results, None, TypeError, "batch must be a Batch or a batch id, not NoneType"),
+        (m.iter_results, 5, TypeError, "batch must be a Batch or a batch id, not int"),
+        (m.iter_results, b"file-out", TypeError, "batch must be a Batch or a batch id, not bytes"),
+        (m.iter_results, {"output_file_id": "file-out"}, TypeError, "batch must be a Batch or a batch id, not dict"),
         (
             m.iter_results,
             finished(output=".."),
+            m.InvalidResponseError,
             f"batch {BID}: file id must be a non-empty printable string other than . and .., not '..'",
         ),
         (
             m.iter_results,
             finished(errors="e\x00"),
+            m.InvalidResponseError,
             f"batch {BID}: file id must be a non-empty printable string other than . and .., not 'e\\x00'",
         ),
-        (m.iter_file, "", "file_id must be a non-empty printable string other than . and .., not ''"),
-        (m.iter_file, ".", "file_id must be a non-empty printable string other than . and .., not '.'"),
-        (m.iter_file, "a\nb", "file_id must be a non-empty printable string other than . and .., not 'a\\nb'"),
+        (
+            m.iter_results,
+            finished("validating"),
+            ValueError,
+            f"batch {BID} is validating: read its results once it is completed, failed, expired or cancelled",
+        ),
+        (
+            m.iter_results,
+            finished("in_progress"),
+            ValueError,
+            f"batch {BID} is in_progress: read its results once it is completed, failed, expired or cancelled",
+        ),
+        (
+            m.iter_results,
+            finished("finalizing"),
+            ValueError,
+            f"batch {BID} is finalizing: read its results once it is completed, failed, expired or cancelled",
+        ),
+        (
+            m.iter_results,
+            finished("cancelling"),
+            ValueError,
+            f"batch {BID} is cancelling: read its results once it is completed, failed, expired or cancelled",
+        ),
+        (
+            m.iter_results,
+            finished("paused"),
+            ValueError,
+            f"batch {BID} is paused: read its results once it is completed, failed, expired or cancelled",
+        ),
+        (m.iter_file, "", ValueError, "file_id must be a non-empty printable string other than . and .., not ''"),
+        (m.iter_file, ".", ValueError, "file_id must be a non-empty printable string other than . and .., not '.'"),
+        (
+            m.iter_file,
+            "a\nb",
+            ValueError,
+            "file_id must be a non-empty printable string other than . and .., not 'a\\nb'",
+        ),
+        (
+            m.resubmit_failed,
+            m.Batch.from_dict(
+                dict(EXAMPLE, status="failed", output_file_id=None, error_file_id=None, input_file_id="..")
+            ),
+            m.InvalidResponseError,
+            f"batch {BID}: file id must be a non-empty printable string other than . and .., not '..'",
+        ),
     ],
 )
-def test_a_bad_batch_or_file_id_is_refused_at_the_call(api, read, batch, message):
-    with pytest.raises(ValueError, match=" must be a non-empty printable string ") as info:
+def test_a_batch_or_file_that_cannot_be_read_is_refused_at_the_call(api, read, batch, exc, message):
+    """Refused by the call itself: the results' generators are not even iterated."""
+    with pytest.raises(exc) as info:
         read(TOKEN, batch, base_url=BASE)
     assert str(info.value) == message and not api.calls
-
-
-@pytest.mark.parametrize("batch", [None, 5, b"file-out", {"output_file_id": "file-out"}])
-def test_a_batch_of_the_wrong_type_is_refused_at_the_call(api, batch):
-    with pytest.raises(TypeError) as info:
-        m.iter_results(TOKEN, batch, base_url=BASE)
-    assert str(info.value) == f"batch must be a Batch or a batch id, not {type(batch).__name__}" and not api.calls
-
-
-def test_resubmit_of_a_batch_whose_input_file_id_is_bad_names_the_file_id(api):
-    batch = m.Batch.from_dict(
-        dict(EXAMPLE, status="failed", output_file_id=None, error_file_id=None, input_file_id="..")
-    )
-    with pytest.raises(m.InvalidResponseError, match=rf"^batch {BID}: file id must be a non-empty printable string"):
-        m.resubmit_failed(TOKEN, batch, base_url=BASE)
-    assert not api.calls
 
 
 def test_resubmit_of_a_batch_not_finished_is_refused_before_any_io(api):
@@ -803,67 +824,63 @@ def test_on_behalf_of_is_sent(api, who):
 
 
 @pytest.mark.parametrize(
-    "who, shown",
+    "who, exc, message",
     [
-        ("", "''"),
-        ("x" * 151, "'" + "x" * 151 + "'"),
-        ("user\r\nX-Evil: 1", "'user\\r\\nX-Evil: 1'"),
-        ("usér", "'usér'"),
-        (" user", "' user'"),
-        ("user ", "'user '"),
-        ("\t", "'\\t'"),
-        ("a\nb", "'a\\nb'"),
+        ("", ValueError, "on_behalf_of must be 1-150 printable ASCII characters, not ''"),
+        ("x" * 151, ValueError, "on_behalf_of must be 1-150 printable ASCII characters, not '" + "x" * 151 + "'"),
+        (
+            "user\r\nX-Evil: 1",
+            ValueError,
+            "on_behalf_of must be 1-150 printable ASCII characters, not 'user\\r\\nX-Evil: 1'",
+        ),
+        ("usér", ValueError, "on_behalf_of must be 1-150 printable ASCII characters, not 'usér'"),
+        (" user", ValueError, "on_behalf_of must be 1-150 printable ASCII characters, not ' user'"),
+        ("user ", ValueError, "on_behalf_of must be 1-150 printable ASCII characters, not 'user '"),
+        ("\t", ValueError, "on_behalf_of must be 1-150 printable ASCII characters, not '\\t'"),
+        ("a\nb", ValueError, "on_behalf_of must be 1-150 printable ASCII characters, not 'a\\nb'"),
+        (7, TypeError, "on_behalf_of must be a string or None, not int"),
     ],
 )
-def test_bad_on_behalf_of_is_refused_showing_the_value(api, who, shown):
-    with pytest.raises(ValueError, match=r"^on_behalf_of must be ") as info:
+def test_a_bad_on_behalf_of_is_refused_showing_the_value(api, who, exc, message):
+    with pytest.raises(exc) as info:
         get(on_behalf_of=who)
-    assert str(info.value) == "on_behalf_of must be 1-150 printable ASCII characters, not " + shown
-    assert not api.calls
+    assert str(info.value) == message and not api.calls
 
 
-def test_on_behalf_of_must_be_a_string(api):
-    with pytest.raises(TypeError, match=r"^on_behalf_of must be a string or None, not int$"):
-        get(on_behalf_of=7)
+#: Each setting of every call: the start of the message that refuses it, and values it refuses.
+BAD_SETTINGS = {
+    "base_url": (
+        r"base_url must be an http\(s\) URL with no query",
+        [
+            "",
+            "apigw.mka1.com",
+            "ftp://h",
+            "https://",
+            "https://h/?q=1",
+            "https://h/#f",
+            "https://h/\n",
+            "http://gw.example.test?",
+            "http://gw.example.test#",
+            "https://gw.example.test/v1?",
+            "https://gw.example.test:99999",
+            "https://gw.example.test:port",
+            "https://gw.example.test:0",
+        ],
+    ),
+    "timeout": (
+        r"timeout must be seconds > 0, or a \(connect, read\) pair of them, not ",
+        [0, -1, None, "5", True, float("inf"), float("nan"), (1,), (1, 2, 3), (1, 0), (None, 5)],
+    ),
+    "max_retries": (r"max_retries must be a non-negative integer, not ", [-1, 1.0, None, True]),
+}
 
 
 @pytest.mark.parametrize(
-    "base_url",
-    [
-        "",
-        "apigw.mka1.com",
-        "ftp://h",
-        "https://",
-        "https://h/?q=1",
-        "https://h/#f",
-        "https://h/\n",
-        "http://gw.example.test?",
-        "http://gw.example.test#",
-        "https://gw.example.test/v1?",
-        "https://gw.example.test:99999",
-        "https://gw.example.test:port",
-        "https://gw.example.test:0",
-    ],
+    "setting, value", [(setting, value) for setting, (_, values) in BAD_SETTINGS.items() for value in values]
 )
-def test_bad_base_url_is_refused(api, base_url):
-    with pytest.raises(ValueError, match=r"^base_url must be an http\(s\) URL with no query"):
-        m.get_batch(TOKEN, BID, base_url=base_url)
-    assert not api.calls
-
-
-@pytest.mark.parametrize(
-    "timeout", [0, -1, None, "5", True, float("inf"), float("nan"), (1,), (1, 2, 3), (1, 0), (None, 5)]
-)
-def test_bad_timeout_is_refused(api, timeout):
-    with pytest.raises(ValueError, match=r"^timeout must be seconds > 0, or a \(connect, read\) pair of them, not "):
-        get(timeout=timeout)
-    assert not api.calls
-
-
-@pytest.mark.parametrize("retries", [-1, 1.0, None, True])
-def test_bad_max_retries_is_refused(api, retries):
-    with pytest.raises(ValueError, match=r"^max_retries must be a non-negative integer, not "):
-        get(max_retries=retries)
+def test_a_bad_setting_is_refused_before_any_io(api, setting, value):
+    with pytest.raises(ValueError, match="^" + BAD_SETTINGS[setting][0]):
+        m.get_batch(TOKEN, BID, **{"base_url": BASE, setting: value})
     assert not api.calls
 
 
@@ -899,25 +916,27 @@ def test_wait_refuses_bad_intervals(api, kw):
     assert not api.calls
 
 
-@pytest.mark.parametrize("limit", [0, -1, True, 2.0, "3"])
-def test_list_limit_is_checked_before_any_io(api, limit):
-    with pytest.raises(ValueError, match=rf"^limit must be None or a positive integer, not {re.escape(repr(limit))}$"):
-        m.list_batches(TOKEN, base_url=BASE, limit=limit)
+@pytest.mark.parametrize(
+    "kw, exc, message",
+    [
+        ({"limit": 0}, ValueError, r"^limit must be None or a positive integer, not 0$"),
+        ({"limit": -1}, ValueError, r"^limit must be None or a positive integer, not -1$"),
+        ({"limit": True}, ValueError, r"^limit must be None or a positive integer, not True$"),
+        ({"limit": 2.0}, ValueError, r"^limit must be None or a positive integer, not 2\.0$"),
+        ({"limit": "3"}, ValueError, r"^limit must be None or a positive integer, not '3'$"),
+        ({"page_size": 0}, ValueError, r"^page_size must be an integer from 1 to 100"),
+        ({"page_size": 101}, ValueError, r"^page_size must be an integer from 1 to 100"),
+        ({"page_size": True}, ValueError, r"^page_size must be an integer from 1 to 100"),
+        ({"page_size": 2.0}, ValueError, r"^page_size must be an integer from 1 to 100"),
+        ({"after": ""}, ValueError, r"^after must be "),
+        ({"after": ".."}, ValueError, r"^after must be "),
+        ({"after": 7}, TypeError, r"^after must be "),
+    ],
+)
+def test_a_bad_list_argument_is_refused_before_any_io(api, kw, exc, message):
+    with pytest.raises(exc, match=message):
+        m.list_batches(TOKEN, base_url=BASE, **kw)
     assert not api.calls
-
-
-@pytest.mark.parametrize("size", [0, 101, True, 2.0])
-def test_list_batches_page_size_is_checked_before_any_io(api, size):
-    with pytest.raises(ValueError, match=r"^page_size must be an integer from 1 to 100"):
-        m.list_batches(TOKEN, base_url=BASE, page_size=size)
-    assert len(api.calls) == 0
-
-
-@pytest.mark.parametrize("bad, exc", [("", ValueError), ("..", ValueError), (7, TypeError)])
-def test_bad_after_is_refused_before_any_io(api, bad, exc):
-    with pytest.raises(exc, match=r"^after must be "):
-        m.list_batches(TOKEN, base_url=BASE, after=bad)
-    assert len(api.calls) == 0
 
 
 @pytest.mark.parametrize("bad", ["", " ", None, "x\n"])
@@ -927,33 +946,46 @@ def test_bad_purpose_is_refused_before_any_io(api, bad):
     assert len(api.calls) == 0
 
 
-def test_upload_refuses_a_text_file_and_an_unseekable_one_before_any_io(api, tmp_path):
-    path = request_file(tmp_path, None)
-    with open(path) as text, pytest.raises(TypeError, match=r"^file must be a path or a binary file object"):
-        m.upload_file(TOKEN, text, base_url=BASE)
+class _Pipe(io.RawIOBase):
+    """A binary stream that can be read, not sought."""
 
-    class Pipe(io.RawIOBase):
-        def readable(self) -> bool:
-            return True
+    def readable(self) -> bool:
+        return True
 
-        def readinto(self, b: Any) -> int:
-            return 0
-
-    with pytest.raises(TypeError, match=r"^file must be seekable to be uploaded"):
-        m.upload_file(TOKEN, Pipe(), base_url=BASE)
-    with pytest.raises(TypeError, match=r"^file must be seekable to be uploaded: it is checked, then sent$"):
-        m.submit_batch(TOKEN, Pipe(), CHAT, base_url=BASE)
-    assert len(api.calls) == 0
+    def readinto(self, b: Any) -> int:
+        return 0
 
 
-def test_an_unseekable_file_without_seekable_is_refused_by_name(api):
-    class ReadOnlyStream:
-        def read(self, size: int = -1) -> bytes:
-            return b""
+#: Files that cannot be sent: one opened as text, a pipe, and an object with read() alone.
+UNSENDABLE = {
+    "text": lambda path: open(path),  # noqa: SIM115 - closed by the test
+    "pipe": lambda path: _Pipe(),
+    "read() alone": lambda path: ReadOnly(b""),
+}
 
-    with pytest.raises(TypeError, match=r"^file must be seekable to be uploaded"):
-        m.upload_file(TOKEN, ReadOnlyStream(), base_url=BASE)  # type: ignore[arg-type]
-    assert len(api.calls) == 0
+
+@pytest.mark.parametrize(
+    "kind, submit, message",
+    [
+        ("text", False, "file must be a path or a binary file object open for reading, not TextIOWrapper"),
+        ("pipe", False, "file must be seekable to be uploaded: it is read once to find its sha256, then sent"),
+        ("pipe", True, "file must be seekable to be uploaded: it is checked, then sent"),
+        ("read() alone", False, "file must be seekable to be uploaded: it is read once to find its sha256, then sent"),
+    ],
+)
+def test_a_file_that_cannot_be_sent_is_refused_before_any_io(api, tmp_path, kind, submit, message):
+    file = UNSENDABLE[kind](request_file(tmp_path, None))
+    send = (
+        functools.partial(m.submit_batch, TOKEN, file, CHAT)
+        if submit
+        else functools.partial(m.upload_file, TOKEN, file)
+    )
+    try:
+        with pytest.raises(TypeError) as info:
+            send(base_url=BASE)
+    finally:
+        file.close()
+    assert str(info.value) == message and len(api.calls) == 0
 
 
 @pytest.mark.parametrize(
