@@ -1313,90 +1313,90 @@ def test_plain_string_envelope_and_retry_after(api):
     assert len(api.calls) == 1  # over MAX_RETRY_AFTER: raised at once, never slept
 
 
-def test_kong_message_envelope(api):
-    fail(api, 401, {"message": "No API key found in request"})
-    with pytest.raises(m.AuthenticationError, match=r"^401 No API key found in request \(request "):
-        get()
-
-
-def test_html_502_gives_a_short_excerpt(api):
-    html = (
-        "<html><head><title>502 Bad Gateway</title></head>\n<body><center><h1>502 Bad Gateway</h1></center>"
-        + "<p>x</p>" * 5000
-        + "</body></html>"
-    )
-    api.add(responses.GET, URL + BID, status=502, body=html, content_type="text/html")
-    with pytest.raises(m.InternalServerError) as info:
-        get(max_retries=0)
-    assert str(info.value) == "502 Bad Gateway"
-    assert info.value.request_id is None and info.value.body == html[: 64 * 1024]
-
-
-def test_html_title_in_upper_case_is_read_too(api):
-    html = "<HTML><HEAD><TITLE>503 Service Unavailable</TITLE></HEAD><BODY>x</BODY></HTML>"
-    api.add(responses.GET, URL + BID, status=503, body=html, content_type="text/html")
-    with pytest.raises(m.InternalServerError) as info:
-        get(max_retries=0)
-    assert str(info.value) == "503 Service Unavailable"
-
-
+#: nginx's own 502 page, and one far over the 64 KiB kept of an error body.
 NGINX_502 = (
     "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center>"
     "<hr><center>nginx</center></body></html>"
 )
-
-
-@pytest.mark.parametrize(
-    "headers, message", [({}, "502 Bad Gateway"), ({"X-Request-ID": RID}, f"502 Bad Gateway (request {RID})")]
+LONG_502 = (
+    "<html><head><title>502 Bad Gateway</title></head>\n<body><center><h1>502 Bad Gateway</h1></center>"
+    + "<p>x</p>" * 5000
+    + "</body></html>"
 )
-def test_proxy_html_error_page_says_its_status_once(api, headers, message):
-    api.add(responses.GET, URL + BID, status=502, body=NGINX_502, content_type="text/html", headers=headers)
-    with pytest.raises(m.InternalServerError) as info:
-        get(max_retries=0)
-    assert str(info.value) == message and info.value.body == NGINX_502
-
-
-def test_an_error_body_that_cannot_be_decoded_still_gives_the_status_error(api):
-    api.add(responses.GET, URL + BID, status=503, body=b"\x00\x01", headers={"Content-Encoding": "br"})
-    with pytest.raises(m.InternalServerError) as info:
-        get(max_retries=0)
-    assert (str(info.value), info.value.body) == ("503 Service Unavailable", None)
 
 
 @pytest.mark.parametrize(
-    "body, text",
+    "status, html, headers, message",
     [
-        (b"", "Bad Request"),
-        (b"   ", "Bad Request"),
-        (b"\xff\xfe garbage", "\ufffd\ufffd garbage"),
-        (b'{"error": {"message": ""}}', '{"error": {"message": ""}}'),
-        (b'{"error": 5, "message": null}', '{"error": 5, "message": null}'),
-        (b"[1, 2]", "[1, 2]"),
-        (b'{"message": "  "}', '{"message": " "}'),
-        (b'{"error": {"message": "line one\\n   line two"}}', "line one line two"),
-        (b"400", "no message"),  # the status alone says nothing more
+        (502, LONG_502, {}, "502 Bad Gateway"),
+        (
+            503,
+            "<HTML><HEAD><TITLE>503 Service Unavailable</TITLE></HEAD><BODY>x</BODY></HTML>",
+            {},
+            "503 Service Unavailable",
+        ),
+        (502, NGINX_502, {}, "502 Bad Gateway"),
+        (502, NGINX_502, {"X-Request-ID": RID}, f"502 Bad Gateway (request {RID})"),
+    ],
+    ids=["long", "upper case", "nginx", "nginx with a request id"],
+)
+def test_an_html_error_page_says_its_status_once_and_is_kept_in_part(api, status, html, headers, message):
+    api.add(responses.GET, URL + BID, status=status, body=html, content_type="text/html", headers=headers)
+    with pytest.raises(m.InternalServerError) as info:
+        get(max_retries=0)
+    assert (str(info.value), info.value.body) == (message, html[: 64 * 1024])
+    assert info.value.request_id == headers.get("X-Request-ID")
+
+
+@pytest.mark.parametrize(
+    "status, body, headers, message, kept",
+    [
+        (400, b"", {}, "400 Bad Request", None),
+        (400, b"   ", {}, "400 Bad Request", "   "),
+        (400, b"\xff\xfe garbage", {}, "400 \ufffd\ufffd garbage", "\ufffd\ufffd garbage"),
+        (400, b'{"error": {"message": ""}}', {}, '400 {"error": {"message": ""}}', {"error": {"message": ""}}),
+        (400, b'{"error": 5, "message": null}', {}, '400 {"error": 5, "message": null}', {"error": 5, "message": None}),
+        (400, b"[1, 2]", {}, "400 [1, 2]", [1, 2]),
+        (400, b'{"message": "  "}', {}, '400 {"message": " "}', {"message": "  "}),
+        (
+            400,
+            b'{"error": {"message": "line one\\n   line two"}}',
+            {},
+            "400 line one line two",
+            {"error": {"message": "line one\n   line two"}},
+        ),
+        (400, b"400", {}, "400 no message", 400),  # the status alone says nothing more
+        (599, b"", {}, "599 no message", None),  # no body, and no reason phrase
+        (503, b"\x00\x01", {"Content-Encoding": "br"}, "503 Service Unavailable", None),  # cannot be decoded
+        (
+            401,
+            b'{"message": "No API key found in request"}',  # Kong's envelope
+            {"X-Request-ID": RID},
+            f"401 No API key found in request (request {RID})",
+            {"message": "No API key found in request"},
+        ),
+        (
+            400,
+            b'{"error": "' + b"x" * 200 + b'"}',
+            {"X-Request-ID": RID},
+            f"400 {'x' * 200} (request {RID})",
+            {"error": "x" * 200},
+        ),
+        (
+            400,
+            b'{"error": "' + b"x" * 201 + b'"}',  # cut at 200 characters
+            {"X-Request-ID": RID},
+            f"400 {'x' * 199}… (request {RID})",
+            {"error": "x" * 201},
+        ),
     ],
 )
-def test_odd_error_bodies_still_read_one_line(api, body, text):
-    api.add(responses.GET, URL + BID, status=400, body=body)
-    with pytest.raises(m.BadRequestError) as info:
-        get()
-    assert str(info.value) == f"400 {text}"
-
-
-def test_no_body_and_no_reason_says_no_message(api):
-    api.add(responses.GET, URL + BID, status=599, body=b"")
-    with pytest.raises(m.InternalServerError) as info:
+def test_an_error_body_of_any_shape_gives_a_one_line_message(api, status, body, headers, message, kept):
+    api.add(responses.GET, URL + BID, status=status, body=body, headers=headers)
+    with pytest.raises(m.APIStatusError) as info:
         get(max_retries=0)
-    assert (str(info.value), info.value.body) == ("599 no message", None)
-
-
-@pytest.mark.parametrize("length, shown", [(200, "x" * 200), (201, "x" * 199 + "…")])
-def test_messages_are_cut_at_200_characters(api, length, shown):
-    fail(api, 400, {"error": "x" * length})
-    with pytest.raises(m.BadRequestError) as info:
-        get()
-    assert str(info.value) == f"400 {shown} (request {RID})"
+    assert type(info.value) is dict(STATUS_CLASSES)[status]
+    assert (str(info.value), info.value.body) == (message, kept)
 
 
 @PROPERTY
@@ -1533,52 +1533,68 @@ def test_network_failures_are_wrapped_and_retried(api, sleeps, exc, cls, timeout
     assert isinstance(info.value, TimeoutError) is timeout
 
 
-def test_network_failure_without_words_names_its_type(api):
-    api.add(responses.GET, URL + BID, body=requests.ConnectionError())
+@pytest.mark.parametrize(
+    "method, url, error, call, message",
+    [
+        (
+            "GET",
+            URL + BID,
+            requests.ConnectionError(),
+            lambda: get(max_retries=0),
+            f"GET /api/v1/llm/batches/{BID} on gw.example.test failed: ConnectionError",  # no words: its type
+        ),
+        (
+            "GET",
+            "https://user:pw@gw.example.test/api/v1/llm/batches/" + BID,
+            requests.ConnectionError("x"),
+            lambda: m.get_batch(TOKEN, BID, base_url="https://user:pw@gw.example.test", max_retries=0),
+            f"GET /api/v1/llm/batches/{BID} on gw.example.test failed: x",
+        ),
+        (
+            "POST",
+            URL + BID + "/cancel",
+            requests.ConnectionError("refused"),
+            lambda: m.cancel_batch(TOKEN, BID, base_url=BASE, max_retries=0),
+            f"POST /api/v1/llm/batches/{BID}/cancel on gw.example.test failed: refused",
+        ),
+        (
+            "GET",
+            FILES + "file-1/content",
+            requests.ConnectionError("refused"),
+            lambda: list(m.iter_file(TOKEN, "file-1", base_url=BASE, max_retries=0)),
+            "GET /api/v1/llm/files/file-1/content on gw.example.test failed: refused",
+        ),
+    ],
+    ids=["no words", "a base URL with user info", "cancel", "a file"],
+)
+def test_a_network_failure_names_the_method_the_path_the_host_alone_and_the_cause(
+    api, method, url, error, call, message
+):
+    api.add(method, url, body=error)
     with pytest.raises(m.APIConnectionError) as info:
-        get(max_retries=0)
-    assert str(info.value) == f"GET /api/v1/llm/batches/{BID} on gw.example.test failed: ConnectionError"
+        call()
+    assert str(info.value) == message
 
 
-def test_network_failure_names_the_host_without_the_base_urls_user_info(api):
-    url = "https://user:pw@gw.example.test/api/v1/llm/batches/" + BID
-    api.add(responses.GET, url, body=requests.ConnectionError("x"))
-    with pytest.raises(m.APIConnectionError) as info:
-        m.get_batch(TOKEN, BID, base_url="https://user:pw@gw.example.test", max_retries=0)
-    assert str(info.value) == f"GET /api/v1/llm/batches/{BID} on gw.example.test failed: x"
-
-
-def test_cancel_names_its_method_when_the_connection_fails(api):
-    api.add(responses.POST, URL + BID + "/cancel", body=requests.ConnectionError("refused"))
-    error = raised(lambda: m.cancel_batch(TOKEN, BID, base_url=BASE, max_retries=0))
-    assert str(error).startswith(f"POST /api/v1/llm/batches/{BID}/cancel on gw.example.test failed")
-
-
-def test_a_file_read_that_cannot_connect_names_its_method(api):
-    api.add(responses.GET, FILES + "file-1/content", body=requests.ConnectionError("refused"))
-    error = raised(lambda: list(m.iter_file(TOKEN, "file-1", base_url=BASE, max_retries=0)))
-    assert str(error).startswith("GET /api/v1/llm/files/file-1/content on gw.example.test failed")
-
-
-def test_mounted_adapter_body_shorter_than_its_length_is_a_connection_error():
+@pytest.mark.parametrize(
+    "call, what",
+    [
+        (lambda s: get(session=s, max_retries=0), f"GET /api/v1/llm/batches/{BID}"),
+        (
+            lambda s: m.cancel_batch(TOKEN, BID, base_url=BASE, max_retries=0, session=s),
+            f"POST /api/v1/llm/batches/{BID}/cancel",
+        ),
+    ],
+    ids=["get", "cancel"],
+)
+def test_mounted_adapter_body_shorter_than_its_length_is_a_connection_error(call, what):
     # A file-like raw has no framing of its own: Content-Length is checked here.
     adapter = CannedAdapter(io.BytesIO(b'{"id": "batch_'), {"Content-Length": "100"})
     with requests.Session() as s:
         s.mount(BASE, adapter)
         with pytest.raises(m.APIConnectionError) as info:
-            get(session=s, max_retries=0)
-    message = f"GET /api/v1/llm/batches/{BID} on gw.example.test failed: connection closed after 14 of 100 bytes"
-    assert str(info.value) == message
-
-
-def test_cancel_whose_answer_is_cut_short_names_post(api):
-    adapter = CannedAdapter(io.BytesIO(b'{"id": "batch_'), {"Content-Length": "100"})
-    with requests.Session() as s:
-        s.mount(BASE, adapter)
-        error = raised(lambda: m.cancel_batch(TOKEN, BID, base_url=BASE, max_retries=0, session=s))
-    assert str(error) == (
-        f"POST /api/v1/llm/batches/{BID}/cancel on gw.example.test failed: connection closed after 14 of 100 bytes"
-    )
+            call(s)
+    assert str(info.value) == f"{what} on gw.example.test failed: connection closed after 14 of 100 bytes"
 
 
 # Over real sockets: the stand-in gateway, and conftest.py's RawServer, Proxy and ScriptedServer.
@@ -1814,37 +1830,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_connection_refused_names_the_host_and_the_cause(plain_env):
-    with socket.socket() as probe:  # a port that was free a moment ago, and is closed now
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with pytest.raises(m.APIConnectionError) as info:
-        m.get_batch(TOKEN, "batch_x", base_url=f"http://127.0.0.1:{port}", max_retries=0)
-    assert type(info.value) is m.APIConnectionError
-    assert str(info.value) == f"GET /api/v1/llm/batches/batch_x on 127.0.0.1:{port} failed: connection refused"
-    assert isinstance(info.value.__cause__, requests.ConnectionError)
+def _refused(monkeypatch: Any) -> Tuple[str, str]:
+    """A port that was free a moment ago, and is closed now."""
+    port = free_port()
+    return f"http://127.0.0.1:{port}", f"127.0.0.1:{port} failed: connection refused"
 
 
-def test_name_resolution_failure_names_the_host_and_the_cause(plain_env, monkeypatch):
+def _unresolved(monkeypatch: Any) -> Tuple[str, str]:
     def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    with pytest.raises(m.APIConnectionError) as info:
-        m.get_batch(TOKEN, "batch_x", base_url="http://gw.example.test:8080", max_retries=0)
-    assert type(info.value) is m.APIConnectionError
-    assert str(info.value) == "GET /api/v1/llm/batches/batch_x on gw.example.test:8080 failed: name resolution failed"
-    assert isinstance(info.value.__cause__, requests.ConnectionError)
+    return "http://gw.example.test:8080", "gw.example.test:8080 failed: name resolution failed"
 
 
-def test_a_proxy_that_is_down_is_named_as_the_proxy(plain_env, monkeypatch, sleeps):
+def _proxy_down(monkeypatch: Any) -> Tuple[str, str]:
     port = free_port()
     monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+    return "https://gw.example.test", f"gw.example.test failed: proxy 127.0.0.1:{port} refused the connection"
+
+
+@pytest.mark.parametrize("where", [_refused, _unresolved, _proxy_down], ids=["refused", "no such name", "proxy down"])
+def test_a_connection_that_cannot_be_made_names_the_host_and_the_cause(plain_env, monkeypatch, where):
+    base_url, said = where(monkeypatch)
     with pytest.raises(m.APIConnectionError) as info:
-        m.get_batch(TOKEN, "batch_x", base_url="https://gw.example.test", max_retries=0)
-    assert str(info.value) == (
-        f"GET /api/v1/llm/batches/batch_x on gw.example.test failed: proxy 127.0.0.1:{port} refused the connection"
-    )
+        m.get_batch(TOKEN, "batch_x", base_url=base_url, max_retries=0)
+    assert type(info.value) is m.APIConnectionError
+    assert str(info.value) == "GET /api/v1/llm/batches/batch_x on " + said
+    assert isinstance(info.value.__cause__, requests.ConnectionError)
 
 
 def test_a_proxy_that_never_answers_is_named_as_timing_out(start, plain_env, monkeypatch):
@@ -2048,74 +2061,111 @@ def test_retry_policy_of_call_and_failure(kind, status, read, write):
     assert (m._next_step(f, False), m._next_step(f, True)) == (read, write)
 
 
-@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
-def test_retryable_statuses_are_retried_then_succeed(api, sleeps, status):
-    fail(api, status, {"error": "busy"})
-    fail(api, status, {"error": "busy"})
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"status": 408, "json": {"error": "busy"}},
+        {"status": 429, "json": {"error": "busy"}},
+        {"status": 500, "json": {"error": "busy"}},
+        {"status": 502, "json": {"error": "busy"}},
+        {"status": 503, "json": {"error": "busy"}},
+        {"status": 504, "json": {"error": "busy"}},
+        {"body": requests.ConnectionError("reset")},
+    ],
+    ids=["408", "429", "500", "502", "503", "504", "a network failure"],
+)
+def test_a_retryable_failure_is_retried_then_the_batch_returned(api, sleeps, answer):
+    for _ in range(2):
+        api.add(responses.GET, URL + BID, headers={"X-Request-ID": RID}, **answer)
     ok(api)
     assert get().id == BID
     assert len(api.calls) == 3 and len(sleeps) == 2
 
 
-def test_network_failure_then_success(api, sleeps):
-    api.add(responses.GET, URL + BID, body=requests.ConnectionError("reset"))
-    ok(api)
-    assert get().id == BID and len(sleeps) == 1
-
-
-@pytest.mark.parametrize("retries", [0, 1, 2, 5])
-def test_retries_are_bounded_and_the_last_error_raised(api, sleeps, retries):
-    fail(api, 503, "<html>down</html>")
-    with pytest.raises(m.InternalServerError, match=r"^503 down"):
-        get(max_retries=retries)
-    assert len(api.calls) == retries + 1 and len(sleeps) == retries
-
-
-@pytest.mark.parametrize("retries", [0, 1, 3])
-def test_file_retries_are_bounded(api, sleeps, retries):
-    add_file(api, "file-out", "<html>down</html>", status=503)
-    with pytest.raises(m.InternalServerError, match=r"^file file-out: 503 down \(request "):
-        results("file-out", max_retries=retries)
-    assert len(api.calls) == retries + 1 and len(sleeps) == retries
-
-
-def test_file_retries_twice_by_default(api, sleeps):
-    add_file(api, "file-out", "<html>down</html>", status=503)
-    with pytest.raises(m.InternalServerError):
-        results("file-out")
-    assert len(api.calls) == 3 and len(sleeps) == 2
-
-
-def test_wait_retries_twice_by_default(api):
-    fail(api, 503, "busy")
-    with pytest.raises(m.InternalServerError):
-        m.wait_for_batch(TOKEN, BID, base_url=BASE)
-    assert len(api.calls) == 3  # max_retries defaults to 2
-
-
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 422, 501, 505])
-def test_other_errors_are_not_retried(api, sleeps, status):
-    fail(api, status)
-    with pytest.raises(m.APIStatusError):
-        get()
-    assert len(api.calls) == 1 and sleeps == []
-
-
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 410, 422])
-def test_a_file_client_error_is_not_retried(api, sleeps, status):
-    add_file(api, "file-out", json.dumps({"error": "no"}), status=status)
-    with pytest.raises(m.APIStatusError):
-        results("file-out")
-    assert len(api.calls) == 1 and sleeps == []
+#: Calls as the retry tests drive them: how the gateway answers each with a status and a page saying "down",
+#: the call, and what its error says of that answer.
+FAILING = {
+    "get_batch": (
+        lambda api, status: fail(api, status, "<html>down</html>"),
+        lambda **kw: get(**kw),
+        "{status} down (request {RID})",
+    ),
+    "iter_file": (
+        lambda api, status: add_file(api, "file-out", "<html>down</html>", status=status),
+        lambda **kw: results("file-out", **kw),
+        "file file-out: {status} down (request {RID})",
+    ),
+    "wait_for_batch": (
+        lambda api, status: fail(api, status, "<html>down</html>"),
+        lambda **kw: m.wait_for_batch(TOKEN, BID, base_url=BASE, **kw),
+        "{status} down (request {RID})",
+    ),
+    "create_batch": (
+        lambda api, status: api.add(
+            responses.POST,
+            BASE + "/api/v1/llm/batches",
+            status=status,
+            body="<html>down</html>",
+            headers={"X-Request-ID": RID},
+        ),
+        lambda **kw: m.create_batch(TOKEN, "file_abc123", CHAT, base_url=BASE, **kw),
+        "{status} down (request {RID})",
+    ),
+}
 
 
 @pytest.mark.parametrize(
-    "status, cls", [(400, m.BadRequestError), (404, m.NotFoundError), (422, m.UnprocessableEntityError)]
+    "call, retries",
+    [
+        ("get_batch", 0),
+        ("get_batch", 1),
+        ("get_batch", 2),
+        ("get_batch", 5),
+        ("iter_file", 0),
+        ("iter_file", 1),
+        ("iter_file", 3),
+        ("iter_file", None),
+        ("wait_for_batch", None),
+    ],
 )
-def test_create_4xx_is_raised_at_once(api, sleeps, status, cls):
-    api.add(responses.POST, BASE + "/api/v1/llm/batches", status=status, json={"error": {"message": "no"}})
-    with pytest.raises(cls):
-        m.create_batch(TOKEN, "file_abc123", CHAT, base_url=BASE)
+def test_retries_are_bounded_by_max_retries_2_by_default_and_the_last_error_raised(api, sleeps, call, retries):
+    answer, send, said = FAILING[call]
+    answer(api, 503)
+    with pytest.raises(m.InternalServerError) as info:
+        send(**({} if retries is None else {"max_retries": retries}))
+    tries = 3 if retries is None else retries + 1
+    assert str(info.value) == said.format(status=503, RID=RID)
+    assert len(api.calls) == tries and len(sleeps) == tries - 1
+
+
+@pytest.mark.parametrize(
+    "call, status, cls",
+    [
+        ("get_batch", 400, m.BadRequestError),
+        ("get_batch", 401, m.AuthenticationError),
+        ("get_batch", 403, m.PermissionDeniedError),
+        ("get_batch", 404, m.NotFoundError),
+        ("get_batch", 409, m.ConflictError),
+        ("get_batch", 422, m.UnprocessableEntityError),
+        ("get_batch", 501, m.InternalServerError),
+        ("get_batch", 505, m.InternalServerError),
+        ("iter_file", 400, m.BadRequestError),
+        ("iter_file", 401, m.AuthenticationError),
+        ("iter_file", 403, m.PermissionDeniedError),
+        ("iter_file", 404, m.NotFoundError),
+        ("iter_file", 410, m.APIStatusError),
+        ("iter_file", 422, m.UnprocessableEntityError),
+        ("create_batch", 400, m.BadRequestError),
+        ("create_batch", 404, m.NotFoundError),
+        ("create_batch", 422, m.UnprocessableEntityError),
+    ],
+)
+def test_a_status_that_is_not_retried_is_raised_at_once(api, sleeps, call, status, cls):
+    answer, send, said = FAILING[call]
+    answer(api, status)
+    with pytest.raises(m.APIStatusError) as info:
+        send()
+    assert type(info.value) is cls and str(info.value) == said.format(status=status, RID=RID)
     assert len(api.calls) == 1 and sleeps == []
 
 
@@ -2146,27 +2196,32 @@ def test_jittered_delays_stay_in_bounds(api, sleeps):
     assert len(sleeps) == 3 and all(0 <= s <= cap for s, cap in zip(sleeps, (1.0, 2.0, 4.0)))
 
 
-@pytest.mark.parametrize("value, expected", [("0", 0.0), ("3", 3.0), (" 60 ", 60.0)])
-def test_retry_after_seconds_is_honoured(api, sleeps, value, expected):
-    fail(api, 429, {"error": "Rate limit exceeded"}, {"Retry-After": value})
-    ok(api)
-    assert get().id == BID
-    assert sleeps == [expected]
-
-
-def test_a_fractional_retry_after_is_honoured(api, sleeps):
-    fail(api, 429, {"error": "Rate limit exceeded"}, {"Retry-After": "1.5"})
-    ok(api)
-    assert get().id == BID and sleeps == [1.5]
-
-
-@pytest.mark.parametrize("value", ["soon", "", "nan", "Wed, 99 Foo 2024 99:99:99 GMT", "inf", "1.", ".5", "-5", "²"])
-def test_unreadable_or_infinite_retry_after(api, sleeps, value, monkeypatch):
+@pytest.mark.parametrize(
+    "value, slept",
+    [
+        ("0", 0.0),
+        ("3", 3.0),
+        (" 60 ", 60.0),
+        ("1.5", 1.5),
+        # Unreadable, or infinite: the jittered backoff.
+        ("soon", 0.75),
+        ("", 0.75),
+        ("nan", 0.75),
+        ("Wed, 99 Foo 2024 99:99:99 GMT", 0.75),
+        ("inf", 0.75),
+        ("1.", 0.75),
+        (".5", 0.75),
+        ("-5", 0.75),
+        ("²", 0.75),
+    ],
+)
+def test_retry_after_in_seconds_is_honoured_and_what_cannot_be_read_is_the_backoff(
+    api, sleeps, monkeypatch, value, slept
+):
     monkeypatch.setattr(m.random, "uniform", lambda a, b: 0.75)
     fail(api, 429, {"error": "Rate limit exceeded"}, {"Retry-After": value})
     ok(api)
-    assert get().id == BID  # falls back to the jittered backoff
-    assert sleeps == [0.75]
+    assert get().id == BID and sleeps == [slept]
 
 
 GATEWAY_NOW = 1800000000  # the gateway's clock in these tests: years from the client's, either way
@@ -2183,22 +2238,17 @@ GATEWAY_NOW = 1800000000  # the gateway's clock in these tests: years from the c
             30.0,
         ),
         ("Sun, 06 Nov 1994 08:49:37 GMT", email.utils.formatdate(GATEWAY_NOW, usegmt=True), 0.0),  # past: no wait
+        # No Date to read it against: the client's own clock is not the gateway's, so the backoff it is.
+        (email.utils.formatdate(time.time() + 30, usegmt=True), None, 0.75),
     ],
-    ids=["ahead", "no-zone", "past"],
+    ids=["ahead", "no-zone", "past", "no-date"],
 )
-def test_retry_after_http_date_is_read_against_the_answers_own_date(api, sleeps, retry_after, date, slept):
+def test_retry_after_http_date_is_read_against_the_answers_own_date(api, sleeps, monkeypatch, retry_after, date, slept):
     """RFC 9110 10.2.3: the date is the gateway's clock; its Date says what that clock read, whatever ours does."""
-    fail(api, 503, "<html>busy</html>", {"Retry-After": retry_after, "Date": date})
+    monkeypatch.setattr(m.random, "uniform", lambda a, b: 0.75)
+    fail(api, 503, "<html>busy</html>", {"Retry-After": retry_after, **({} if date is None else {"Date": date})})
     ok(api)
     assert get().id == BID and sleeps == [slept]
-
-
-def test_retry_after_http_date_without_the_answers_date_is_the_backoff(api, sleeps, monkeypatch):
-    """No Date to read it against: the client's own clock is not the gateway's, so the backoff it is."""
-    monkeypatch.setattr(m.random, "uniform", lambda a, b: 0.75)
-    fail(api, 503, "<html>busy</html>", {"Retry-After": email.utils.formatdate(time.time() + 30, usegmt=True)})
-    ok(api)
-    assert get().id == BID and sleeps == [0.75]
 
 
 def test_retry_after_http_date_far_ahead_is_refused(api, sleeps):
@@ -2228,15 +2278,18 @@ def test_retry_after_of_any_text_is_seconds_or_none(value):
 
 
 @pytest.mark.parametrize(
-    "value", ["21 Oct 99999999999999999999 07:28:00 GMT", "1000000 Oct 1000000 99:99 00:00:00:00 , 99:99"]
+    "value, date, seconds",
+    [
+        ("21 Oct 99999999999999999999 07:28:00 GMT", email.utils.formatdate(GATEWAY_NOW, usegmt=True), None),
+        ("1000000 Oct 1000000 99:99 00:00:00:00 , 99:99", email.utils.formatdate(GATEWAY_NOW, usegmt=True), None),
+        # White space that str.strip takes, as float() does.
+        ("0\x1f", None, 0.0),
+        (" 2 ", None, 2.0),
+        ("1.5\x1c", None, 1.5),
+    ],
 )
-def test_retry_after_dates_out_of_range_are_none(value):
-    assert m._retry_after(value, email.utils.formatdate(GATEWAY_NOW, usegmt=True)) is None
-
-
-@pytest.mark.parametrize("value, seconds", [("0\x1f", 0.0), (" 2 ", 2.0), ("1.5\x1c", 1.5)])
-def test_retry_after_with_white_space_that_str_strip_takes_is_read(value, seconds):
-    assert m._retry_after(value, None) == seconds
+def test_retry_after_is_read_as_seconds_and_a_date_out_of_range_is_none(value, date, seconds):
+    assert m._retry_after(value, date) == seconds
 
 
 def test_live_429_storm_ends_after_exactly_max_retries_plus_one():
