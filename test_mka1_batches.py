@@ -7703,24 +7703,25 @@ def test_standin_clock_offset_flag_skews_the_served_gateway():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "standin_gateway.py", "--serve", "--port", str(port), "--clock-offset=-86400"]
-    p = subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
-    try:
-        assert p.stdout is not None
-        head = [p.stdout.readline() for _ in range(6)]
-        assert head[-1] == "Its clock runs -86400 s from this machine's.\n"
-        url = f"http://127.0.0.1:{port}/api/v1/llm/files"
-        r = requests.post(
-            url,
-            headers={"Authorization": "Bearer demo-key"},
-            files={"file": ("a.jsonl", b"{}\n")},
-            data={"purpose": "batch"},
-            timeout=10,
-        )
-        assert abs(r.json()["created_at"] - (time.time() - 86400)) < 60
-        assert abs(email.utils.parsedate_to_datetime(r.headers["Date"]).timestamp() - (time.time() - 86400)) < 60
-    finally:
-        p.send_signal(signal.SIGINT)
-        err = p.communicate(timeout=10)[1]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "universal_newlines": True}
+    with signalled_child(command, cwd=HERE, **pipes) as p:
+        try:
+            assert p.stdout is not None
+            head = [p.stdout.readline() for _ in range(6)]
+            assert head[-1] == "Its clock runs -86400 s from this machine's.\n"
+            url = f"http://127.0.0.1:{port}/api/v1/llm/files"
+            r = requests.post(
+                url,
+                headers={"Authorization": "Bearer demo-key"},
+                files={"file": ("a.jsonl", b"{}\n")},
+                data={"purpose": "batch"},
+                timeout=10,
+            )
+            assert abs(r.json()["created_at"] - (time.time() - 86400)) < 60
+            assert abs(email.utils.parsedate_to_datetime(r.headers["Date"]).timestamp() - (time.time() - 86400)) < 60
+        finally:
+            p.send_signal(signal.SIGINT)
+            err = p.communicate(timeout=10)[1]
     assert p.returncode == 0 and "Traceback" not in err
 
 
