@@ -3078,27 +3078,25 @@ def _timeout(api: Any) -> Any:
     return raised(lambda: get(max_retries=0))
 
 
+def _wait_timeout(api: Any) -> Any:
+    ok(api, dict(EXAMPLE, status="in_progress"))
+    return raised(lambda: m.wait_for_batch(TOKEN, BID, base_url=BASE, max_wait=5, poll_interval=2))
+
+
 @pytest.mark.parametrize(
     "make, cls, attributes",
     [
         (_invalid_response, m.InvalidResponseError, {"field": "created_at", "request_id": RID}),
         (_connection_error, m.APIConnectionError, {}),
         (_timeout, m.APITimeoutError, {}),
+        (_wait_timeout, m.WaitTimeoutError, {"batch": m.Batch.from_dict(dict(EXAMPLE, status="in_progress"))}),
     ],
 )
-def test_other_errors_pickle_with_their_attributes(api, make, cls, attributes):
+def test_other_errors_pickle_with_their_attributes(api, fake_clock, make, cls, attributes):
     e = make(api)
     back = pickle.loads(pickle.dumps(e))  # noqa: S301 - our own bytes
     assert (type(back), str(back), vars(back)) == (cls, str(e), vars(e))
     assert {name: getattr(back, name) for name in attributes} == attributes
-
-
-def test_wait_timeout_error_pickles_with_its_batch(api, fake_clock):
-    ok(api, dict(EXAMPLE, status="in_progress"))
-    e = raised(lambda: m.wait_for_batch(TOKEN, BID, base_url=BASE, max_wait=5, poll_interval=2))
-    back = pickle.loads(pickle.dumps(e))  # noqa: S301 - our own bytes
-    assert (type(back), str(back), vars(back)) == (m.WaitTimeoutError, str(e), vars(e))
-    assert back.batch.to_dict() == dict(EXAMPLE, status="in_progress")
 
 
 # --- Import time and the module's shape -----------------------------------------------------------
@@ -3235,18 +3233,19 @@ def test_file_request_sent_exactly(api, file_id, path):
     assert call.request.req_kwargs["timeout"] == (10.0, 30.0) and call.request.req_kwargs["stream"] is True
 
 
-def test_a_batch_yields_its_output_lines_then_its_error_lines(api):
+@pytest.mark.parametrize(
+    "include_errors, custom_ids_, read",
+    [
+        (True, ["request-3", "request-1", "request-2"], ["file-out", "file-err"]),
+        (False, ["request-3", "request-1"], ["file-out"]),
+    ],
+    ids=["its errors too", "include_errors=False"],
+)
+def test_a_batch_yields_its_output_lines_then_its_error_lines(api, include_errors, custom_ids_, read):
     add_file(api, "file-out", jsonl(numbered(3), numbered(1)))
     add_file(api, "file-err", jsonl(FAILED_LINE))
-    assert custom_ids(finished()) == ["request-3", "request-1", "request-2"]
-    assert [c.request.url for c in api.calls] == [FILES + "file-out/content", FILES + "file-err/content"]
-
-
-def test_include_errors_false_reads_only_the_output_file(api):
-    add_file(api, "file-out", jsonl(numbered(3)))
-    add_file(api, "file-err", jsonl(FAILED_LINE))
-    assert custom_ids(finished(), include_errors=False) == ["request-3"]
-    assert [c.request.url for c in api.calls] == [FILES + "file-out/content"]
+    assert custom_ids(finished(), include_errors=include_errors) == custom_ids_
+    assert [c.request.url for c in api.calls] == [FILES + file_id + "/content" for file_id in read]
 
 
 @pytest.mark.parametrize(
@@ -3704,32 +3703,27 @@ def test_wait_calls_on_update_only_on_change(api):
 
 
 @pytest.mark.parametrize(
-    "batch_id, status",
-    [("batch_failed", "failed"), ("batch_status_expired", "expired"), ("batch_status_cancelled", "cancelled")],
+    "batch_id, status, error",
+    [
+        ("batch_failed", "failed", "invalid_json_line"),
+        ("batch_status_expired", "expired", None),
+        ("batch_status_cancelled", "cancelled", None),
+    ],
 )
-def test_wait_returns_other_terminal_outcomes(gateway, batch_id, status):
+def test_wait_returns_other_terminal_outcomes_with_their_errors(gateway, batch_id, status, error):
     b = m.wait_for_batch(DEMO_TOKEN, batch_id, base_url=gateway.base_url)
-    assert b.status == status and len(gateway.requests) == 1
+    assert (b.status, b.errors and b.errors.data[0].code, len(gateway.requests)) == (status, error, 1)
 
 
-def test_wait_returns_a_failed_batch_with_its_errors(gateway):
-    b = m.wait_for_batch(DEMO_TOKEN, "batch_failed", base_url=gateway.base_url)
-    assert b.errors is not None and b.errors.data[0].code == "invalid_json_line"
-
-
-def test_wait_sleeps_poll_interval(api, sleeps):
+@pytest.mark.parametrize(
+    "kw, slept", [({"poll_interval": 7.5}, [7.5, 7.5]), ({}, [2.0, 2.0])], ids=["7.5 s", "by default"]
+)
+def test_wait_sleeps_its_poll_interval_2_s_by_default_and_polls_as_the_user(api, sleeps, kw, slept):
     ok(api, dict(EXAMPLE, status="in_progress"))
     ok(api, dict(EXAMPLE, status="in_progress"))
     ok(api)
-    m.wait_for_batch(TOKEN, BID, base_url=BASE, poll_interval=7.5)
-    assert sleeps == [7.5, 7.5]
-
-
-def test_wait_polls_every_2_s_by_default_as_the_user(api, sleeps):
-    api.add(responses.GET, URL + BID, json=dict(EXAMPLE, status="in_progress"))
-    ok(api)
-    m.wait_for_batch(TOKEN, BID, "user_9", base_url=BASE)
-    assert sleeps == [2.0] and [c.request.headers["X-On-Behalf-Of"] for c in api.calls] == ["user_9", "user_9"]
+    m.wait_for_batch(TOKEN, BID, "user_9", base_url=BASE, **kw)
+    assert sleeps == slept and [c.request.headers["X-On-Behalf-Of"] for c in api.calls] == ["user_9"] * 3
 
 
 def test_wait_404_propagates_at_once(gateway, sleeps):
@@ -3822,65 +3816,57 @@ def test_client_list_batches_asks_for_20_a_page_by_default(api):
 
 
 @pytest.mark.parametrize(
-    "body, message",
+    "page, seen, message, field, asked",
     [
-        ([], "list: expected an object, got list"),
-        ({"data": {}, "has_more": False}, "data: expected a list, got dict"),
-        ({"data": []}, "has_more: expected true or false, got null"),
+        ([], [], "list: expected an object, got list", "list", 1),
+        ({"data": {}, "has_more": False}, [], "data: expected a list, got dict", "data", 1),
+        ({"data": []}, [], "has_more: expected true or false, got null", "has_more", 1),
+        (
+            {"object": "list", "data": [], "has_more": "yes"},
+            [],
+            "has_more: expected true or false, got 'yes'",
+            "has_more",
+            1,
+        ),
+        ({"object": "list", "data": [], "has_more": True}, [], "page is empty but has_more is true", "data", 1),
+        (
+            {"object": "list", "data": [dict(EXAMPLE, status=7)], "has_more": False},
+            [],
+            "status: expected a string, got 7",
+            "status",
+            1,
+        ),
+        (
+            {"object": "list", "data": [stamped("b2"), stamped("b1")], "has_more": False},
+            [],  # refused before any of its items
+            "page is not newest first: 'b1' after created_at 1704067198",
+            "data",
+            1,
+        ),
+        (
+            # The page after b1 is the first again: b1 comes after itself, which no order of ties explains.
+            {"object": "list", "data": [stamped("b1"), stamped("b2")], "has_more": True},
+            ["b1"],
+            "page repeats 'b1', listed already",
+            "data",
+            2,
+        ),
+    ],
+    ids=[
+        "not an object",
+        "data",
+        "has_more null",
+        "has_more 'yes'",
+        "empty with more",
+        "a bad item",
+        "order",
+        "repeats",
     ],
 )
-def test_a_list_page_of_the_wrong_shape_is_refused(api, body, message):
-    api.add(responses.GET, BASE + "/api/v1/llm/batches", json=body, headers={"X-Request-ID": RID})
-    with pytest.raises(m.InvalidResponseError) as info:
-        next(m.list_batches(TOKEN, base_url=BASE))
-    assert (str(info.value), info.value.request_id) == (message, RID)
-
-
-def test_a_page_whose_has_more_is_not_a_boolean_says_what_it_got(api):
-    api.add(responses.GET, BASE + "/api/v1/llm/batches", json={"object": "list", "data": [], "has_more": "yes"})
-    with pytest.raises(m.InvalidResponseError, match=r"^has_more: expected true or false, got 'yes'$"):
-        next(m.list_batches(TOKEN, base_url=BASE))
-
-
-def test_a_list_page_error_carries_its_request_id_and_its_exact_message(api):
-    page = {"object": "list", "data": [], "has_more": True}
+def test_a_page_the_pager_cannot_trust_is_refused_with_its_request_id(api, page, seen, message, field, asked):
     api.add(responses.GET, BASE + "/api/v1/llm/batches", json=page, headers={"X-Request-ID": RID})
-    with pytest.raises(m.InvalidResponseError) as info:
-        list(m.list_batches(TOKEN, base_url=BASE))
-    assert (str(info.value), info.value.field, info.value.request_id) == (
-        "page is empty but has_more is true",
-        "data",
-        RID,
-    )
-
-
-def test_a_bad_item_on_a_list_page_carries_the_pages_request_id(api):
-    page = {"object": "list", "data": [dict(EXAMPLE, status=7)], "has_more": False}
-    api.add(responses.GET, BASE + "/api/v1/llm/batches", json=page, headers={"X-Request-ID": RID})
-    with pytest.raises(m.InvalidResponseError) as info:
-        next(m.list_batches(TOKEN, base_url=BASE))
-    assert (str(info.value), info.value.request_id) == ("status: expected a string, got 7", RID)
-
-
-def test_a_page_that_is_not_newest_first_is_refused_before_any_of_its_items(api):
-    page = {"object": "list", "data": [stamped("b2"), stamped("b1")], "has_more": False}
-    api.add(responses.GET, BASE + "/api/v1/llm/batches", json=page, headers={"X-Request-ID": RID})
-    listed = m.list_batches(TOKEN, base_url=BASE)
-    with pytest.raises(m.InvalidResponseError) as info:
-        next(listed)
-    assert (str(info.value), info.value.request_id) == (
-        "page is not newest first: 'b1' after created_at 1704067198",
-        RID,
-    )
-
-
-def test_a_stuck_cursor_error_carries_its_request_id_and_its_exact_message(api):
-    """The page after b1 is the first again: b1 comes after itself, which no order of ties explains."""
-    page = {"object": "list", "data": [stamped("b1"), stamped("b2")], "has_more": True}
-    api.add(responses.GET, BASE + "/api/v1/llm/batches", json=page, headers={"X-Request-ID": RID})
-    with pytest.raises(m.InvalidResponseError) as info:
-        list(m.list_batches(TOKEN, base_url=BASE))
-    assert (str(info.value), info.value.request_id) == ("page repeats 'b1', listed already", RID)
+    listed, error = read_until_error(m.list_batches(TOKEN, base_url=BASE), m.InvalidResponseError, "id")
+    assert (listed, str(error), error.field, error.request_id, len(api.calls)) == (seen, message, field, RID, asked)
 
 
 def test_a_cursor_whose_page_holds_only_its_own_tie_did_not_advance(api):
@@ -4204,40 +4190,27 @@ def gateway_date(offset: float = 0) -> Dict[str, str]:
     return {"Date": email.utils.formatdate(GATEWAY_NOW + offset, usegmt=True)}
 
 
-@pytest.mark.parametrize("change", [{"expires_at": 1}, {"status": "error"}, {"bytes": 4}, {"purpose": "vision"}])
-def test_upload_does_not_reuse_a_file_that_is_expired_failed_or_other(api, change):
-    data = b"abc"
-    old = {"id": "file-old", "object": "file", "bytes": 3, "created_at": 1, "filename": "x", "purpose": "batch"}
-    old.update(sha256=hashlib.sha256(data).hexdigest(), **change)
-    new = dict(old, id="file-new", bytes=3, purpose="batch", expires_at=None, status=None)
-    api.add(responses.GET, BASE + "/api/v1/llm/files", json={"object": "list", "data": [old], "has_more": False})
-    api.add_callback(responses.POST, BASE + "/api/v1/llm/files", callback=lambda r: (200, {}, json.dumps(new)))
-    assert m.upload_file(TOKEN, io.BytesIO(data), base_url=BASE).id == "file-new"
-
-
-def test_upload_does_not_reuse_a_file_of_the_same_size_with_other_bytes(api):
-    other = {"id": "file-other", "object": "file", "bytes": 3, "created_at": 1, "filename": "x", "purpose": "batch"}
-    other.update(sha256="0" * 64)
-    new = dict(other, id="file-new", sha256=hashlib.sha256(b"abc").hexdigest())
-    api.add(responses.GET, BASE + "/api/v1/llm/files", json={"object": "list", "data": [other], "has_more": False})
-    api.add_callback(responses.POST, BASE + "/api/v1/llm/files", callback=lambda r: (200, {}, json.dumps(new)))
-    assert m.upload_file(TOKEN, io.BytesIO(b"abc"), base_url=BASE).id == "file-new"
-
-
 @pytest.mark.parametrize(
-    "expires_at, dated, reused",
+    "change, dated, reused",
     [
-        (GATEWAY_NOW + 3601, True, True),
-        (GATEWAY_NOW + 3599, True, False),  # about to go, by the gateway's clock
-        (None, False, True),
-        (GATEWAY_NOW + 10**6, False, False),  # no Date: whether it is about to go cannot be told
+        ({"expires_at": GATEWAY_NOW + 3601}, True, True),
+        ({"expires_at": GATEWAY_NOW + 3599}, True, False),  # about to go, by the gateway's clock
+        ({"expires_at": None}, False, True),
+        ({"expires_at": GATEWAY_NOW + 10**6}, False, False),  # no Date: whether it is about to go cannot be told
+        ({"expires_at": 1}, False, False),
+        ({"status": "error"}, False, False),
+        ({"bytes": 4}, False, False),
+        ({"purpose": "vision"}, False, False),
+        ({"sha256": "0" * 64}, False, False),  # the same size, other bytes
     ],
 )
-def test_upload_reuses_a_file_not_about_to_expire_by_the_gateways_clock(api, expires_at, dated, reused):
+def test_upload_reuses_a_file_of_its_bytes_for_batches_not_about_to_expire_by_the_gateways_clock(
+    api, change, dated, reused
+):
     data = b"abc"
-    old = {"id": "file-old", "object": "file", "bytes": 3, "created_at": 1, "filename": "x", "purpose": "batch"}
-    old.update(sha256=hashlib.sha256(data).hexdigest(), expires_at=expires_at)
-    new = dict(old, id="file-new", expires_at=None)
+    new = {"id": "file-new", "object": "file", "bytes": 3, "created_at": 1, "filename": "x", "purpose": "batch"}
+    new.update(sha256=hashlib.sha256(data).hexdigest(), expires_at=None, status=None)
+    old = dict(new, id="file-old", **change)
     page = {"object": "list", "data": [old], "has_more": False}
     api.add(responses.GET, BASE + "/api/v1/llm/files", json=page, headers=gateway_date() if dated else {})
     api.add_callback(responses.POST, BASE + "/api/v1/llm/files", callback=lambda r: (200, {}, json.dumps(new)))
@@ -4268,25 +4241,17 @@ def test_upload_reuses_a_file_only_if_it_does_not_expire_soon_by_the_gateways_cl
     assert (first.id == second.id, len(gateway.stored_files())) == (reused, 1 if reused else 2)
 
 
+@pytest.mark.parametrize("no_sha256", [False, True], ids=["sha256", "no sha256"])
 @pytest.mark.parametrize("fault", ["cut-upload", "502", "reset"])
-def test_upload_cut_after_the_server_stored_it_is_found_not_sent_again(skewed_gateway, tmp_path, fault):
+def test_upload_cut_after_the_server_stored_it_is_found_not_sent_again(skewed_gateway, tmp_path, fault, no_sha256):
+    """By its sha256; without one, as the file of this name and size that the gateway made since the upload began."""
     gateway = skewed_gateway
+    gateway.no_sha256 = no_sha256
     gateway.write_faults = [fault]
-    uploaded = m.upload_file(DEMO_TOKEN, request_file(tmp_path, None), base_url=gateway.base_url)
-    (stored,) = gateway.stored_files()
-    assert uploaded.id == stored["id"] and posts(gateway) == ["/api/v1/llm/files"]
-
-
-@pytest.mark.parametrize("fault", ["502", "reset", "cut-upload"])
-def test_upload_whose_answer_is_lost_by_a_gateway_without_sha256_is_found_by_its_time(skewed_gateway, tmp_path, fault):
-    """No sha256 to go by: the file of this name and size that the gateway made since the upload began."""
-    gateway = skewed_gateway
-    gateway.no_sha256 = True
     with writer(gateway) as client:
-        gateway.write_faults = [fault]
         uploaded = client.upload_file(request_file(tmp_path, None))
     (stored,) = gateway.stored_files()
-    assert (uploaded.id, uploaded.sha256, posts(gateway)) == (stored["id"], None, ["/api/v1/llm/files"])
+    assert (uploaded.id, uploaded.sha256, posts(gateway)) == (stored["id"], stored["sha256"], ["/api/v1/llm/files"])
 
 
 def test_an_upload_looks_again_for_its_own_user_after_a_lost_answer(tmp_path):
@@ -4296,31 +4261,19 @@ def test_an_upload_looks_again_for_its_own_user_after_a_lost_answer(tmp_path):
         assert [f["id"] for f in gw.stored_files("user_7")] == [uploaded.id]
 
 
-def test_upload_after_a_lost_answer_finds_a_file_the_gateway_gave_no_sha256(api, sleeps):
-    stored = {"id": "file-1", "object": "file", "bytes": 3, "created_at": GATEWAY_NOW, "filename": "in.jsonl"}
-    stored.update(purpose="batch", sha256=None)
-    api.add(responses.GET, BASE + "/api/v1/llm/files", json={"object": "list", "data": [], "has_more": False})
-    page = {"object": "list", "data": [stored], "has_more": False}
-    api.add(responses.GET, BASE + "/api/v1/llm/files", json=page, headers=gateway_date())
-    api.add_callback(
-        responses.POST, BASE + "/api/v1/llm/files", callback=lambda r: (b"".join(r.body), (502, {}, ""))[1]
-    )
-    named = io.BytesIO(b"abc")
-    named.name = "data/in.jsonl"
-    assert m.upload_file(TOKEN, named, base_url=BASE).id == "file-1"
-    assert [c.request.method for c in api.calls] == ["GET", "POST", "GET"]
-
-
 @pytest.mark.parametrize(
-    "created_at, dated, found",
+    "name, created_at, dated, found",
     [
-        (GATEWAY_NOW - 300, True, True),
-        (GATEWAY_NOW, True, True),
-        (GATEWAY_NOW - 301, True, False),
-        (GATEWAY_NOW, False, False),
+        ("in.jsonl", GATEWAY_NOW - 300, True, True),
+        ("in.jsonl", GATEWAY_NOW, True, True),
+        ("data/in.jsonl", GATEWAY_NOW, True, True),  # its base name
+        ("in.jsonl", GATEWAY_NOW - 301, True, False),
+        ("in.jsonl", GATEWAY_NOW, False, False),
     ],
 )
-def test_a_lost_uploads_file_without_sha256_is_known_by_its_time(api, sleeps, fake_clock, created_at, dated, found):
+def test_a_lost_uploads_file_without_sha256_is_known_by_its_name_and_time(
+    api, sleeps, fake_clock, name, created_at, dated, found
+):
     """Made since the upload began, by the gateway's clock (the page's Date, less 300 s); without a Date, not known."""
     stored = {"id": "file-1", "object": "file", "bytes": 3, "created_at": created_at, "filename": "in.jsonl"}
     stored.update(purpose="batch", sha256=None)
@@ -4332,12 +4285,13 @@ def test_a_lost_uploads_file_without_sha256_is_known_by_its_time(api, sleeps, fa
         responses.POST, BASE + "/api/v1/llm/files", callback=lambda r: (b"".join(r.body), (502, {}, ""))[1]
     )
     named = io.BytesIO(b"abc")
-    named.name = "in.jsonl"
+    named.name = name
     if found:
         assert m.upload_file(TOKEN, named, base_url=BASE, max_retries=0).id == "file-1"
     else:
         with pytest.raises(m.InternalServerError):
             m.upload_file(TOKEN, named, base_url=BASE, max_retries=0)
+    assert [c.request.method for c in api.calls] == ["GET", "POST", "GET"]
 
 
 # --- Creates and submits: each batch made once ----------------------------------------------------
@@ -4345,25 +4299,28 @@ def test_a_lost_uploads_file_without_sha256_is_known_by_its_time(api, sleeps, fa
 # afterwards; with responses, the lookups by the gateway's clock and the idempotency key.
 
 
-def test_create_sends_max_concurrency_only_when_given(api):
+@pytest.mark.parametrize(
+    "kw, sent",
+    [
+        ({}, {"input_file_id": "file_abc123", "endpoint": CHAT, "completion_window": "24h"}),
+        (
+            {"max_concurrency": 8, "completion_window": "24h"},
+            {"input_file_id": "file_abc123", "endpoint": CHAT, "completion_window": "24h", "max_concurrency": 8},
+        ),
+        (
+            {"max_concurrency": 1},
+            {"input_file_id": "file_abc123", "endpoint": CHAT, "completion_window": "24h", "max_concurrency": 1},
+        ),
+    ],
+    ids=["not given", "8", "1"],
+)
+def test_create_sends_max_concurrency_only_when_given(api, kw, sent):
     api.add(responses.POST, BASE + "/api/v1/llm/batches", json=dict(EXAMPLE, status="validating"))
-    with m.Client(TOKEN, base_url=BASE) as client:
-        client.create_batch("file_abc123", CHAT)
-        client.create_batch("file_abc123", CHAT, max_concurrency=8, completion_window="24h")
-    first, second = (json.loads(call.request.body) for call in api.calls)
-    assert set(first) == {"input_file_id", "endpoint", "completion_window", "metadata"}
-    assert (second["max_concurrency"], second["completion_window"], list(second["metadata"])) == (
-        8,
-        "24h",
-        [m.CREATE_KEY],
-    )
-    assert api.calls[0].request.headers["Content-Type"] == "application/json"
-
-
-def test_create_batch_accepts_a_max_concurrency_of_one(api):
-    api.add(responses.POST, BASE + "/api/v1/llm/batches", json=EXAMPLE)
-    assert m.create_batch(TOKEN, "file-1", "/v1/chat/completions", max_concurrency=1, base_url=BASE).id == BID
-    assert json.loads(api.calls[0].request.body)["max_concurrency"] == 1
+    assert m.create_batch(TOKEN, "file_abc123", CHAT, base_url=BASE, **kw).id == BID
+    (call,) = api.calls
+    body = json.loads(call.request.body)
+    assert (list(body.pop("metadata")), body) == ([m.CREATE_KEY], sent)
+    assert call.request.headers["Content-Type"] == "application/json"
 
 
 @pytest.mark.parametrize(
@@ -4726,12 +4683,6 @@ def test_cancel_that_conflicts_with_an_earlier_cancel_returns_that_batch(api, ca
     assert caplog.records[0].getMessage().startswith(f"POST /api/v1/llm/batches/{BID}/cancel -> 409 (attempt 1")
 
 
-def test_cancel_whose_first_answer_was_lost_returns_the_cancelled_batch(api):
-    api.add(responses.POST, URL + BID + "/cancel", status=409, json={"error": {"message": "already cancelled"}})
-    api.add(responses.GET, URL + BID, json=dict(EXAMPLE, status="cancelled"))
-    assert m.cancel_batch(TOKEN, BID, base_url=BASE).status == "cancelled"
-
-
 # --- Resubmit what failed -------------------------------------------------------------------------
 
 
@@ -4847,21 +4798,17 @@ def test_resubmit_of_an_input_file_that_is_not_jsonl_names_its_line(api):
     assert info.value.field == "custom_id"
 
 
-@pytest.mark.parametrize("fault", ["502", "reset"])
-def test_resubmit_with_a_fault_after_the_new_batch_was_made_makes_one(gateway, fault):
+@pytest.mark.parametrize(
+    "fault, metadata",
+    [("502", None), ("reset", None), ("502", {f"k{i}": "v" for i in range(14)})],
+    ids=["502", "reset", "502, with 14 pairs of metadata"],
+)
+def test_resubmit_with_a_fault_after_the_new_batch_was_made_makes_one_and_finds_it(gateway, fault, metadata):
     gateway.write_faults = [None, fault]  # the upload goes through; the create is made, then its answer fails
-    with writer(gateway) as client:
-        again = client.resubmit_failed("batch_partial")
-    assert [b["id"] for b in gateway.created_batches()] == [again.id]
-
-
-def test_resubmit_with_14_pairs_of_metadata_still_finds_the_batch_it_made(gateway):
-    gateway.write_faults = [None, "502"]
-    metadata = {f"k{i}": "v" for i in range(14)}
     with writer(gateway) as client:
         again = client.resubmit_failed("batch_partial", metadata=metadata)
     (made,) = gateway.created_batches()
-    assert again.id == made["id"] and len(made["metadata"]) == 16
+    assert again.id == made["id"] and len(made["metadata"]) == len(metadata or {}) + 2
     assert gateway.stored_files()[0]["filename"] == "input.jsonl"  # not a TemporaryFile's descriptor
 
 
