@@ -5150,51 +5150,41 @@ def test_cli_api_key_wins_over_bearer_auth(cli, gateway):
     assert r.returncode == 0
 
 
-def test_cli_api_error_is_one_line_exit_1_without_token(cli, gateway):
-    r = cli("nope", env={"MKA1_API_KEY": DEMO_TOKEN, "MKA1_BASE_URL": gateway.base_url})
-    assert (r.returncode, r.stdout) == (1, "")
-    assert r.stderr.startswith("error: 404 Batch not found (request ") and r.stderr.count("\n") == 1
-    assert DEMO_TOKEN not in r.stderr and "Traceback" not in r.stderr
-
-
-def test_cli_wrong_key_is_exit_1_without_the_key(cli, gateway):
-    r = cli("batch_x", env={"MKA1_API_KEY": "sk-secret-wrong", "MKA1_BASE_URL": gateway.base_url})
-    assert r.returncode == 1 and r.stderr.startswith("error: 401 Invalid API key") and "sk-secret-wrong" not in r.stderr
-
-
-def test_cli_network_error_exit_1(cli, gateway):
-    r = cli("batch_x", "--timeout", "0.5", env={"MKA1_API_KEY": "sk-secret-x", "MKA1_BASE_URL": "http://127.0.0.1:9"})
-    assert (
-        r.returncode == 1
-        and r.stderr == "error: GET /api/v1/llm/batches/batch_x on 127.0.0.1:9 failed: connection refused\n"
-    )
-    assert r.stderr.count("\n") == 1 and "sk-secret-x" not in r.stderr
-
-
 @pytest.mark.parametrize(
-    "args, env, message",
+    "args, key, base_url, stderr",
     [
-        (["batch_x"], {}, "error: set MKA1_API_KEY (or MKA1_BEARER_AUTH) to your MKA1 API key\n"),
-        (["batch_x"], {"MKA1_API_KEY": "  "}, "error: set MKA1_API_KEY (or MKA1_BEARER_AUTH) to your MKA1 API key\n"),
+        (["nope"], DEMO_TOKEN, None, r"error: 404 Batch not found \(request [^\n]*\n"),
+        (["batch_x"], "sk-secret-wrong", None, r"error: 401 Invalid API key[^\n]*\n"),
+        (
+            ["batch_x", "--timeout", "0.5"],
+            "sk-secret-x",
+            "http://127.0.0.1:9",
+            r"error: GET /api/v1/llm/batches/batch_x on 127\.0\.0\.1:9 failed: connection refused\n",
+        ),
     ],
+    ids=["404", "a wrong key", "connection refused"],
 )
-def test_cli_usage_errors_exit_2_with_one_line(cli, args, env, message):
-    r = cli(*args, env=env)
-    assert (r.returncode, r.stdout, r.stderr) == (2, "", message)
+def test_cli_a_failed_call_is_exit_1_with_one_line_without_the_key(cli, gateway, args, key, base_url, stderr):
+    r = cli(*args, env={"MKA1_API_KEY": key, "MKA1_BASE_URL": base_url or gateway.base_url})
+    assert (r.returncode, r.stdout) == (1, "") and re.fullmatch(stderr, r.stderr), r.stderr
+    assert key not in r.stderr
 
 
 @pytest.mark.parametrize(
     "env, message",
     [
+        ({}, "set MKA1_API_KEY (or MKA1_BEARER_AUTH) to your MKA1 API key"),
+        ({"MKA1_API_KEY": "  "}, "set MKA1_API_KEY (or MKA1_BEARER_AUTH) to your MKA1 API key"),
         (
-            {"MKA1_BASE_URL": "ftp://x"},
+            {"MKA1_API_KEY": "k", "MKA1_BASE_URL": "ftp://x"},
             "base_url must be an http(s) URL with no query, such as 'https://apigw.mka1.com'",
         ),
         ({"MKA1_API_KEY": "k\x01"}, "token must be non-empty printable ASCII, with or without a leading 'Bearer '"),
     ],
+    ids=["no key", "a blank key", "a bad base URL", "a bad key"],
 )
-def test_cli_a_bad_setting_from_the_environment_is_exit_2(cli, env, message):
-    r = cli("batch_x", env={"MKA1_API_KEY": "k", **env})
+def test_cli_a_missing_or_bad_setting_from_the_environment_is_exit_2_with_one_line(cli, env, message):
+    r = cli("batch_x", env=env)
     assert (r.returncode, r.stdout, r.stderr) == (2, "", f"error: {message}\n")
 
 
@@ -5221,19 +5211,14 @@ def test_cli_a_bad_setting_from_the_environment_is_exit_2(cli, env, message):
             ["b", "--base-url", "ftp://x"],
             "argument --base-url: must be an http(s) URL with no query, such as 'https://apigw.mka1.com', not 'ftp://x'",
         ),
+        (["batch_x", "--poll-interval", "5"], "argument --poll-interval: not allowed without --wait"),
+        (["batch_x", "--max-wait", "5"], "argument --max-wait: not allowed without --wait"),
     ],
 )
 def test_cli_argument_errors_exit_2_with_the_usage(cli, args, error):
     r = cli(*args, env={"MKA1_API_KEY": "k"})
     assert (r.returncode, r.stdout) == (2, "") and r.stderr.startswith("usage: python -m mka1_batches ")
     assert r.stderr.endswith(f"\npython -m mka1_batches: error: {error}\n")
-
-
-@pytest.mark.parametrize("option", ["--poll-interval", "--max-wait"])
-def test_cli_wait_options_without_wait_are_usage_errors(cli, option):
-    r = cli("batch_x", option, "5", env={"MKA1_API_KEY": "k"})
-    assert (r.returncode, r.stdout) == (2, "") and r.stderr.startswith("usage: python -m mka1_batches ")
-    assert r.stderr.endswith(f"\npython -m mka1_batches: error: argument {option}: not allowed without --wait\n")
 
 
 @pytest.fixture
@@ -5264,14 +5249,16 @@ def test_cli_passes_defaults_and_prints_the_batch(cli, waits):
     )
 
 
-def test_cli_passes_the_wait_options(cli, waits):
-    cli(BID, "--wait", "--poll-interval", "0.5", "--max-wait", "9", "--timeout", "3", env={"MKA1_API_KEY": "k"})
-    assert (waits["poll_interval"], waits["max_wait"], waits["timeout"]) == (0.5, 9.0, (3.0, 3.0))
-
-
-def test_cli_timeout_takes_a_connect_and_a_read_timeout(cli, waits):
-    cli(BID, "--wait", "--timeout", "5,30", env={"MKA1_API_KEY": "k"})
-    assert waits["timeout"] == (5.0, 30.0)
+@pytest.mark.parametrize(
+    "options, poll_interval, max_wait, timeout",
+    [
+        (["--poll-interval", "0.5", "--max-wait", "9", "--timeout", "3"], 0.5, 9.0, (3.0, 3.0)),
+        (["--timeout", "5,30"], 2.0, None, (5.0, 30.0)),  # a connect and a read timeout
+    ],
+)
+def test_cli_passes_the_wait_options(cli, waits, options, poll_interval, max_wait, timeout):
+    cli(BID, "--wait", *options, env={"MKA1_API_KEY": "k"})
+    assert (waits["poll_interval"], waits["max_wait"], waits["timeout"]) == (poll_interval, max_wait, timeout)
 
 
 def test_cli_options_as_each_mode_sees_them():
@@ -5530,24 +5517,19 @@ def _with_the_reader_gone(gateway: Gateway, args: List[str], unbuffered: bool, r
 
 @pytest.mark.parametrize("unbuffered", [False, True], ids=["the flush fails", "the print fails"])
 @pytest.mark.parametrize(
-    "args, stderr",
-    [(["batch_x"], ""), (["batch_x", "--wait"], "completed: 2/3 completed, 1 failed, 0s\n")],
-    ids=["get", "wait"],
+    "args, stderr, runs",
+    [
+        (["batch_x"], "", 3),
+        (["batch_x", "--wait"], "completed: 2/3 completed, 1 failed, 0s\n", 3),
+        (["batch_x", "--results"], "", 2),
+        (["batch_x", "--results", "--wait"], "completed: 2/3 completed, 1 failed, 0s\n", 2),
+    ],
+    ids=["get", "wait", "results", "results after a wait"],
 )
-def test_cli_reader_gone_before_the_json_is_exit_141_without_a_word(gateway, args, stderr, unbuffered):
-    """`| head -n1`, `| grep -q`: the reader may close its end first. Three runs over real pipes each."""
-    assert _with_the_reader_gone(gateway, args, unbuffered, 3) == [(stderr, 141)] * 3
-
-
-@pytest.mark.parametrize("unbuffered", [False, True], ids=["the flush fails", "the print fails"])
-@pytest.mark.parametrize(
-    "args, stderr",
-    [(["batch_x", "--results"], ""), (["batch_x", "--results", "--wait"], "completed: 2/3 completed, 1 failed, 0s\n")],
-    ids=["get", "wait"],
-)
-def test_cli_results_reader_gone_is_exit_141_without_a_word(gateway, args, stderr, unbuffered):
-    """As with the batch's JSON: the reader closes its end first, with and without --wait, buffered or not."""
-    assert _with_the_reader_gone(gateway, args, unbuffered, 2) == [(stderr, 141)] * 2
+def test_cli_reader_gone_before_the_output_is_exit_141_without_a_word(gateway, args, stderr, runs, unbuffered):
+    """`| head -n1`, `| grep -q`: the reader may close its end first, before the batch's JSON or its results,
+    with and without --wait, buffered or not. Several runs over real pipes each."""
+    assert _with_the_reader_gone(gateway, args, unbuffered, runs) == [(stderr, 141)] * runs
 
 
 def test_cli_reader_gone_mid_wait_is_exit_141(gateway):
@@ -5607,19 +5589,6 @@ def test_cli_wait_writes_a_line_per_change(cli, gateway):
     assert all(re.fullmatch(r"\d+s", line.rsplit(", ", 1)[1]) for line in lines)
 
 
-@pytest.mark.parametrize(
-    "batch_id, said",
-    [
-        ("batch_failed", "failed: 0/0 completed, 0 failed, 0s\n" + FAILED_WHY),
-        ("batch_status_cancelled", "cancelled: 1/3 completed, 0 failed, 0s\n" + CANCELLED),
-        ("batch_status_expired", "expired: 1/3 completed, 0 failed, 0s\n" + EXPIRED),
-    ],
-)
-def test_cli_wait_on_a_batch_that_ended_badly_says_what_happened_and_is_exit_3(cli, gateway, batch_id, said):
-    r = cli(batch_id, "--wait", env=_env(gateway))
-    assert (r.returncode, json.loads(r.stdout)["id"], r.stderr) == (3, batch_id, said)
-
-
 def test_cli_wait_shows_a_batch_without_counts(cli, api):
     """An OpenAI-compatible server's batch: request_counts null while it validates, and for good once it failed."""
     for status in ("validating", "failed"):
@@ -5632,14 +5601,19 @@ def test_cli_wait_shows_a_batch_without_counts(cli, api):
 
 
 @pytest.mark.parametrize(
-    "args, code",
+    "args, code, said",
     [
-        (["batch_status_cancelled", "--wait"], 3),
-        (["batch_status_failed"], 0),  # without --wait a fetched batch is success
+        (["batch_failed", "--wait"], 3, "failed: 0/0 completed, 0 failed, 0s\n" + FAILED_WHY),
+        (["batch_status_cancelled", "--wait"], 3, "cancelled: 1/3 completed, 0 failed, 0s\n" + CANCELLED),
+        (["batch_status_expired", "--wait"], 3, "expired: 1/3 completed, 0 failed, 0s\n" + EXPIRED),
+        (["batch_status_failed"], 0, ""),  # without --wait a fetched batch is success
     ],
 )
-def test_cli_exit_code_follows_the_outcome(cli, gateway, args, code):
-    assert cli(*args, env=_env(gateway)).returncode == code
+def test_cli_exit_code_follows_the_outcome_and_a_batch_that_ended_badly_says_what_happened(
+    cli, gateway, args, code, said
+):
+    r = cli(*args, env=_env(gateway))
+    assert (r.returncode, json.loads(r.stdout)["id"], r.stderr) == (code, args[0], said)
 
 
 @pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "terminal"])
@@ -6134,42 +6108,20 @@ def cli_as_user(cli):
     return run
 
 
-def test_cli_submit_check_counts_the_requests_and_sends_nothing(cli_as_user, api, tmp_path):
-    path = input_file(tmp_path)
-    r = cli_as_user("submit", path, "--endpoint", CHAT, "--check")
-    assert (r.returncode, r.stdout, r.stderr, calls(api)) == (0, f"{path}: 3 requests, ready to submit\n", "", [])
-
-
-def test_cli_submit_check_of_one_request_says_request(cli_as_user, api, tmp_path):
-    path = input_file(tmp_path, 1)
-    r = cli_as_user("submit", path, "--endpoint", CHAT, "--check")
-    assert (r.returncode, r.stdout, r.stderr) == (0, f"{path}: 1 request, ready to submit\n", "")
-    path = input_file(tmp_path, 2)
-    r = cli_as_user("submit", path, "--endpoint", CHAT, "--check")
-    assert (r.returncode, r.stdout, r.stderr) == (0, f"{path}: 2 requests, ready to submit\n", "")
-
-
 @pytest.mark.parametrize(
-    "keys, refused",
+    "n, options, said",
     [
-        ([f"k{i}" for i in range(16)], False),
-        ([f"k{i}" for i in range(17)], True),
-        ([m.CREATE_KEY], True),
-        (["a", m.CREATE_KEY], True),
+        (3, [], "3 requests"),
+        (1, [], "1 request"),
+        (2, [], "2 requests"),
+        (3, [arg for i in range(16) for arg in ("--metadata", f"k{i}=v")], "3 requests"),  # all the pairs there may be
     ],
-    ids=["16", "17", "create key", "create key among 2"],
+    ids=["3", "1", "2", "16 pairs of metadata"],
 )
-def test_cli_submit_metadata_takes_up_to_16_keys_not_the_create_key(cli_as_user, api, tmp_path, keys, refused):
-    pairs = [arg for key in keys for arg in ("--metadata", key + "=v")]
-    path = input_file(tmp_path)
-    r = cli_as_user("submit", path, "--endpoint", CHAT, "--check", *pairs)
-    assert calls(api) == []
-    if refused:
-        error = f"argument --metadata: up to 16 distinct keys, {m.CREATE_KEY} not among them"
-        assert (r.returncode, r.stdout) == (2, "")
-        assert r.stderr.endswith(f"\npython -m mka1_batches submit: error: {error}\n")
-    else:
-        assert (r.returncode, r.stdout, r.stderr) == (0, f"{path}: 3 requests, ready to submit\n", "")
+def test_cli_submit_check_counts_the_requests_and_sends_nothing(cli_as_user, api, tmp_path, n, options, said):
+    path = input_file(tmp_path, n)
+    r = cli_as_user("submit", path, "--endpoint", CHAT, "--check", *options)
+    assert (r.returncode, r.stdout, r.stderr, calls(api)) == (0, f"{path}: {said}, ready to submit\n", "", [])
 
 
 @pytest.mark.parametrize(
@@ -6219,11 +6171,27 @@ def test_cli_submit_without_endpoint_is_a_usage_error(cli_as_user, api, tmp_path
             ["--metadata", "a=1", "--metadata", "a=2"],
             f"argument --metadata: up to 16 distinct keys, {m.CREATE_KEY} not among them",
         ),
+        (
+            [arg for i in range(17) for arg in ("--metadata", f"k{i}=v")],
+            f"argument --metadata: up to 16 distinct keys, {m.CREATE_KEY} not among them",
+        ),
+        (
+            ["--metadata", f"{m.CREATE_KEY}=v"],
+            f"argument --metadata: up to 16 distinct keys, {m.CREATE_KEY} not among them",
+        ),
+        (
+            ["--metadata", "a=v", "--metadata", f"{m.CREATE_KEY}=v"],
+            f"argument --metadata: up to 16 distinct keys, {m.CREATE_KEY} not among them",
+        ),
         (["--max-concurrency", "0"], "argument --max-concurrency: must be a whole number of 1 or more, not '0'"),
         (
             ["--endpoint", "v1/x"],
             "argument --endpoint: must be one of /v1/chat/completions, /v1/responses, /v1/embeddings,"
             " /v1/images/generations, not 'v1/x'",
+        ),
+        (
+            ["--idempotency-key", "x" * 65],
+            f"argument --idempotency-key: must be 1 to 64 printable ASCII characters, not {'x' * 65!r}",
         ),
     ],
 )
@@ -6232,14 +6200,6 @@ def test_cli_submit_usage_errors_exit_2_and_send_nothing(cli_as_user, api, tmp_p
     assert (r.returncode, r.stdout, calls(api)) == (2, "", [])
     assert r.stderr.startswith("usage: python -m mka1_batches submit ")
     assert r.stderr.endswith(f"\npython -m mka1_batches submit: error: {error}\n")
-
-
-def test_cli_submit_refuses_a_bad_idempotency_key(cli_as_user, api, tmp_path):
-    r = cli_as_user("submit", input_file(tmp_path), "--endpoint", CHAT, "--idempotency-key", "x" * 65)
-    assert (r.returncode, r.stdout, calls(api)) == (2, "", [])
-    assert r.stderr.endswith(
-        f"error: argument --idempotency-key: must be 1 to 64 printable ASCII characters, not {'x' * 65!r}\n"
-    )
 
 
 def test_cli_submit_prints_the_created_batch(cli_as_user, api, tmp_path):
@@ -6331,47 +6291,44 @@ def test_cli_submit_wait_flushes_the_id_before_waiting(api, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize(
-    "n, status, code, missing",
+    "n, status, output, code, missing",
     [
-        (3, "completed", 5, "2 requests came back in neither file: request-2, request-3"),
-        (2, "completed", 5, "1 request came back in neither file: request-2"),
+        (3, "completed", [1], 5, "2 requests came back in neither file: request-2, request-3"),
+        (2, "completed", [1], 5, "1 request came back in neither file: request-2"),
+        (
+            6,
+            "completed",
+            [1],
+            5,
+            "5 requests came back in neither file: request-2, request-3, request-4, request-5, request-6",
+        ),
+        (
+            7,
+            "completed",
+            [1],
+            5,
+            "6 requests came back in neither file: request-2, request-3, request-4, request-5, request-6, ...",
+        ),
         (
             8,
             "completed",
+            [1],
             5,
             "7 requests came back in neither file: request-2, request-3, request-4, request-5, request-6, ...",
         ),
-        (3, "cancelled", 3, "2 requests came back in neither file: request-2, request-3"),  # 3 comes first
+        (3, "cancelled", [1], 3, "2 requests came back in neither file: request-2, request-3"),  # 3 comes first
+        # A result for a request the file does not hold, and one twice: neither stands for request-2.
+        (2, "completed", [1, 9, 1], 5, "1 request came back in neither file: request-2"),
     ],
 )
 def test_cli_submit_results_name_the_requests_that_came_back_in_neither_file(
-    cli_as_user, api, tmp_path, n, status, code, missing
+    cli_as_user, api, tmp_path, n, status, output, code, missing
 ):
-    journey(api, dict(DONE, status=status), jsonl(numbered(1)))
+    lines = jsonl(*[numbered(i) for i in output])
+    journey(api, dict(DONE, status=status), lines)
     r = cli_as_user("submit", input_file(tmp_path, n), "--endpoint", CHAT, "--wait", "--results")
-    assert (r.returncode, r.stdout) == (code, jsonl(numbered(1)).decode())
+    assert (r.returncode, r.stdout) == (code, lines.decode())
     assert r.stderr.splitlines()[-1] == "error: " + missing
-
-
-@pytest.mark.parametrize(
-    "n, missing",
-    [
-        (6, "5 requests came back in neither file: request-2, request-3, request-4, request-5, request-6"),
-        (7, "6 requests came back in neither file: request-2, request-3, request-4, request-5, request-6, ..."),
-    ],
-)
-def test_cli_submit_results_name_the_first_5_missing(cli_as_user, api, tmp_path, n, missing):
-    journey(api, DONE, jsonl(numbered(1)))
-    r = cli_as_user("submit", input_file(tmp_path, n), "--endpoint", CHAT, "--wait", "--results")
-    assert (r.returncode, r.stdout) == (5, jsonl(numbered(1)).decode())
-    assert r.stderr.splitlines()[-1] == "error: " + missing
-
-
-def test_cli_submit_results_with_one_for_a_request_not_in_the_file(cli_as_user, api, tmp_path):
-    journey(api, DONE, jsonl(numbered(1), numbered(9), numbered(1)))
-    r = cli_as_user("submit", input_file(tmp_path, 2), "--endpoint", CHAT, "--wait", "--results")
-    assert (r.returncode, r.stdout) == (5, jsonl(numbered(1), numbered(9), numbered(1)).decode())
-    assert r.stderr.splitlines()[-1] == "error: 1 request came back in neither file: request-2"
 
 
 def _request_line(i: int, space: bytes = b" ") -> bytes:
@@ -6572,32 +6529,25 @@ def test_cli_resubmit_whose_rebuilt_input_fails_the_check_says_so(cli, api):
 
 
 @pytest.mark.parametrize(
-    "terminal, stderr",
-    [(False, "error: interrupted\n"), (True, "\r\x1b[Kerror: interrupted\n")],
-    ids=["pipe", "terminal"],
+    "where, terminal, stderr",
+    [
+        ("the call", False, "error: interrupted\n"),
+        ("the call", True, "\r\x1b[Kerror: interrupted\n"),  # the line is wiped first: it holds the ^C echoed
+        ("the parser", False, "error: interrupted\n"),  # as argparse loads or builds it
+    ],
+    ids=["pipe", "terminal", "at the very start"],
 )
-def test_cli_interrupt_in_process_exits_130(cli, monkeypatch, terminal, stderr):
-    """On a terminal, the line is wiped first: it holds the ^C the terminal echoed."""
-
-    def interrupted(*args: Any, **kw: Any) -> None:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(m.Client, "get_batch", interrupted)
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
-    r = cli("batch_x", env={"MKA1_API_KEY": "k"})
-    assert (r.returncode, r.stdout, r.stderr) == (130, "", stderr)
-
-
-def test_cli_interrupt_at_the_very_start_is_exit_130(cli, monkeypatch):
-    """A Ctrl-C as argparse loads or builds the parser: still no traceback."""
+def test_cli_interrupt_in_process_exits_130_without_a_traceback(cli, monkeypatch, where, terminal, stderr):
     import argparse
 
     def interrupted(*args: Any, **kw: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(argparse, "ArgumentParser", interrupted)
+    owner, name = {"the call": (m.Client, "get_batch"), "the parser": (argparse, "ArgumentParser")}[where]
+    monkeypatch.setattr(owner, name, interrupted)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
     r = cli("batch_x", env={"MKA1_API_KEY": "k"})
-    assert (r.returncode, r.stdout, r.stderr) == (130, "", "error: interrupted\n")
+    assert (r.returncode, r.stdout, r.stderr) == (130, "", stderr)
 
 
 class _Abandoned(BaseException):
