@@ -2584,31 +2584,34 @@ def test_the_token_never_leaks(api, caplog, capsys):
 
 
 @pytest.mark.parametrize(
-    "body, redacted",
+    "token, body, message, redacted",
     [
         (
+            TOKEN,
             {"error": {"message": f"invalid key {TOKEN}", "details": {"key": TOKEN, "seen": [TOKEN, 1]}}},
+            f"401 invalid key [token] (request {RID})",
             {"error": {"message": "invalid key [token]", "details": {"key": "[token]", "seen": ["[token]", 1]}}},
         ),
-        (f"<html>bad key {TOKEN}</html>", "<html>bad key [token]</html>"),
+        (
+            TOKEN,
+            f"<html>bad key {TOKEN}</html>",
+            f"401 bad key [token] (request {RID})",
+            "<html>bad key [token]</html>",
+        ),
+        (
+            'sk-"quoted"\\key',  # echoed JSON-escaped
+            {"error": {"message": 'invalid key sk-"quoted"\\key'}},
+            f"401 invalid key [token] (request {RID})",
+            {"error": {"message": "invalid key [token]"}},
+        ),
     ],
+    ids=["json", "html", "json-escaped"],
 )
-def test_status_error_body_has_the_token_redacted(api, body, redacted):
+def test_status_error_has_the_token_redacted_from_its_message_and_body(api, token, body, message, redacted):
     fail(api, 401, body)
     with pytest.raises(m.AuthenticationError) as info:
-        get()
-    assert info.value.body == redacted
-
-
-def test_a_token_echoed_json_escaped_is_redacted_too(api):
-    token = 'sk-"quoted"\\key'
-    fail(api, 401, {"error": {"message": f"invalid key {token}"}})
-    with pytest.raises(m.AuthenticationError) as info:
         m.get_batch(token, BID, base_url=BASE)
-    assert (str(info.value), info.value.body) == (
-        f"401 invalid key [token] (request {RID})",
-        {"error": {"message": "invalid key [token]"}},
-    )
+    assert (str(info.value), info.value.body) == (message, redacted)
 
 
 def test_a_non_json_answer_that_echoes_the_key_is_redacted(api):
