@@ -41,9 +41,11 @@ if __name__ == "__main__":  # pragma: no cover - run as a program by the tests
             os._exit(130)
 
     try:
-        import signal
+        # The C module that `signal` wraps, loaded as Python starts: no import runs here, whose
+        # clean-up could run a callback in which a KeyboardInterrupt would be printed and lost.
+        import _signal as signal  # type: ignore[import-not-found]
 
-        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
             signal.signal(signal.SIGINT, _exit_interrupted)  # until main() takes over, at the end of the file
     except KeyboardInterrupt:
         _exit_interrupted()
@@ -2517,7 +2519,8 @@ class _Output:
         import sys
         import threading
 
-        self.lock = threading.Lock()
+        # Reentrant: a Ctrl-C can land in main()'s own draw, between tick's acquire and its `try`.
+        self.lock = threading.RLock()
         self.tty = sys.stderr.isatty()
         #: The batch this run leaves going, once there is one, and the command that picks it up.
         self.resume: Optional[Tuple[str, str]] = None
@@ -2581,9 +2584,9 @@ class _Output:
         import sys
 
         if self.tty and (text != self._drawn or end):
+            self._drawn = text  # first: a Ctrl-C mid-write still wipes what was written
             sys.stderr.write("\r\x1b[K" + _printable(text)[: _columns(sys.stderr) - 1] + end)
             sys.stderr.flush()
-            self._drawn = text
 
     def _end_status(self) -> None:
         """Under the lock: the status line taken down, drawn once more and ended, or wiped."""

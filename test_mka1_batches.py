@@ -2999,8 +2999,9 @@ def _bad_json(request: Received) -> List[bytes]:
         lambda url: m.get_batch(TOKEN, "batch_bad", base_url=url),
         lambda url: m.cancel_batch(TOKEN, "nope", base_url=url),
         lambda url: list(m.list_batches(TOKEN, base_url=url)),
+        lambda url: m.iter_results(TOKEN, "nope", base_url=url),  # raises at the call, not at the first item
     ],
-    ids=["404", "not-json", "cancel-404", "list-404"],
+    ids=["404", "not-json", "cancel-404", "list-404", "iter_results-404"],
 )
 def test_module_functions_close_their_connections_though_the_error_is_kept(start, call):
     """A module function's Client is closed before it raises, its sockets with it, whatever holds the error.
@@ -4440,6 +4441,17 @@ def test_create_waits_before_it_looks_so_a_slow_gateways_batch_is_found(api, mon
     assert events == ["POST", "sleep", "GET"]
 
 
+def test_a_create_whose_lookup_fails_after_a_lost_answer_raises_its_own_error_saying_so(api, sleeps):
+    """502 after sending, then the lookup's page 500s: the create's own error, which says whether is unknown."""
+    api.add(responses.POST, BASE + "/api/v1/llm/batches", status=502, body="<title>502 Bad Gateway</title>")
+    api.add(responses.GET, BASE + "/api/v1/llm/batches", status=500, json={"error": {"message": "list down"}})
+    with pytest.raises(m.InternalServerError) as info:
+        m.create_batch(TOKEN, "file_abc123", CHAT, base_url=BASE, max_retries=0)
+    assert info.value.status_code == 502 and isinstance(info.value.__cause__, m.InternalServerError)
+    assert str(info.value) == "502 Bad Gateway; whether it was made is unknown, as looking failed: 500 list down"
+    assert [c.request.method for c in api.calls] == ["POST", "GET"]
+
+
 def test_create_lookup_that_finds_only_others_batches_sends_again(api, sleeps):
     others = dict(EXAMPLE, created_at=2**31, metadata={m.CREATE_KEY: "someone-else"})
     api.add(responses.POST, BASE + "/api/v1/llm/batches", status=500, json={"error": {"message": "boom"}})
@@ -5838,10 +5850,21 @@ def test_cli_status_line_is_not_drawn_while_a_write_is_under_way_nor_off_a_termi
     output = m._Output()
     output.show(lambda: "busy", keep=False, after=0.1)
     fake_clock[0] += 1
-    with output.lock:  # as a write stuck on its reader holds it: the tick waits half a tick, no more
-        started = time.perf_counter()
-        output.tick()
+    holding, release = threading.Event(), threading.Event()
+
+    def stuck_write() -> None:  # in the worker, as a write stuck on its reader holds it
+        with output.lock:
+            holding.set()
+            release.wait(10)
+
+    writer = threading.Thread(target=stuck_write)
+    writer.start()
+    holding.wait(10)
+    started = time.perf_counter()
+    output.tick()  # waits half a tick, no more
     assert time.perf_counter() - started < 1
+    release.set()
+    writer.join()
     assert terminal.getvalue() == ""
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     plain = m._Output()
@@ -6553,6 +6576,23 @@ def test_cli_interrupt_in_process_exits_130_without_a_traceback(cli, monkeypatch
     assert (r.returncode, r.stdout, r.stderr) == (130, "", stderr)
 
 
+def test_cli_submit_interrupted_after_the_batch_was_made_names_it_and_how_to_pick_it_up(
+    cli_as_user, api, tmp_path, monkeypatch
+):
+    submitting(api)
+
+    def interrupted(*args: Any, **kw: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(m._Output, "print", interrupted)  # the batch's JSON is about to be written
+    r = cli_as_user("submit", input_file(tmp_path), "--endpoint", CHAT, "--on-behalf-of", "user 5")
+    assert (r.returncode, r.stdout) == (130, "")
+    assert r.stderr == (
+        f"error: interrupted; batch {CREATED['id']} goes on. To pick it up:"
+        f" python -m mka1_batches {CREATED['id']} --wait --on-behalf-of 'user 5' --base-url {BASE}\n"
+    )
+
+
 class _Abandoned(BaseException):
     """Ends work that main() has left, with no write: the output's lock, kept by main(), would never come."""
 
@@ -6596,13 +6636,29 @@ def test_cli_ctrl_c_in_main_s_thread_ends_the_wait_s_line_first(monkeypatch, fak
     )
 
 
+def test_cli_ctrl_c_in_main_s_own_draw_ends_the_line_at_once(monkeypatch, fake_clock):
+    """A Ctrl-C that lands as main()'s thread has taken the lock to draw (before the `try` that frees it):
+    the lock is its own, so the line is wiped and the error line written at once, not after PATIENCE."""
+    monkeypatch.setattr(m._Output, "PATIENCE", 5)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    output = m._Output()
+    output.show(lambda: "f: 1 lines", keep=False)
+    output.lock.acquire()  # tick's, as the KeyboardInterrupt lands
+    started = time.monotonic()
+    assert output.interrupted() == 130 and time.monotonic() - started < 1
+    assert terminal.getvalue() == "\r\x1b[Kf: 1 lines\r\x1b[K\r\x1b[Kerror: interrupted\n"
+
+
 @pytest.mark.parametrize("descriptor", [True, False], ids=["stderr", "pytest's capture"])
 def test_cli_ctrl_c_goes_around_a_write_that_is_stuck(monkeypatch, capsys, descriptor):
     """A write that holds the output's lock past PATIENCE is stuck on a reader, and holds its stream's own lock
     too: the line goes straight to stderr's file descriptor, or where there is none, to the stream."""
     monkeypatch.setattr(m._Output, "PATIENCE", 0.01)
     output = m._Output()
-    output.lock.acquire()  # the stuck write's
+    stuck = threading.Thread(target=output.lock.acquire)  # the stuck write's, in the worker
+    stuck.start()
+    stuck.join()
     if not descriptor:
         assert (output.interrupted(), capsys.readouterr().err) == (130, "error: interrupted\n")
         return
@@ -6776,11 +6832,14 @@ def test_cli_ctrl_c_in_the_first_moments_is_exit_130_without_a_traceback(gateway
 
 
 def _first_statement(path: str) -> int:
-    """The line of the first statement of the module at ``path`` after its docstring."""
+    """The line of the module's first statement that acts on a SIGINT: the ``try`` that opens its
+    ``if __name__ == "__main__":`` block. Above it, the ``if`` and a ``def``: Python's own, the module says."""
     import ast
 
     with open(path) as source:
-        return ast.parse(source.read()).body[1].lineno
+        main = ast.parse(source.read()).body[1]
+    assert isinstance(main, ast.If) and isinstance(main.body[1], ast.Try), ast.dump(main)[:200]
+    return main.body[1].lineno
 
 
 def _until_the_module(path, first):  # unannotated: STARTING_CLI runs its source alone
