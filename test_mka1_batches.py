@@ -1929,6 +1929,23 @@ def test_a_connection_failures_cause_in_a_few_words(chain, proxy, expected):
     assert m._root_cause(chain, proxy) == expected
 
 
+def test_a_failures_chain_follows_reason_args_cause_and_context_and_stops_at_16():
+    """requests wraps in args, urllib3 in reason, Python in __cause__ and __context__; a cycle or a chain
+    longer than 16 ends it."""
+    context, cause, reason, wrapped = OSError("context"), OSError("cause"), OSError("reason"), Exception("mid")
+    cause.__context__ = context
+    reason.__cause__ = cause
+    wrapped.reason = reason  # type: ignore[attr-defined]
+    outer = requests.ConnectionError(wrapped, "text")
+    assert m._chain(outer) == [outer, wrapped, reason, cause, context]
+    links = [OSError(i) for i in range(20)]
+    for inner, outside in zip(links[1:], links):
+        outside.__cause__ = inner
+    assert m._chain(links[0]) == links[:16]
+    links[1].__cause__ = links[0]
+    assert m._chain(links[0]) == links[:2]
+
+
 def test_an_id_that_needs_encoding_matches_itself(start):
     server = start(RawServer())
     assert live(server, "batch/ü x?#").id == "batch/ü x?#"
@@ -3023,6 +3040,24 @@ def test_module_functions_close_their_connections_though_the_error_is_kept(start
     assert all(isinstance(e, m.MKA1Error) for e in kept) and server.connections == 200
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/net/tcp"), reason="counts sockets in Linux's /proc")
+def test_module_functions_close_their_connections_to_a_proxy_too(start, plain_env, monkeypatch):
+    """The pools of the proxy manager are closed as well as the direct ones."""
+    server, proxy = start(RawServer(_bad_json)), start(Proxy())
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    kept = []
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(50):
+            kept.append(raised(lambda: m.get_batch(TOKEN, "nope", base_url=server.base_url, max_retries=0)))
+        assert _sockets_to(proxy.port) == 0
+    finally:
+        if gc_was:
+            gc.enable()
+    assert all(isinstance(e, m.NotFoundError) for e in kept) and proxy.seen.count(b"GET http://") == 50
+
+
 def cut(body: bytes, size: int) -> bytes:
     """A 200 that promises ``body`` but sends only its first ``size`` bytes before closing."""
     whole = reply(body, close=True)
@@ -3367,15 +3402,24 @@ def test_iter_result_lines_strips_the_cr_of_a_crlf_and_nothing_else(api):
     assert api.calls[0].request.headers["X-On-Behalf-Of"] == "user_9"
 
 
-def test_client_iter_results_reports_progress_after_each_line(api):
+@pytest.mark.parametrize(
+    "how, encoding", [("iter_file", "identity"), ("iter_file", "gzip"), ("iter_results", "identity")]
+)
+def test_client_iter_results_reports_progress_after_each_line(api, how, encoding):
+    """(file id, lines, bytes read, total) after each line; the total is the length of a body sent as it is,
+    and None for one encoded: progress counts decoded bytes."""
     body = jsonl(numbered(1), numbered(2))
-    add_file(api, "file-1", body)
+    sent = gzip.compress(body) if encoding == "gzip" else body
+    headers = {"Content-Length": str(len(sent)), **({"Content-Encoding": "gzip"} if encoding == "gzip" else {})}
+    add_file(api, "file-1", sent, headers=headers)
     seen: List[Tuple[Any, ...]] = []
     with m.Client(TOKEN, base_url=BASE) as client:
-        got = [r.custom_id for r in client.iter_file("file-1", on_progress=lambda *a: seen.append(a))]
+        read = client.iter_file if how == "iter_file" else client.iter_results
+        target = "file-1" if how == "iter_file" else finished(output="file-1", errors=None)
+        got = [r.custom_id for r in read(target, on_progress=lambda *a: seen.append(a))]
     assert got == requests_up_to(2)
-    assert [(file_id, lines) for file_id, lines, _, _ in seen] == [("file-1", 1), ("file-1", 2)]
-    assert seen[-1][2] == len(body)
+    total = len(body) if encoding == "identity" else None
+    assert seen == [("file-1", 1, len(body), total), ("file-1", 2, len(body), total)]
 
 
 # 1000: the line ends inside one read; 100000: it spans reads, and the cap falls between them.
@@ -4562,6 +4606,37 @@ def test_create_with_a_new_key_sends_it_and_after_a_lost_answer_looks_through_ev
     ]
 
 
+@pytest.mark.parametrize("stored_size", ["same", "other"])
+def test_submit_with_a_key_reads_back_a_stored_file_without_sha256_only_if_its_size_matches(api, tmp_path, stored_size):
+    """The first run's file, 200 KiB, has no sha256: read back whole (a redirect, chunk after chunk) and
+    hashed; a file of another size cannot hold these bytes, and is not read."""
+    data = jsonl(*[dict(GOOD, custom_id=f"r{i}", body={"pad": "x" * 200}) for i in range(900)])
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(data)
+    size = len(data) + (stored_size == "other")
+    stored = {"id": "file-prev", "object": "file", "bytes": size, "created_at": 1, "filename": "b", "purpose": "batch"}
+    api.add(
+        responses.GET,
+        BASE + "/api/v1/llm/batches",
+        json={"object": "list", "data": [keyed("batch_k", "k", input_file_id="file-prev")], "has_more": False},
+    )
+    api.add(responses.GET, FILES + "file-prev", json=stored)
+    api.add(responses.GET, FILES + "file-prev/content", status=302, headers={"Location": BASE + "/cdn/file-prev"})
+    api.add(responses.GET, BASE + "/cdn/file-prev", body=data)
+    with m.Client(TOKEN, "user_1", base_url=BASE) as client:
+        if stored_size == "same":
+            assert client.submit_batch(str(path), CHAT, idempotency_key="k", on_behalf_of="user_9").id == "batch_k"
+        else:
+            with pytest.raises(m.IdempotencyKeyError):
+                client.submit_batch(str(path), CHAT, idempotency_key="k", on_behalf_of="user_9")
+    reads = [(c.request.path_url, c.request.headers["Accept"]) for c in api.calls][1:]
+    assert reads == [
+        ("/api/v1/llm/files/file-prev", "application/json"),
+        *[("/api/v1/llm/files/file-prev/content", "*/*"), ("/cdn/file-prev", "*/*")] * (stored_size == "same"),
+    ]
+    assert {c.request.headers["X-On-Behalf-Of"] for c in api.calls} == {"user_9"}
+
+
 def test_submit_checks_uploads_and_creates_then_the_results_come_back(gateway, tmp_path):
     with writer(gateway) as client:
         batch = client.submit_batch(request_file(tmp_path, None, "error", 500), CHAT, metadata={"p": "q"})
@@ -4589,26 +4664,29 @@ def test_submit_with_a_key_run_again_finds_the_first_runs_file_and_batch(skewed_
 def test_submit_with_a_key_of_other_bytes_is_refused_and_uploads_nothing(gateway, tmp_path, no_sha256):
     """The first run's input is compared by its sha256, or where the gateway gives none, read back and hashed."""
     gateway.no_sha256 = no_sha256
-    with writer(gateway) as client:
-        first = client.submit_batch(request_file(tmp_path, None, name="a.jsonl"), CHAT, idempotency_key="k")
-        assert client.submit_batch(request_file(tmp_path, None, name="b.jsonl"), CHAT, idempotency_key="k") == first
+    as_user = {"idempotency_key": "k", "on_behalf_of": "user_9"}  # the user's batches, files and contents
+    with writer(gateway, on_behalf_of="user_1") as client:
+        first = client.submit_batch(request_file(tmp_path, None, name="a.jsonl"), CHAT, **as_user)
+        assert client.submit_batch(request_file(tmp_path, None, name="b.jsonl"), CHAT, **as_user) == first
         before = posts(gateway)
         with pytest.raises(m.IdempotencyKeyError, match=f"^idempotency key 'k' already names batch {first.id},"):
-            client.submit_batch(request_file(tmp_path, None, None, name="c.jsonl"), CHAT, idempotency_key="k")
+            client.submit_batch(request_file(tmp_path, None, None, name="c.jsonl"), CHAT, **as_user)
         path = request_file(tmp_path, None, name="d.jsonl", url="/v1/embeddings")
         with pytest.raises(m.IdempotencyKeyError):
-            client.submit_batch(path, "/v1/embeddings", idempotency_key="k")
-    assert posts(gateway) == before and len(gateway.stored_files()) == 1
+            client.submit_batch(path, "/v1/embeddings", **as_user)
+    assert posts(gateway) == before and len(gateway.stored_files("user_9")) == 1
+    assert {r.get("X-On-Behalf-Of") for r in gateway.requests} == {"user_9"}
 
 
 @pytest.mark.parametrize("fault", ["502", "reset"])
 def test_submit_with_a_key_whose_create_answer_was_lost_returns_the_batch(skewed_gateway, tmp_path, fault):
     gateway = skewed_gateway
-    with writer(gateway) as client:
+    with writer(gateway, on_behalf_of="user_1") as client:
         gateway.write_faults = [None, fault]
-        batch = client.submit_batch(request_file(tmp_path, None), CHAT, idempotency_key="k")
-    assert [b["id"] for b in gateway.created_batches()] == [batch.id]
+        batch = client.submit_batch(request_file(tmp_path, None), CHAT, idempotency_key="k", on_behalf_of="user_9")
+    assert [b["id"] for b in gateway.created_batches("user_9")] == [batch.id]
     assert posts(gateway).count("/api/v1/llm/batches") == 1
+    assert {r.get("X-On-Behalf-Of") for r in gateway.requests} == {"user_9"}
 
 
 def _cli_env(gateway: Gateway, unbuffered: bool = True) -> Dict[str, str]:
@@ -4813,6 +4891,69 @@ def test_resubmit_of_an_input_file_that_is_not_jsonl_names_its_line(api):
     assert info.value.field == "custom_id"
 
 
+@pytest.mark.parametrize("bad", ["output", "error", "input"])
+def test_resubmit_names_the_file_whose_line_is_wrong(api, bad):
+    files = {
+        "output": jsonl({"custom_id": "a", "response": {"status_code": 500}}),
+        "error": jsonl({"custom_id": "b", "response": None, "error": {"code": "x"}}),
+        "input": jsonl(GOOD),
+    }
+    files[bad] += b"[1]\n"  # line 2 is no JSON object
+    done = dict(EXAMPLE, output_file_id="file-output", error_file_id="file-error", input_file_id="file-input")
+    api.add(responses.GET, URL + BID, json=done)
+    api.add(responses.GET, BASE + "/api/v1/llm/batches", json={"object": "list", "data": [], "has_more": False})
+    for kind, body in files.items():
+        api.add(responses.GET, FILES + f"file-{kind}/content", body=body)
+    with pytest.raises(m.InvalidResponseError) as info:
+        m.resubmit_failed(TOKEN, BID, base_url=BASE)
+    said = (
+        "expected a JSON object with a string custom_id" if bad == "input" else "result: expected an object, got list"
+    )
+    assert str(info.value) == f"{bad} file file-{bad} of batch {BID} line 2: {said}"
+
+
+def test_resubmit_of_a_batch_with_an_error_file_alone_reads_it(api):
+    """No output file (every request failed): the error file is still read, and its lines are resent."""
+    done = dict(EXAMPLE, output_file_id=None, error_file_id="file-err", input_file_id="file-in")
+    api.add(responses.GET, URL + BID, json=done)
+    api.add(responses.GET, BASE + "/api/v1/llm/batches", json={"object": "list", "data": [], "has_more": False})
+    api.add(responses.GET, FILES + "file-err/content", body=jsonl({"custom_id": "r1", "response": None}))
+    api.add(responses.GET, FILES + "file-in/content", body=jsonl(dict(GOOD, custom_id="r1")) + b"[1]\n")
+    with pytest.raises(m.InvalidResponseError, match=f"^input file file-in of batch {BID} line 2: "):
+        m.resubmit_failed(TOKEN, BID, base_url=BASE)
+    assert [c.request.path_url for c in api.calls][-2:] == [
+        "/api/v1/llm/files/file-err/content",
+        "/api/v1/llm/files/file-in/content",
+    ]
+
+
+@pytest.mark.parametrize(
+    "status, made_again",
+    [("validating", False), ("completed", False), ("failed", True), ("expired", True), ("cancelled", True)],
+)
+def test_resubmit_run_again_makes_a_new_batch_only_if_the_first_ended_badly(gateway, status, made_again):
+    with writer(gateway) as client:
+        first = client.resubmit_failed("batch_partial")
+        gateway._batches[-1].batch["status"] = status  # as the gateway would list it by now
+        second = client.resubmit_failed("batch_partial")
+    assert (second.id != first.id, len(gateway.created_batches())) == (made_again, 1 + made_again)
+
+
+@pytest.mark.parametrize("before, returned", [(1, False), (0, True)], ids=["older", "as old"])
+def test_resubmit_run_again_looks_only_at_batches_as_new_as_the_one_resubmitted(api, before, returned):
+    """A batch that names this one but is older than it cannot be its resubmit: passed over, the files read."""
+    done = dict(EXAMPLE, output_file_id="file-out", error_file_id=None, input_file_id="file-in")
+    earlier = dict(EXAMPLE, id="batch_again", created_at=EXAMPLE["created_at"] - before, metadata={m.RESUBMIT_KEY: BID})
+    api.add(responses.GET, URL + BID, json=done)
+    api.add(responses.GET, BASE + "/api/v1/llm/batches", json={"object": "list", "data": [earlier], "has_more": False})
+    api.add(responses.GET, FILES + "file-out/content", status=404, json={"error": {"message": "gone"}})
+    if returned:
+        assert m.resubmit_failed(TOKEN, BID, base_url=BASE).id == "batch_again"
+    else:
+        with pytest.raises(m.NotFoundError, match=f"^output file file-out of batch {BID}: 404 gone"):
+            m.resubmit_failed(TOKEN, BID, base_url=BASE)
+
+
 @pytest.mark.parametrize(
     "fault, metadata",
     [("502", None), ("reset", None), ("502", {f"k{i}": "v" for i in range(14)})],
@@ -4921,13 +5062,21 @@ def test_client_iter_results_acts_for_the_user_named(api):
 
 def test_a_calls_own_on_behalf_of_goes_on_every_request_it_makes(gateway):
     gateway.write_faults = [None, "500"]  # the upload stores; the create makes the batch, then fails its answer
+    as_user = {"on_behalf_of": "user_9"}
     with writer(gateway, on_behalf_of="user_1") as client:
-        lines = list(client.iter_result_lines("batch_partial", on_behalf_of="user_9"))
-        again = client.resubmit_failed("batch_partial", on_behalf_of="user_9")
-        listed = [b.id for b in client.list_batches(on_behalf_of="user_9")]
-        cancelled = client.cancel_batch(again.id, on_behalf_of="user_9")
-    assert lines and again.id in listed and cancelled.status == "cancelling"
-    assert [b["id"] for b in gateway.created_batches("user_9")] == [again.id]  # the lookup found it
+        lines = list(client.iter_result_lines("batch_partial", **as_user))
+        again = client.resubmit_failed("batch_partial", **as_user)
+        listed = [b.id for b in client.list_batches(**as_user)]
+        cancelled = client.cancel_batch(again.id, **as_user)
+        results = list(client.iter_results(client.wait_for_batch("batch_partial", **as_user), **as_user))
+        read = list(client.iter_file(again.input_file_id, **as_user))
+        file = client.upload_file(io.BytesIO(jsonl(GOOD)), **as_user)
+        keyed = client.create_batch(file.id, CHAT, idempotency_key="k", **as_user)
+        assert client.create_batch(file.id, CHAT, idempotency_key="k", **as_user) == keyed
+    assert lines and again.id in listed and cancelled.status == "cancelling" and len(results) == len(lines)
+    assert sorted(r.custom_id for r in read) == ["request-2", "request-4", "request-5", "request-6"]  # see PARTIAL
+    assert keyed.metadata == {m.CREATE_KEY: "k"}
+    assert [b["id"] for b in gateway.created_batches("user_9")] == [again.id, keyed.id]  # the lookup found it
     assert {r.get("X-On-Behalf-Of") for r in gateway.requests} == {"user_9"}
     lookups = [r for r in gateway.requests if r["method"] == "GET" and r["path"].startswith("/api/v1/llm/batches?")]
     assert lookups[0]["query"] == "limit=100"  # create's lookup asks for the newest 100
@@ -5492,6 +5641,24 @@ def test_cli_a_word_within_two_letters_of_a_command_is_not_sent_but_suggests_it(
     r = cli(word, "x", env={"MKA1_API_KEY": "k"})
     assert (r.returncode, r.stdout, calls(api)) == (2, "", [])
     assert r.stderr.endswith(f"error: argument BATCH_ID: {word!r} is no command; did you mean {meant!r}?\n")
+
+
+def test_cli_edits_counts_letters_added_dropped_or_changed():
+    pairs = [
+        ("", "abc"),
+        ("abc", ""),
+        ("kitten", "sitting"),
+        ("flaw", "lawn"),
+        ("sumbit", "submit"),
+        ("lisxyz", "list"),
+    ]
+    assert [m._edits(a, b) for a, b in pairs] == [3, 3, 3, 2, 2, 3]
+
+
+def test_cli_a_word_three_letters_from_every_command_is_sent_as_a_batch_id(cli, api):
+    api.add(responses.GET, URL + "lisxyz", status=404, json={"error": {"message": "Batch not found"}})
+    r = cli("lisxyz", "--base-url", BASE, env={"MKA1_API_KEY": "k"})
+    assert (r.returncode, calls(api)) == (1, ["GET /api/v1/llm/batches/lisxyz"])
 
 
 def test_cli_a_batch_id_the_gateway_does_not_know_is_its_404_and_the_commands(cli, gateway):
@@ -6254,7 +6421,8 @@ def test_cli_submit_prints_the_created_batch(cli_as_user, api, tmp_path):
         "POST /api/v1/llm/batches",
     ]
     sent = json.loads(api.calls[3].request.body)
-    assert (sent["endpoint"], sent["max_concurrency"], sent["input_file_id"]) == (CHAT, 8, "file-in")
+    assert (sent["endpoint"], sent["completion_window"], sent["max_concurrency"]) == (CHAT, "24h", 8)
+    assert sent["input_file_id"] == "file-in"
     assert sent["metadata"] == {"project": "eval", "note": "a=b", m.CREATE_KEY: "nightly-2026-12-04"}
 
 
@@ -6384,6 +6552,7 @@ def test_cli_submit_results_expect_every_request_of_the_file(cli_as_user, api, t
         (None, ""),
         (0, ""),
         (3, "e1: bad 1 (line 1)|e2: bad 2|e3: bad 3 (line 3)"),
+        (4, "e1: bad 1 (line 1)|e2: bad 2|e3: bad 3 (line 3)|... and 1 more"),
         (5, "e1: bad 1 (line 1)|e2: bad 2|e3: bad 3 (line 3)|... and 2 more"),
     ],
 )
@@ -6392,10 +6561,11 @@ def test_cli_failed_batch_results_say_what_happened_then_its_first_three_errors(
     if n:
         errors[1].pop("line")
     listing = None if errors is None else {"object": "list", "data": errors}
-    ok(api, dict(EXAMPLE, status="failed", output_file_id=None, errors=listing))
+    counts = {"total": 5, "completed": 2, "failed": 1}
+    ok(api, dict(EXAMPLE, status="failed", output_file_id=None, errors=listing, request_counts=counts))
     r = cli_as_user(BID, "--results")
     assert (r.returncode, r.stdout) == (3, "")
-    said = [f"batch {BID} failed: 3 of 3 requests finished (3 completed, 0 failed)"]
+    said = [f"batch {BID} failed: 3 of 5 requests finished (2 completed, 1 failed)"]
     said += [line if line.startswith("...") else f"batch {BID} failed: {line}" for line in listed.split("|") if line]
     assert r.stderr == "".join(f"error: {line}\n" for line in said)
 
@@ -6576,20 +6746,28 @@ def test_cli_interrupt_in_process_exits_130_without_a_traceback(cli, monkeypatch
     assert (r.returncode, r.stdout, r.stderr) == (130, "", stderr)
 
 
+@pytest.mark.parametrize(
+    "options, where, picked_up_with",
+    [
+        ([], (m._Output, "print"), ""),  # as the batch's JSON is about to be written
+        (["--wait", "--results"], (m.Client, "wait_for_batch"), " --results"),  # said: "batch ... created"
+    ],
+    ids=["submit", "submit --wait --results"],
+)
 def test_cli_submit_interrupted_after_the_batch_was_made_names_it_and_how_to_pick_it_up(
-    cli_as_user, api, tmp_path, monkeypatch
+    cli_as_user, api, tmp_path, monkeypatch, options, where, picked_up_with
 ):
     submitting(api)
 
     def interrupted(*args: Any, **kw: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(m._Output, "print", interrupted)  # the batch's JSON is about to be written
-    r = cli_as_user("submit", input_file(tmp_path), "--endpoint", CHAT, "--on-behalf-of", "user 5")
+    monkeypatch.setattr(*where, interrupted)
+    r = cli_as_user("submit", input_file(tmp_path), "--endpoint", CHAT, *options, "--on-behalf-of", "user 5")
     assert (r.returncode, r.stdout) == (130, "")
-    assert r.stderr == (
-        f"error: interrupted; batch {CREATED['id']} goes on. To pick it up:"
-        f" python -m mka1_batches {CREATED['id']} --wait --on-behalf-of 'user 5' --base-url {BASE}\n"
+    assert r.stderr.splitlines(keepends=True)[-1] == (
+        f"error: interrupted; batch {CREATED['id']} goes on. To pick it up: python -m mka1_batches {CREATED['id']}"
+        f" --wait{picked_up_with} --on-behalf-of 'user 5' --base-url {BASE}\n"
     )
 
 
