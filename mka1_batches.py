@@ -51,6 +51,7 @@ if __name__ == "__main__":  # pragma: no cover - run as a program by the tests
         _exit_interrupted()
 
 import contextlib
+import errno
 import functools
 import hashlib
 import http.client
@@ -1588,8 +1589,7 @@ class _Transport:
             with resp:
                 if not (follow and resp.is_redirect) or hop == _MAX_REDIRECTS:
                     raise _Failure(self._status_error(resp, length, request_id), "sent")
-                target = urljoin(url, resp.headers["Location"])
-                refused = _refuse_redirect(url, target)
+                target, refused = _redirect_target(url, resp.headers["Location"])
                 if refused:
                     raise _Failure(self._status_error(resp, length, request_id, refused), "sent")
                 self._read_error_body(resp, length)  # so that its connection is reused
@@ -1678,10 +1678,12 @@ class _Transport:
         return b"".join(chunks)
 
     def _read_error_body(self, resp: requests.Response, length: Optional[int]) -> bytes:
-        """An error's body, cut at _ERROR_BODY_BYTES; read whole when small, so that the connection is reused."""
+        """An error's body, the key replaced, then cut at _ERROR_BODY_BYTES (so that no part of a key echoed
+        across the cut is kept); read whole when small, so that the connection is reused."""
         with contextlib.suppress(_Failure, InvalidResponseError):  # a body that breaks off adds nothing
             deadline = time.monotonic() + self._deadline
-            return self._read(resp, length, _ERROR_BODY_BYTES, deadline)[:_ERROR_BODY_BYTES]
+            body = self._read(resp, length, _ERROR_BODY_BYTES + len(self._secrets[-1]), deadline)
+            return self._clean(body)[:_ERROR_BODY_BYTES]
         return b""
 
     def _chunks(self, resp: requests.Response, length: Optional[int]) -> Iterator[bytes]:
@@ -1787,9 +1789,10 @@ class _Transport:
     def _status_error(
         self, resp: requests.Response, length: Optional[int], request_id: Optional[str], refused: str = "not followed"
     ) -> APIStatusError:
-        text = self._clean(self._read_error_body(resp, length)).decode("utf-8", "replace")
+        text = self._read_error_body(resp, length).decode("utf-8", "replace")
         try:
-            data: Any = json.loads(text) if text else None
+            # Parsed, each string has the key replaced again: JSON may spell it with escapes (\/, \u006d).
+            data: Any = self._scrub(json.loads(text)) if text else None
         except (ValueError, RecursionError):
             data = text
         status = resp.status_code
@@ -1842,6 +1845,16 @@ class _Transport:
         for secret in self._secrets:
             text = text.replace(secret.decode(), "[token]")  # the key is printable ASCII
         return text
+
+    def _scrub(self, data: Any) -> Any:
+        """Parsed JSON with the key replaced in every string."""
+        if isinstance(data, str):
+            return self._redact(data)
+        if isinstance(data, list):
+            return [self._scrub(item) for item in data]
+        if isinstance(data, dict):
+            return {self._redact(key): self._scrub(value) for key, value in data.items()}
+        return data
 
 
 class _Failure(Exception):
@@ -1995,8 +2008,11 @@ def _owned(client: Client, make: Callable[[Client], Iterator[_T]]) -> Iterator[_
     """What ``make(client)`` yields, then the client closed: a module function's iterator owns its Client.
 
     ``make`` runs now, so that a bad argument or a batch not found is raised at the call; then the
-    Client is closed at once.
+    Client is closed at once. It is closed once, at the end of the iteration, or when the iterator
+    is dropped, read or not (a generator never started runs no ``finally``).
     """
+    import weakref
+
     try:
         items = make(client)
     except BaseException:
@@ -2004,10 +2020,14 @@ def _owned(client: Client, make: Callable[[Client], Iterator[_T]]) -> Iterator[_
         raise
 
     def closing() -> Iterator[_T]:
-        with client:
+        try:
             yield from items
+        finally:
+            close()
 
-    return closing()
+    iterator = closing()
+    close = weakref.finalize(iterator, client.close)
+    return iterator
 
 
 def _batch_id(batch: object, name: str) -> str:
@@ -2295,16 +2315,18 @@ def _status_class(status: int) -> Type[APIStatusError]:
     return _STATUS_ERRORS.get(status, InternalServerError if 500 <= status < 600 else APIStatusError)
 
 
-def _refuse_redirect(source: str, target: str) -> Optional[str]:
+def _redirect_target(source: str, location: str) -> Tuple[str, Optional[str]]:
+    """Where a redirect from ``source`` leads, and why it is refused, if it is."""
     try:
+        target = urljoin(source, location)
         scheme = _origin(target)[0]
-    except ValueError:  # a port out of range, or not a number
-        return "refused: not a usable URL"
+    except ValueError:  # a port out of range or not a number, an IPv6 host not closed
+        return location, "refused: not a usable URL"
     if scheme not in ("http", "https"):
-        return "refused: not an http(s) URL"
+        return target, "refused: not an http(s) URL"
     if scheme == "http" and urlsplit(source).scheme == "https":
-        return "refused: https to http"
-    return None
+        return target, "refused: https to http"
+    return target, None
 
 
 @functools.lru_cache(maxsize=16)  # each Client, and each redirect, asks
@@ -2888,7 +2910,11 @@ def _cli_submit(client: Client, args: Any) -> int:
         return 0
     metadata = dict(args.metadata) if args.metadata else None
     # FILE is read twice, no more: to check it and find its sha256 and custom_ids (an upload of the
-    # same bytes is found by it before any is sent), then to send it.
+    # same bytes is found by it before any is sent), then to send it. A pipe cannot be.
+    with open(args.file, "rb") as stream:
+        if not stream.seekable():
+            why = "not a file that can be read twice (a pipe?): it is checked, then sent"
+            raise OSError(errno.ESPIPE, why, args.file)
     batch, ids = client._submit(
         args.file, args.endpoint, "24h", metadata, args.max_concurrency, args.idempotency_key, None
     )

@@ -2518,6 +2518,7 @@ def test_a_fourth_redirect_hop_is_not_followed(api):
     [
         ("https://storage.example:99999/x", "not a usable URL"),
         ("https://storage.example:port/x", "not a usable URL"),
+        ("http://[::1/x", "not a usable URL"),  # urljoin's ValueError: an IPv6 host not closed
         ("ftp://storage.example/x", "not an http(s) URL"),
     ],
 )
@@ -2621,14 +2622,33 @@ def test_the_token_never_leaks(api, caplog, capsys):
             f"401 invalid key [token] (request {RID})",
             {"error": {"message": "invalid key [token]"}},
         ),
+        (
+            "mk/AbC+dEf/123456",  # OpenResty's JSON writes / as \/
+            '{"error": {"message": "invalid key mk\\/AbC+dEf\\/123456"}}',
+            f"401 invalid key [token] (request {RID})",
+            {"error": {"message": "invalid key [token]"}},
+        ),
+        (
+            "mk-abc123456789",
+            '{"error": {"message": "invalid key \\u006dk-abc123456789"}}',
+            f"401 invalid key [token] (request {RID})",
+            {"error": {"message": "invalid key [token]"}},
+        ),
+        (
+            TOKEN,  # echoed across the cut of a long body: no part of it is kept
+            "x" * (64 * 1024 - len(TOKEN) + 1) + TOKEN,
+            f"401 {'x' * 199}… (request {RID})",
+            "x" * (64 * 1024 - len(TOKEN) + 1) + "[token]"[: len(TOKEN) - 1],
+        ),
     ],
-    ids=["json", "html", "json-escaped"],
+    ids=["json", "html", "json-escaped", "json-escaped slash", "json-escaped unicode", "across the cut"],
 )
 def test_status_error_has_the_token_redacted_from_its_message_and_body(api, token, body, message, redacted):
     fail(api, 401, body)
     with pytest.raises(m.AuthenticationError) as info:
         m.get_batch(token, BID, base_url=BASE)
     assert (str(info.value), info.value.body) == (message, redacted)
+    assert token[:8] not in repr(info.value.body) + str(info.value)
 
 
 def test_a_non_json_answer_that_echoes_the_key_is_redacted(api):
@@ -3056,6 +3076,31 @@ def test_module_functions_close_their_connections_to_a_proxy_too(start, plain_en
         if gc_was:
             gc.enable()
     assert all(isinstance(e, m.NotFoundError) for e in kept) and proxy.seen.count(b"GET http://") == 50
+
+
+@pytest.mark.parametrize(
+    "call, read",
+    [
+        (lambda: m.iter_results(TOKEN, BID, base_url=BASE), 0),
+        (lambda: m.iter_file(TOKEN, "file-out", base_url=BASE), 0),
+        (lambda: m.list_batches(TOKEN, base_url=BASE), 0),
+        (lambda: m.iter_file(TOKEN, "file-out", base_url=BASE), 1),
+        (lambda: m.iter_file(TOKEN, "file-out", base_url=BASE), 2),
+    ],
+    ids=["iter_results, unread", "iter_file, unread", "list_batches, unread", "iter_file, one read", "iter_file, all"],
+)
+def test_a_module_iterator_closes_its_client_once_however_it_ends(api, monkeypatch, call, read):
+    """Read to the end, or dropped part read or unread: its Client is closed once, then and there."""
+    api.add(responses.GET, URL + BID, json=dict(EXAMPLE, output_file_id="file-out", error_file_id=None))
+    add_file(api, "file-out", jsonl(numbered(1), numbered(2)))
+    closed: List[m.Client] = []
+    monkeypatch.setattr(m.Client, "close", lambda self: closed.append(self))
+    items = call()
+    assert len([item for _, item in zip(range(read), items)]) == read and closed == []
+    if read == 2:
+        assert next(items, None) is None and len(closed) == 1  # the end: closed there
+    del items  # dropped: CPython frees it at once
+    assert len(closed) == 1
 
 
 def cut(body: bytes, size: int) -> bytes:
@@ -4578,7 +4623,8 @@ def test_create_with_a_key_that_names_a_batch_of_other_input_is_refused_before_a
     assert (type(back), str(back), back.batch) == (m.IdempotencyKeyError, str(info.value), info.value.batch)
 
 
-def test_create_with_a_new_key_sends_it_and_after_a_lost_answer_looks_through_every_batch(api, sleeps):
+@pytest.mark.parametrize("how", ["create_batch", "submit_batch"])
+def test_create_with_a_new_key_sends_it_and_after_a_lost_answer_looks_through_every_batch(api, sleeps, tmp_path, how):
     """The key's batch may be older than any bound of this call: the lookup reads every page."""
     sent: List[Dict[str, Any]] = []
 
@@ -4600,7 +4646,14 @@ def test_create_with_a_new_key_sends_it_and_after_a_lost_answer_looks_through_ev
         BASE + "/api/v1/llm/batches",
         json={"object": "list", "data": [keyed("batch_k", "K", created_at=1)], "has_more": False},
     )
-    assert m.create_batch(TOKEN, "file_abc123", CHAT, base_url=BASE, idempotency_key="K").id == "batch_k"
+    if how == "create_batch":
+        assert m.create_batch(TOKEN, "file_abc123", CHAT, base_url=BASE, idempotency_key="K").id == "batch_k"
+    else:
+        path = request_file(tmp_path, None)
+        stored = {"id": "file_abc123", "object": "file", "bytes": os.path.getsize(path), "created_at": 1}
+        api.add(responses.GET, BASE + "/api/v1/llm/files", json=EMPTY_LIST)
+        api.add(responses.POST, BASE + "/api/v1/llm/files", json=dict(stored, filename="r", purpose="batch"))
+        assert m.submit_batch(TOKEN, path, CHAT, base_url=BASE, idempotency_key="K").id == "batch_k"
     assert sent == [
         {"input_file_id": "file_abc123", "endpoint": CHAT, "completion_window": "24h", "metadata": {m.CREATE_KEY: "K"}}
     ]
@@ -6344,6 +6397,24 @@ def test_cli_submit_of_a_file_that_cannot_be_opened_names_it_and_why(cli_as_user
     assert (r.returncode, r.stdout, r.stderr, calls(api)) == (1, "", f"error: {path}: {reason}\n", [])
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="a named pipe")
+def test_cli_submit_of_a_pipe_says_it_must_be_a_file_and_sends_nothing(cli_as_user, api, tmp_path):
+    """As `submit /dev/stdin` or `submit <(...)`: FILE is read twice, to check it and to send it."""
+    path = str(tmp_path / "pipe")
+    os.mkfifo(path)
+
+    def write() -> None:
+        with contextlib.suppress(BrokenPipeError), open(path, "wb") as pipe:  # opens once the CLI opens it
+            pipe.write(jsonl(GOOD))
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    r = cli_as_user("submit", path, "--endpoint", CHAT)
+    writer.join(10)
+    said = "not a file that can be read twice (a pipe?): it is checked, then sent"
+    assert (r.returncode, r.stdout, r.stderr, calls(api)) == (1, "", f"error: {path}: {said}\n", [])
+
+
 def test_cli_submit_without_endpoint_is_a_usage_error(cli_as_user, api, tmp_path):
     r = cli_as_user("submit", input_file(tmp_path), "--check")
     assert (r.returncode, r.stdout, calls(api)) == (2, "", [])
@@ -6367,6 +6438,10 @@ def test_cli_submit_without_endpoint_is_a_usage_error(cli_as_user, api, tmp_path
         (
             [arg for i in range(17) for arg in ("--metadata", f"k{i}=v")],
             f"argument --metadata: up to 16 distinct keys, {m.CREATE_KEY} not among them",
+        ),
+        (
+            ["--idempotency-key", "k", *[arg for i in range(16) for arg in ("--metadata", f"k{i}=v")]],
+            f"argument --metadata: up to 15 distinct keys, {m.CREATE_KEY} not among them",  # the key takes one
         ),
         (
             ["--metadata", f"{m.CREATE_KEY}=v"],
