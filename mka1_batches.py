@@ -3156,6 +3156,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         except KeyboardInterrupt:
             # The worker is left as it is, daemon: closing its Client would take the pool's locks.
             return output.interrupted()
+        except RuntimeError as exc:
+            # Thread.start waits on a Condition; interrupted as Condition.wait takes its lock back, the
+            # `with` around it releases a lock it does not hold, and this replaces the KeyboardInterrupt.
+            if not isinstance(exc.__context__, KeyboardInterrupt):
+                raise
+            return output.interrupted()
     except BrokenPipeError:  # pragma: no cover - the tests run this in subprocesses, over real pipes
         # The reader stopped reading, as `| head -n1` does: no traceback, no error line. The
         # Python docs' recipe: point the streams at devnull, so the flush at exit cannot fail again.

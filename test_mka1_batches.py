@@ -6846,6 +6846,30 @@ def test_cli_submit_interrupted_after_the_batch_was_made_names_it_and_how_to_pic
     )
 
 
+@pytest.mark.parametrize("context", [KeyboardInterrupt(), ValueError("other")], ids=["interrupted", "a bug"])
+def test_cli_interrupt_as_the_worker_starts_exits_130_but_another_runtime_error_is_raised(cli, monkeypatch, context):
+    """Thread.start waits on a Condition; a Ctrl-C that lands as Condition.wait takes its lock back leaves
+    the lock unheld, and the `with` around it raises RuntimeError, the KeyboardInterrupt its context (seen
+    on 3.7 in CI). That is an interrupt; a RuntimeError of another cause is not."""
+
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:  # the worker's; later ones, such as the flush's, start
+        monkeypatch.setattr(threading.Thread, "start", real_start)
+        try:
+            raise context
+        except BaseException:
+            raise RuntimeError("release unlocked lock")  # noqa: B904 - as threading raises it
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    if isinstance(context, KeyboardInterrupt):
+        r = cli("batch_x", env={"MKA1_API_KEY": "k"})
+        assert (r.returncode, r.stdout, r.stderr) == (130, "", "error: interrupted\n")
+    else:
+        with pytest.raises(RuntimeError, match=r"^release unlocked lock$"):
+            cli("batch_x", env={"MKA1_API_KEY": "k"})
+
+
 class _Abandoned(BaseException):
     """Ends work that main() has left, with no write: the output's lock, kept by main(), would never come."""
 
